@@ -1,0 +1,7 @@
+"""The Llama-family network, its config, and loading from safetensors, the hub and GGUF."""
+
+from .config import ConfigError, LlamaConfig
+from .llama import KVCache, Llama
+from .load import LoadError, load_model, resolve_model_dir
+
+__all__ = ["ConfigError", "KVCache", "Llama", "LlamaConfig", "LoadError", "load_model", "resolve_model_dir"]

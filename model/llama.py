@@ -1,0 +1,225 @@
+"""The Llama network in plain PyTorch, with Hugging Face module names.
+
+    embed_tokens -> [ x + attn(norm(x)) ; x + mlp(norm(x)) ] * num_hidden_layers -> norm -> lm_head
+
+Module and parameter names are those of transformers' `LlamaForCausalLM` (`model.layers.0.self_attn.
+q_proj.weight`, ...), and RoPE rotates halves of each head as transformers does, so checkpoints
+load with no key map and no q/k permutation, and LoRA adapters carry the names PEFT uses.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .config import LlamaConfig
+
+# `enable_gqa` lets SDPA share each K/V head between its query heads without copying (torch >= 2.5).
+_SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in float32, cast back, then scale: the order transformers uses, which matters
+        # for bit-level agreement in bf16/fp16.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_frequencies(config: LlamaConfig) -> torch.Tensor:
+    """Inverse frequencies of rotary embeddings, (head_dim // 2,) in float32."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    scaling = config.rope_scaling or {}
+    if scaling.get("rope_type") == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif scaling.get("rope_type") == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend in between.
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = torch.where(medium, blended, scaled)
+    return inv_freq
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, n_heads, T, head_dim); cos, sin: (B, 1, T, head_dim)
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, preallocated for `max_len` positions.
+
+    Pass one to `Llama.forward` when generating: the prompt is run once (prefill), then one token
+    per call. `length` is the number of positions already cached.
+    """
+
+    def __init__(self, config: LlamaConfig, batch_size: int, max_len: int, dtype, device):
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.length = 0
+        self.max_len = max_len
+
+    def update(self, layer: int, k, v):
+        """Store k, v (B, n_kv_heads, T, head_dim) after the cached ones; return all of them."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, {end} requested")
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, q_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(q_dim, config.hidden_size, bias=config.o_bias)
+
+    def forward(self, x, cos, sin, mask, kv_cache: KVCache | None = None, layer: int = 0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)  # (B, Hkv, S, D), S = cached + T
+        # mask None means plain causal attention over T == S positions: SDPA's `is_causal` path is
+        # the fast one (flash / memory-efficient kernels, no (T, S) mask in memory).
+        is_causal = mask is None and k.shape[2] == T and T > 1
+        if self.n_kv_heads != self.n_heads and not _SDPA_HAS_GQA:
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        gqa = {"enable_gqa": self.n_kv_heads != self.n_heads} if _SDPA_HAS_GQA else {}
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, **gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=bias)
+        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, kv_cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+            layers=nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers)),
+            norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
+        ))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+        # float32 always: cos/sin are computed in float32 and only then cast to the activations'
+        # dtype. Not persistent: it is derived from the config, never read from a checkpoint.
+        self.register_buffer("rope_inv_freq", rope_frequencies(config), persistent=False)
+        self.grad_checkpointing = False  # recompute each block in backward (train.py sets it)
+
+    def tie_weights(self):
+        """Make lm_head share embed_tokens' weight when the config says so (call after to_empty)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def rope(self, position_ids, dtype):
+        """cos and sin for positions (B, T): each (B, 1, T, head_dim), in `dtype`."""
+        freqs = position_ids[..., None].float() * self.rope_inv_freq.float()  # (B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def attention_mask(self, T, start, document_ids):
+        """Boolean (B|1, 1, T, start + T) mask, True where attention is allowed; None for plain causal.
+
+        document_ids (B, T) marks packed examples (and left padding): a token sees only earlier
+        tokens of its own document. Right padding needs no mask: causal attention already keeps
+        real tokens from seeing the pads after them, and pad positions carry no loss.
+        """
+        S = start + T
+        window = self.config.sliding_window
+        use_window = window is not None and S > window
+        if document_ids is None and not use_window and (start == 0 or T == 1):
+            return None
+        device = self.rope_inv_freq.device
+        q_pos = torch.arange(start, S, device=device)[:, None]
+        k_pos = torch.arange(S, device=device)[None, :]
+        mask = k_pos <= q_pos  # (T, S)
+        if use_window:
+            mask = mask & (k_pos > q_pos - window)
+        mask = mask[None, None]  # (1, 1, T, S)
+        if document_ids is not None:
+            if start:
+                raise ValueError("document_ids cannot be combined with a filled KV cache")
+            same_doc = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
+            mask = mask & same_doc[:, None]
+        return mask
+
+    def hidden_states(self, input_ids, position_ids=None, document_ids=None, kv_cache=None):
+        """The final-normed hidden states (B, T, hidden_size): everything but lm_head."""
+        B, T = input_ids.shape
+        start = kv_cache.length if kv_cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(start, start + T, device=input_ids.device)[None]
+        x = self.model.embed_tokens(input_ids)  # (B, T, hidden_size)
+        cos, sin = self.rope(position_ids, x.dtype)
+        mask = self.attention_mask(T, start, document_ids)
+        for i, layer in enumerate(self.model.layers):
+            if self.grad_checkpointing and self.training:
+                # Non-reentrant: works although the embedding output does not require grad.
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.length += T
+        return self.model.norm(x)
+
+    def forward(self, input_ids, position_ids=None, document_ids=None, kv_cache=None):
+        """input_ids (B, T) -> logits (B, T, vocab_size)."""
+        return self.lm_head(self.hidden_states(input_ids, position_ids, document_ids, kv_cache))

@@ -1,0 +1,115 @@
+"""Load a checkpoint directory (or hub id) of safetensors into a `Llama`, strictly.
+
+The model is built on the meta device (no memory), given uninitialised storage once in the target
+dtype and device, and each checkpoint tensor is then copied into its parameter: at no point is there
+a second copy of the weights. Keys and shapes must match exactly.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .config import LlamaConfig
+from .llama import Llama, rope_frequencies
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# What a model directory needs from the hub: weights, configs, tokenizer and chat template.
+HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.jinja", "*.txt"]
+
+
+class LoadError(RuntimeError):
+    """A checkpoint that cannot be loaded; the message names the file and the problem."""
+
+
+def resolve_model_dir(path_or_id: str | Path) -> Path:
+    """A local directory as is; otherwise a hub id, downloaded with huggingface-hub."""
+    path = Path(path_or_id).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise LoadError(f"{path}: expected a model directory, got a file")
+        return path
+    name = str(path_or_id)
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise LoadError(f"{name}: no such directory (and not a hub id like 'org/name')")
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # offline, unknown repo, gated repo...: one clear line, not a traceback
+        raise LoadError(f"{name}: not a local directory, and the hub download failed "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    """The checkpoint's safetensors files: the shards of the index, or the single file."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise LoadError(f"{index}: lists shards that are not there: {', '.join(missing)}")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise LoadError(f"{model_dir}: only pickle checkpoints ({', '.join(pickles)}); nanolora loads "
+                        "safetensors only, since unpickling can run arbitrary code. Convert the "
+                        "checkpoint to safetensors first.")
+    raise LoadError(f"{model_dir}: no *.safetensors files")
+
+
+def expected_shapes(model: torch.nn.Module) -> dict[str, tuple]:
+    """Checkpoint keys and shapes the model needs (a tied lm_head is not stored in checkpoints)."""
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        shapes.pop("lm_head.weight")
+    return shapes
+
+
+def check_keys(files: list[Path], expected: dict[str, tuple]) -> dict[str, Path]:
+    """Compare the checkpoint's keys and shapes with the model's; return key -> file."""
+    found, problems = {}, []
+    for f in files:
+        with safe_open(f, framework="pt") as sf:
+            for key in sf.keys():
+                found[key] = f
+                shape = tuple(sf.get_slice(key).get_shape())
+                if key in expected and shape != expected[key]:
+                    problems.append(f"{key}: shape {shape} in {f.name}, model expects {expected[key]}")
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing:
+        problems.append(f"missing keys: {_few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_few(unexpected)}")
+    if problems:
+        raise LoadError(f"{files[0].parent}: checkpoint does not fit the config: " + "; ".join(problems))
+    return found
+
+
+def _few(keys: list[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def load_model(path_or_id, dtype: torch.dtype = torch.float32, device="cpu") -> Llama:
+    """A `Llama` with the checkpoint's weights, in `dtype` on `device`, ready for `model(input_ids)`."""
+    model_dir = resolve_model_dir(path_or_id)
+    config = LlamaConfig.from_file(model_dir / "config.json")
+    files = safetensors_files(model_dir)
+    with torch.device("meta"):
+        model = Llama(config)
+    check_keys(files, expected_shapes(model))
+    model = model.to(dtype).to_empty(device=device)  # storage allocated here, once
+    model.tie_weights()  # to_empty gives each module its own tensor; share again
+    model.rope_inv_freq = rope_frequencies(config).to(device)  # float32; to_empty left it empty
+    params = model.state_dict()
+    for f in files:
+        with safe_open(f, framework="pt") as sf:
+            for key in sf.keys():
+                params[key].copy_(sf.get_tensor(key))  # one tensor at a time; copy_ casts dtype
+    model.source_dir = model_dir  # where tokenizer and chat template live
+    return model.eval()

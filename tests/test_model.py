@@ -1,0 +1,142 @@
+"""The Llama network gives transformers' logits, and loading is strict.
+
+Tiny random checkpoints are saved by transformers itself (norms and biases randomised, so a
+dropped term shows); our `load_model` must reproduce its logits to 1e-4 in fp32.
+"""
+
+import json
+
+import pytest
+import torch
+
+from conftest import save_tiny_hf
+from model import ConfigError, KVCache, LoadError, load_model
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+
+CASES = {
+    "llama3-rope-gqa": dict(arch="llama", rope_scaling=LLAMA3_ROPE, rope_theta=500000.0),
+    "llama-tied": dict(arch="llama", tie_word_embeddings=True),
+    "llama-mha": dict(arch="llama", num_key_value_heads=4),
+    "llama-head-dim": dict(arch="llama", head_dim=32),
+    "llama-attention-bias": dict(arch="llama", attention_bias=True),
+    "llama-linear-rope": dict(arch="llama", rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "mistral": dict(arch="mistral"),
+    "qwen2-bias": dict(arch="qwen2"),
+    "sharded": dict(arch="llama", shard_size="20KB"),
+}
+
+
+def hf_logits(path, ids, **kw):
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).eval()
+    with torch.no_grad():
+        return model(ids, **kw.get("call", {})).logits
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_logits_match_transformers(tmp_path, name):
+    path = save_tiny_hf(tmp_path / name, **CASES[name])
+    if name == "sharded":
+        assert (path / "model.safetensors.index.json").exists()
+    ids = torch.randint(0, 128, (2, 96), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = load_model(path)(ids)
+    ref = hf_logits(path, ids)
+    delta = (ours - ref).abs().max().item()
+    print(f"{name}: max |dlogits| = {delta:.2e}")
+    assert delta < 1e-4
+
+
+def test_document_ids_match_separate_sequences(tiny_llama_dir):
+    """Packed row with a block-diagonal mask and restarting positions = the sequences run alone."""
+    model = load_model(tiny_llama_dir)
+    a, b = torch.randint(0, 128, (1, 9)), torch.randint(0, 128, (1, 7))
+    packed = torch.cat([a, b], dim=1)
+    docs = torch.tensor([[0] * 9 + [1] * 7])
+    pos = torch.cat([torch.arange(9), torch.arange(7)])[None]
+    with torch.no_grad():
+        out = model(packed, position_ids=pos, document_ids=docs)
+        assert torch.allclose(out[:, :9], model(a), atol=1e-5)
+        assert torch.allclose(out[:, 9:], model(b), atol=1e-5)
+
+
+def test_kv_cache_equals_full_recompute(tiny_llama_dir):
+    model = load_model(tiny_llama_dir)
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache(model.config, 2, 16, torch.float32, "cpu")
+        steps = [model(ids[:, :5], kv_cache=cache)]  # prefill 5, then 3, then one at a time
+        steps.append(model(ids[:, 5:8], kv_cache=cache))
+        steps += [model(ids[:, t:t + 1], kv_cache=cache) for t in range(8, 12)]
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+
+
+def test_sliding_window_matches_transformers(tmp_path):
+    path = save_tiny_hf(tmp_path / "mistral-window", arch="mistral", sliding_window=16)
+    ids = torch.randint(0, 128, (1, 40))
+    with torch.no_grad():
+        ours = load_model(path)(ids)
+    assert (ours - hf_logits(path, ids)).abs().max() < 1e-4
+
+
+def test_bf16_load_keeps_rope_in_fp32(tiny_llama_dir):
+    model = load_model(tiny_llama_dir, dtype=torch.bfloat16)
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert model.rope_inv_freq.dtype == torch.float32
+    assert model(torch.randint(0, 128, (1, 8))).dtype == torch.bfloat16
+
+
+def test_tied_embeddings_share_storage(tmp_path):
+    model = load_model(save_tiny_hf(tmp_path / "tied", tie_word_embeddings=True))
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+# --- strict loading ---------------------------------------------------------------------------
+
+def _rewrite(path, drop=None, add=None, reshape=None):
+    from safetensors.torch import load_file, save_file
+    f = path / "model.safetensors"
+    sd = load_file(f)
+    if drop:
+        del sd[drop]
+    if add:
+        sd[add] = torch.zeros(3)
+    if reshape:
+        sd[reshape] = sd[reshape][:-1].contiguous()
+    save_file(sd, f, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(drop="model.layers.1.mlp.up_proj.weight"), "missing keys: model.layers.1.mlp.up_proj.weight"),
+    (dict(add="model.layers.0.extra.weight"), "unexpected keys: model.layers.0.extra.weight"),
+    (dict(reshape="model.layers.0.self_attn.k_proj.weight"), "model.layers.0.self_attn.k_proj.weight: shape"),
+])
+def test_strict_loading_errors(tiny_llama_dir, change, message):
+    _rewrite(tiny_llama_dir, **change)
+    with pytest.raises(LoadError, match=message.replace("(", r"\(")):
+        load_model(tiny_llama_dir)
+
+
+def test_pickle_only_directory_is_refused(tiny_llama_dir):
+    (tiny_llama_dir / "model.safetensors").rename(tiny_llama_dir / "pytorch_model.bin")
+    with pytest.raises(LoadError, match="only pickle checkpoints .*pytorch_model.bin.*safetensors only"):
+        load_model(tiny_llama_dir)
+
+
+def test_unknown_architecture_is_named(tiny_llama_dir):
+    cfg = json.loads((tiny_llama_dir / "config.json").read_text())
+    cfg["architectures"] = ["GPTNeoXForCausalLM"]
+    (tiny_llama_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="'GPTNeoXForCausalLM' is not supported"):
+        load_model(tiny_llama_dir)
+
+
+def test_missing_directory_and_offline_hub_id(tmp_path, monkeypatch):
+    with pytest.raises(LoadError, match="no such directory"):
+        load_model(tmp_path / "nope")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(LoadError, match="some-org/some-model: not a local directory, and the hub download failed"):
+        load_model("some-org/some-model")
