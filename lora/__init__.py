@@ -1,0 +1,21 @@
+"""LoRA (Hu et al. 2021) and QLoRA (Dettmers et al. 2023) by hand, with adapters in PEFT's format.
+
+    config.py   LoRAConfig (r, alpha, dropout, targets, rslora) and LoRAError
+    layer.py    LoRALinear: frozen W0 (maybe NF4) + scaling * B A; merge_weight, the pure merge
+    inject.py   inject_lora (module swap + freeze), merge_lora_, trainable_table
+    adapter.py  save_adapter / load_adapter in PEFT's on-disk format
+    quant.py    NF4 storage via bitsandbytes (imported only when asked for)
+"""
+
+from .adapter import (adapter_state_dict, check_adapter_tensors, load_adapter, read_adapter_config,
+                      read_adapter_tensors, save_adapter)
+from .config import LLAMA_LINEARS, LoRAConfig, LoRAError
+from .inject import inject_lora, lora_modules, merge_lora_, print_trainable, trainable_table
+from .layer import LoRALinear, merge_weight
+
+__all__ = [
+    "LLAMA_LINEARS", "LoRAConfig", "LoRAError", "LoRALinear", "adapter_state_dict",
+    "check_adapter_tensors", "inject_lora", "load_adapter", "lora_modules", "merge_lora_",
+    "merge_weight", "print_trainable", "read_adapter_config", "read_adapter_tensors",
+    "save_adapter", "trainable_table",
+]

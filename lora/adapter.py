@@ -1,0 +1,173 @@
+"""Adapters on disk, in PEFT's format, so they load in peft and peft's load here.
+
+    adapter_dir/
+        adapter_config.json          {"peft_type": "LORA", "r": 8, "lora_alpha": 16, ...}
+        adapter_model.safetensors    base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
+                                     (r, in) and ...lora_B.weight (out, r) for every LoRA layer
+
+PEFT's keys are our module names behind the prefix "base_model.model.": a `PeftModel` holds a
+`LoraModel` as `.base_model`, which holds the transformers model as `.model`, and transformers'
+module names are ours. Weights are saved in their own dtype (float32 while training).
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import LoRAConfig, LoRAError
+from .inject import inject_lora, is_target, lora_modules
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # PeftModel.base_model (LoraModel) .model (transformers model)
+QUANT_KEY = "nanolora.base_quantization"  # safetensors metadata: "nf4" for a QLoRA adapter
+
+# PEFT options that change what an adapter computes and that nanolora does not implement: an
+# adapter setting any of them is refused rather than loaded wrongly.
+UNSUPPORTED = {
+    "use_dora": "DoRA", "modules_to_save": "modules_to_save", "lora_bias": "lora_bias",
+    "layers_to_transform": "layers_to_transform", "layers_pattern": "layers_pattern",
+    "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern",
+    "fan_in_fan_out": "fan_in_fan_out (Conv1D layers)", "target_parameters": "target_parameters",
+    "exclude_modules": "exclude_modules", "trainable_token_indices": "trainable_token_indices",
+    "layer_replication": "layer_replication", "use_qalora": "QA-LoRA",
+    "alora_invocation_tokens": "activated LoRA", "use_bdlora": "BD-LoRA",
+}
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """PEFT key -> A (r, in) or B (out, r) Parameter, for every LoRALinear of `model`."""
+    return {f"{PEFT_PREFIX}{name}.lora_{ab}.weight": getattr(m, f"lora_{ab}").weight
+            for name, m in lora_modules(model).items() for ab in "AB"}
+
+
+def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
+    """The target_modules to write: the leaf names (q_proj, ...) when they select exactly `names`
+    among the model's linear layers, else the full names (say, only some layers were adapted)."""
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or n in names]
+    return leaves if [n for n in linears if is_target(n, leaves)] == names else names
+
+
+def save_adapter(model: nn.Module, cfg: LoRAConfig, out_dir, base_model_name_or_path: str | None = None):
+    """Write `model`'s A and B and `cfg` to `out_dir` in PEFT's format, atomically."""
+    modules = lora_modules(model)
+    if not modules:
+        raise LoRAError("the model has no LoRA layers to save")
+    tensors = {k: p.detach().to("cpu").contiguous() for k, p in adapter_state_dict(model).items()}
+    metadata = {"format": "pt"}
+    if any(m.is_quantized for m in modules.values()):
+        metadata[QUANT_KEY] = "nf4"  # peft ignores metadata; merge.py reports it
+    alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path or cfg.base_model_name_or_path,
+        "r": cfg.r, "lora_alpha": alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora,
+        "target_modules": _target_modules(model, list(modules)),
+        "bias": "none", "use_dora": False, "fan_in_fan_out": False, "modules_to_save": None,
+        "init_lora_weights": True, "inference_mode": True, "layers_to_transform": None,
+        "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
+    }
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file(tensors, tmp / WEIGHTS_FILE, metadata=metadata)
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        if not out_dir.exists():
+            tmp.rename(out_dir)  # the whole adapter appears at once
+        else:  # keep whatever else is in out_dir; replace each of our files atomically
+            for name in (WEIGHTS_FILE, CONFIG_FILE):
+                os.replace(tmp / name, out_dir / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_adapter_config(adapter_dir) -> LoRAConfig:
+    """The LoRAConfig of a PEFT adapter directory; options nanolora cannot honour are errors."""
+    path = Path(adapter_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise LoRAError(f"{path}: not found (an adapter directory holds {CONFIG_FILE} and {WEIGHTS_FILE})")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise LoRAError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    if raw.get("peft_type") != "LORA":
+        raise LoRAError(f"{path}: peft_type is {raw.get('peft_type')!r}; only LORA adapters are supported")
+    used = [label for key, label in UNSUPPORTED.items() if raw.get(key)]
+    if raw.get("bias", "none") != "none":
+        used.append(f"bias={raw['bias']!r}")
+    if used:
+        raise LoRAError(f"{path}: uses {', '.join(used)}, which nanolora does not support")
+    if not raw.get("target_modules") or "r" not in raw:
+        raise LoRAError(f"{path}: needs r and target_modules")
+    try:
+        return LoRAConfig(r=raw["r"], alpha=raw.get("lora_alpha", 8), dropout=raw.get("lora_dropout", 0.0),
+                          targets=raw["target_modules"], rslora=bool(raw.get("use_rslora", False)),
+                          base_model_name_or_path=raw.get("base_model_name_or_path"))
+    except LoRAError as e:
+        raise LoRAError(f"{path}: {e}") from None
+
+
+def read_adapter_tensors(adapter_dir) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The adapter's tensors (PEFT key -> tensor, on the CPU) and its safetensors metadata."""
+    path = Path(adapter_dir) / WEIGHTS_FILE
+    if not path.is_file():
+        hint = " (adapter_model.bin is a pickle; convert it to safetensors)" if (
+            Path(adapter_dir) / "adapter_model.bin").exists() else ""
+        raise LoRAError(f"{path}: not found{hint}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except Exception as e:  # a truncated or foreign file: one line, not a traceback
+        raise LoRAError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def check_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source):
+    """Strict: the file's keys and shapes must be exactly those of `model`'s LoRA layers."""
+    expected = {k: tuple(p.shape) for k, p in adapter_state_dict(model).items()}
+    wrong = [f"{k}: shape {tuple(t.shape)} in the file, the model needs {expected[k]}"
+             for k, t in tensors.items() if k in expected and tuple(t.shape) != expected[k]]
+    problems = [_few(wrong, 2, sep="; ")] if wrong else []
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing:
+        problems.append(f"missing keys: {_few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_few(unexpected)}")
+    if problems:
+        raise LoRAError(f"{source}: adapter does not fit the model: " + "; ".join(problems))
+
+
+def _few(items: list[str], n: int = 3, sep: str = ", ") -> str:
+    return sep.join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def load_adapter(model: nn.Module, adapter_dir) -> LoRAConfig:
+    """Load a PEFT LoRA adapter into `model`, injecting LoRA first if the model has none.
+
+    To use an adapter on an NF4 base, inject with quantize="nf4" first, then load.
+    """
+    cfg = read_adapter_config(adapter_dir)
+    tensors, _ = read_adapter_tensors(adapter_dir)
+    modules = lora_modules(model)
+    if not modules:
+        try:
+            inject_lora(model, cfg)
+        except LoRAError as e:
+            raise LoRAError(f"{adapter_dir}: {e}") from None
+    elif any(abs(m.scaling - cfg.scaling) > 1e-12 * cfg.scaling for m in modules.values()):
+        raise LoRAError(f"{adapter_dir}: adapter scaling {cfg.scaling:g} differs from the model's "
+                        f"LoRA layers ({next(iter(modules.values())).scaling:g})")
+    check_adapter_tensors(model, tensors, Path(adapter_dir) / WEIGHTS_FILE)
+    with torch.no_grad():
+        for key, p in adapter_state_dict(model).items():
+            p.copy_(tensors[key])  # copy_ casts to the parameter's dtype and device
+    return cfg

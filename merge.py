@@ -1,0 +1,280 @@
+"""Merge a LoRA adapter into its base model: W' = W + scaling * B @ A, one shard at a time.
+
+    python merge.py --base MODEL --adapter ADAPTER_DIR --output OUT_DIR [--dtype bf16|fp16|fp32]
+                    [--gguf OUT.gguf [--gguf-type f16|bf16|q8_0]]
+
+OUT_DIR is a plain Hugging Face model directory (sharded safetensors, config, tokenizer, chat
+template) that loads in transformers, in `model.load.load_model`, and in anything else.
+
+Memory: the base is never built as a model. Each checkpoint tensor is read alone from its shard
+(safetensors `safe_open`), merged in float32 if an adapter module targets it, cast, and buffered
+until the output shard is full (--max-shard-size), which is then written. The peak is about one
+output shard plus the adapter, whatever the model's size. A QLoRA adapter (trained on an NF4
+base) is merged onto the full-precision checkpoint, as it must be: NF4 was only storage.
+
+Everything is validated before anything is written, and OUT_DIR appears only when complete: the
+work happens in a hidden sibling directory that is renamed at the end (and removed on failure).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import lora
+from lora.adapter import PEFT_PREFIX, QUANT_KEY, WEIGHTS_FILE
+from model.config import ConfigError, LlamaConfig
+from model.llama import Llama
+from model.load import (PICKLE_SUFFIXES, LoadError, check_keys, expected_shapes, load_model,
+                        resolve_model_dir, safetensors_files)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+INDEX_FILE = "model.safetensors.index.json"
+NOT_COPIED = (".safetensors", ".gguf") + PICKLE_SUFFIXES  # weights are written, never copied
+CHECK_MAX_PARAMS = 2e9  # the probe check loads the model (in fp32): automatic only below this
+PROBE_TOKENS = 24
+
+
+class MergeError(RuntimeError):
+    """Bad input to merge.py; the message names the flag or file."""
+
+
+def parse_size(text: str) -> int:
+    """'2GB', '500MB', '1.5GiB' or a number of bytes -> bytes."""
+    units = {"KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    t = text.strip().upper()
+    unit = next((u for u in units if t.endswith(u)), "B")
+    try:
+        return int(float(t.removesuffix(unit)) * units[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 2GB)") from None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Merge a LoRA adapter (PEFT format) into its base model.")
+    p.add_argument("--base", required=True, help="base model directory (or hub id), safetensors")
+    p.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json + "
+                   "adapter_model.safetensors), ours or peft's")
+    p.add_argument("--output", required=True, help="new directory for the merged model")
+    p.add_argument("--dtype", choices=DTYPES, help="dtype of the merged weights "
+                   "(default: each tensor keeps the base checkpoint's dtype)")
+    p.add_argument("--max-shard-size", type=parse_size, default="2GB",
+                   help="largest output shard (default 2GB); also bounds merge.py's memory")
+    p.add_argument("--check", action=argparse.BooleanOptionalAction, default=None,
+                   help="compare merged and base+adapter logits on a probe input (default: on "
+                   f"for models under {CHECK_MAX_PARAMS / 1e9:g}B parameters; it loads the model in fp32)")
+    p.add_argument("--gguf", type=Path, help="also export the merged model to this GGUF file")
+    p.add_argument("--gguf-type", choices=["f16", "bf16", "q8_0"], default="f16",
+                   help="GGUF tensor type (default f16)")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- validate
+
+def plan_merge(args) -> dict:
+    """Everything the merge needs, checked before a byte is written: base files and keys, the
+    adapter's (A, B) per base weight key, its scaling. Raises with a one-line message."""
+    base_dir = resolve_model_dir(args.base)
+    config = LlamaConfig.from_file(base_dir / "config.json")
+    files = safetensors_files(base_dir)
+    with torch.device("meta"):  # shapes only, no memory
+        model = Llama(config)
+    key_file = check_keys(files, expected_shapes(model))  # the base must be loadable as it is
+    lora_cfg = lora.read_adapter_config(args.adapter)
+    tensors, metadata = lora.read_adapter_tensors(args.adapter)
+    try:
+        lora.inject_lora(model, lora_cfg)  # on the meta model: which modules, which shapes
+    except lora.LoRAError as e:
+        raise lora.LoRAError(f"{args.adapter}: does not fit the base {base_dir}: {e}") from None
+    lora.check_adapter_tensors(model, tensors, Path(args.adapter) / WEIGHTS_FILE)
+    pairs = {f"{name}.weight": (tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"],  # (r, in)
+                                tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"])  # (out, r)
+             for name in lora.lora_modules(model)}
+    n_params = sum(p.numel() for n, p in model.named_parameters() if ".lora_" not in n)
+    return dict(base_dir=base_dir, key_file=key_file, config=config, lora_cfg=lora_cfg, pairs=pairs,
+                quantized=metadata.get(QUANT_KEY), n_params=n_params)
+
+
+def check_destinations(args):
+    out = Path(args.output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MergeError(f"--output {out}: already exists and is not an empty directory")
+    if args.gguf is not None:
+        if args.gguf.is_dir() or args.gguf.suffix != ".gguf":
+            raise MergeError(f"--gguf {args.gguf}: expected a file name ending in .gguf")
+        if args.gguf.exists():
+            raise MergeError(f"--gguf {args.gguf}: already exists")
+
+
+# ----------------------------------------------------------------------------- merge
+
+def merged_tensors(plan: dict, dtype: torch.dtype | None, progress: Progress):
+    """Yield (key, tensor) for every checkpoint tensor, merged where the adapter targets it."""
+    task = progress.add_task("merging", total=len(plan["key_file"]))
+    for key, f in plan["key_file"].items():  # shard by shard, in each shard's order
+        progress.update(task, description=f"merging {f.name}")
+        # Reopened for each tensor: closing unmaps the shard, so the pages already read do not
+        # pile up in this process's memory (a 5 GB shard would otherwise end as 5 GB of RSS).
+        with safe_open(f, framework="pt") as sf:
+            t = sf.get_tensor(key)
+        out_dtype = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        if key in plan["pairs"]:
+            A, B = plan["pairs"][key]
+            t = lora.merge_weight(t, A, B, plan["lora_cfg"].scaling)  # float32
+        yield key, t.to(out_dtype)
+        progress.advance(task)
+
+
+def write_shards(items, out_dir: Path, max_bytes: int) -> int:
+    """Write (key, tensor) items as safetensors shards of at most max_bytes each (a larger tensor
+    gets a shard of its own), named as transformers does, with an index if there are several.
+    Returns the number of shards."""
+    parts, buffer, size = [], {}, 0  # parts: (keys, bytes) of each shard written
+    for key, t in items:
+        if buffer and size + t.nbytes > max_bytes:
+            parts.append(_save_part(buffer, out_dir, len(parts)))
+            buffer, size = {}, 0
+        buffer[key], size = t, size + t.nbytes
+    if buffer:
+        parts.append(_save_part(buffer, out_dir, len(parts)))
+    n = len(parts)
+    names = ([f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)] if n > 1
+             else ["model.safetensors"])
+    for i, name in enumerate(names):  # the total is known only now
+        (out_dir / f"part-{i}.safetensors").rename(out_dir / name)
+    if n > 1:
+        total = sum(size for _, size in parts)
+        weight_map = {key: name for (keys, _), name in zip(parts, names) for key in keys}
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return n
+
+
+def _save_part(buffer: dict, out_dir: Path, i: int) -> tuple[list[str], int]:
+    save_file(buffer, out_dir / f"part-{i}.safetensors", metadata={"format": "pt"})
+    return list(buffer), sum(t.nbytes for t in buffer.values())
+
+
+def copy_side_files(base_dir: Path, out_dir: Path, dtype_name: str | None) -> list[str]:
+    """Copy config, generation config, tokenizer and chat template files; set config's dtype."""
+    copied = []
+    for src in sorted(base_dir.iterdir()):
+        if (not src.is_file() or src.name.startswith(".") or src.name == INDEX_FILE
+                or src.name.endswith(NOT_COPIED)):
+            continue
+        shutil.copyfile(src, out_dir / src.name)  # follows the hub cache's symlinks
+        copied.append(src.name)
+    if dtype_name is not None:
+        hf = json.loads((out_dir / "config.json").read_text())
+        for key in [k for k in ("dtype", "torch_dtype") if k in hf] or ["torch_dtype"]:
+            hf[key] = str(DTYPES[dtype_name]).removeprefix("torch.")
+        (out_dir / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    return copied
+
+
+@torch.no_grad()
+def probe_check(plan: dict, adapter_dir, merged_dir: Path, dtype: torch.dtype | None) -> tuple[float, float]:
+    """Max |logit| change the adapter makes, and max |logit| difference merged vs base+adapter.
+
+    The base is read at the merged model's dtype, so both sides hold equally rounded weights; both
+    run in float32, one model after the other (never two at once)."""
+    vocab = plan["config"].vocab_size
+    ids = ((torch.arange(PROBE_TOKENS) * 7919 + 11) % vocab)[None]  # (1, T): a fixed spread of ids
+    model = load_model(plan["base_dir"], dtype or torch.float32).float()
+    base = model(ids)
+    lora.load_adapter(model, adapter_dir)
+    adapted = model(ids)
+    del model
+    merged = load_model(merged_dir, torch.float32)(ids)
+    return (adapted - base).abs().max().item(), (merged - adapted).abs().max().item()
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process, in MB (NaN where unknown).
+
+    Linux: VmHWM, the high-water mark of this program's own memory (ru_maxrss would also count
+    what the parent process held when it forked us). Elsewhere ru_maxrss (macOS reports bytes)."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    try:
+        import resource
+    except ImportError:  # Windows
+        return float("nan")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def merge(args):
+    check_destinations(args)
+    plan = plan_merge(args)
+    cfg, out = plan["lora_cfg"], Path(args.output)
+    print(f"adapter: {len(plan['pairs'])} modules, r={cfg.r}, alpha={cfg.alpha:g}, "
+          f"scaling={cfg.scaling:g}{' (rsLoRA)' if cfg.rslora else ''}")
+    if plan["quantized"]:
+        print(f"adapter was trained on an {plan['quantized'].upper()}-quantized base (QLoRA); merging "
+              f"onto the full-precision weights of {plan['base_dir']}")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    try:
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=Console(stderr=True)) as progress:
+            n = write_shards(merged_tensors(plan, dtype, progress), tmp, args.max_shard_size)
+        copied = copy_side_files(plan["base_dir"], tmp, args.dtype)
+        print(f"wrote {n} shard{'s' * (n > 1)} ({args.dtype or 'dtype of the base'}); "
+              f"copied {', '.join(copied)}")
+        run_check = args.check if args.check is not None else plan["n_params"] < CHECK_MAX_PARAMS
+        if run_check:
+            effect, diff = probe_check(plan, args.adapter, tmp, dtype)
+            print(f"check: max |logit diff| merged vs base+adapter = {diff:.3g} on {PROBE_TOKENS} probe "
+                  f"tokens, weights in {args.dtype or 'the base dtype'} (the adapter itself moves "
+                  f"logits by up to {effect:.3g})")
+        else:
+            print(f"check: skipped ({plan['n_params'] / 1e9:.1f}B parameters; --check runs it, "
+                  "loading the model in fp32)")
+        if out.exists():
+            out.rmdir()  # empty (checked above): may be replaced
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"merged model: {out}")
+    if args.gguf is not None:
+        write_gguf(out, args.gguf, args.gguf_type)
+    print(f"peak memory (max RSS): {peak_rss_mb():.0f} MB")
+
+
+def write_gguf(out: Path, gguf_path: Path, gguf_type: str):
+    """The merged model as a llama.cpp / Ollama GGUF (model/gguf.py), with a Modelfile beside it."""
+    from model.gguf import GGUFError, export_gguf
+    try:
+        export_gguf(out, gguf_path, gguf_type)
+    except GGUFError as e:
+        raise MergeError(f"--gguf {gguf_path}: {e} (the merged model is complete in {out})") from None
+    print(f"gguf: {gguf_path} ({gguf_type}) and {gguf_path.with_name('Modelfile')}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        merge(args)
+    except (lora.LoRAError, LoadError, ConfigError, MergeError, OSError) as e:
+        print(f"merge.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

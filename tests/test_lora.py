@@ -1,0 +1,328 @@
+"""LoRA by hand, checked against the maths and against peft.
+
+Proves: LoRALinear's gradients are right (float64 gradcheck); a fresh layer (B = 0) computes its
+base layer exactly; an optimizer step moves A and B and nothing else; forward and gradients equal
+peft's LoRA with the same A and B (plain and rsLoRA; Llama with GQA, Qwen2 with biases, tied
+embeddings); mixed dtypes (bf16 base, fp32 A and B, autocast) behave; QLoRA (NF4) runs forward and
+backward on the CPU, trains only A and B and equals the model with NF4-rounded weights; adapters
+move between nanolora and peft in both directions; bad targets and adapters fail with one line.
+"""
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from rich.console import Console
+from safetensors import safe_open
+
+import lora
+from conftest import save_tiny_hf
+from model.load import load_model
+
+ALL = lora.LLAMA_LINEARS
+
+
+def randomize_lora(model, seed=0, std=0.05):
+    """Give every B (and A) random values, so the LoRA path matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora.lora_modules(model).values():
+            for w in (m.lora_A.weight, m.lora_B.weight):
+                w.copy_(torch.randn(w.shape, generator=g) * std)
+
+
+def loss_of(logits, ids):
+    """Next-token cross-entropy: the loss shifts by one."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+
+def rel(a, b) -> float:
+    """max |a - b| relative to max |b|."""
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def frobenius_rel(a, b) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+# ----------------------------------------------------------------------------- the layer
+
+def test_gradcheck_float64():
+    layer = lora.LoRALinear(nn.Linear(6, 5, dtype=torch.float64), r=3, alpha=6).double()
+    nn.init.normal_(layer.lora_B.weight)  # B = 0 would make A's gradient vanish
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    A = layer.lora_A.weight.detach().clone().requires_grad_()
+    B = layer.lora_B.weight.detach().clone().requires_grad_()
+    f = lambda x, A, B: torch.func.functional_call(layer, {"lora_A.weight": A, "lora_B.weight": B}, (x,))
+    assert torch.autograd.gradcheck(f, (x, A, B))
+
+
+def test_fresh_layer_equals_base_exactly():
+    base = nn.Linear(64, 32)
+    layer = lora.LoRALinear(base, r=8, alpha=16, dropout=0.1).eval()
+    x = torch.randn(3, 5, 64)
+    assert torch.equal(layer(x), base(x))
+    assert layer.weight is base.weight and layer.bias is base.bias  # same Parameters, not copies
+    assert set(layer.state_dict()) == {"weight", "bias", "lora_A.weight", "lora_B.weight"}
+    assert layer.lora_A.weight.abs().max() <= 1 / 64 ** 0.5  # kaiming-uniform(a=sqrt(5)) bound
+    assert not layer.lora_A.weight.eq(0).all() and layer.lora_B.weight.eq(0).all()
+    assert lora.LoRALinear(base, r=4, alpha=8, rslora=True).scaling == 8 / 2
+    assert isinstance(lora.LoRALinear(base, 4, 8, dropout=0.0).lora_dropout, nn.Identity)
+
+
+def test_step_moves_only_A_and_B(tiny_llama_dir):
+    model = load_model(tiny_llama_dir)
+    names = lora.inject_lora(model, lora.LoRAConfig(r=4, targets="all-linear"))
+    assert len(names) == 14 and "lm_head" not in names
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(trainable) == 28  # A and B of 14 layers, nothing else
+    opt = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.0)
+    model.train()
+    for _ in range(2):  # step 1 moves B (A's gradient is B^T... = 0 while B = 0), step 2 moves A
+        opt.zero_grad()
+        loss_of(model(IDS), IDS).backward()
+        opt.step()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]) != (".lora_" in k), k
+    assert all(p.grad is None for n, p in model.named_parameters() if ".lora_" not in n)
+
+
+def test_bf16_base_fp32_lora_dtypes():
+    base = nn.Linear(16, 8, dtype=torch.bfloat16)
+    layer = lora.LoRALinear(base, r=4, alpha=8)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(2, 16, dtype=torch.bfloat16)
+    assert layer.lora_A.weight.dtype == torch.float32
+    assert layer(x).dtype == torch.bfloat16  # the base's output dtype
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.lora_A.weight.grad.dtype == torch.float32 and layer.weight.grad is None
+
+
+# ----------------------------------------------------------------------------- against peft
+
+def peft_twin(model_dir, ours, targets, rslora, r=4, alpha=8):
+    """peft's LoRA on the transformers model of `model_dir`, with our A and B copied in."""
+    import peft
+    import transformers
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets,
+                             use_rslora=rslora)
+    twin = peft.get_peft_model(hf, config).eval()
+    with torch.no_grad():
+        for name, m in lora.lora_modules(ours).items():
+            theirs = twin.base_model.model.get_submodule(name)
+            theirs.lora_A["default"].weight.copy_(m.lora_A.weight)
+            theirs.lora_B["default"].weight.copy_(m.lora_B.weight)
+    return twin
+
+
+@pytest.mark.parametrize("arch, overrides, targets, rslora", [
+    ("llama", {}, ["q_proj", "v_proj", "down_proj"], False),  # GQA: k, v narrower than q
+    ("llama", {}, "all-linear", True),
+    ("qwen2", {}, ALL, False),  # q, k, v biases
+    ("llama", {"tie_word_embeddings": True}, ALL, True),
+])
+def test_forward_and_grads_match_peft(tmp_path, arch, overrides, targets, rslora):
+    model_dir = save_tiny_hf(tmp_path / arch, arch, **overrides)
+    ours = load_model(model_dir)
+    lora.inject_lora(ours, lora.LoRAConfig(r=4, alpha=8, dropout=0.0, targets=targets, rslora=rslora))
+    randomize_lora(ours)
+    twin = peft_twin(model_dir, ours, targets, rslora)
+    our_logits, their_logits = ours(IDS), twin(input_ids=IDS).logits
+    assert rel(our_logits, their_logits) < 1e-5
+    loss_of(our_logits, IDS).backward()
+    loss_of(their_logits, IDS).backward()
+    for name, m in lora.lora_modules(ours).items():
+        theirs = twin.base_model.model.get_submodule(name)
+        for ab in "AB":
+            ours_g = getattr(m, f"lora_{ab}").weight.grad
+            theirs_g = getattr(theirs, f"lora_{ab}")["default"].weight.grad
+            assert rel(ours_g, theirs_g) < 1e-5, (name, ab)
+
+
+def test_our_adapter_loads_in_peft(tmp_path):
+    import peft
+    import transformers
+    model_dir = save_tiny_hf(tmp_path / "m", "qwen2")
+    ours = load_model(model_dir)
+    cfg = lora.LoRAConfig(r=4, alpha=8, dropout=0.0, targets=["q_proj", "o_proj", "up_proj"], rslora=True)
+    lora.inject_lora(ours, cfg)
+    randomize_lora(ours)
+    lora.save_adapter(ours, cfg, tmp_path / "adapter", str(model_dir))
+    written = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert written["peft_type"] == "LORA" and written["task_type"] == "CAUSAL_LM"
+    assert written["target_modules"] == ["o_proj", "q_proj", "up_proj"] and written["use_rslora"]
+    with safe_open(tmp_path / "adapter" / "adapter_model.safetensors", "pt") as f:
+        assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in f.keys()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    assert rel(ours(IDS), theirs(input_ids=IDS).logits) < 1e-5
+
+
+def peft_adapter(model_dir, out_dir, targets="all-linear", **kwargs):
+    """An adapter written by peft, with random B (init_lora_weights=False); returns the PeftModel."""
+    import peft
+    import transformers
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False,
+                             **kwargs)
+    twin = peft.get_peft_model(hf, config).eval()
+    twin.save_pretrained(out_dir)
+    return twin
+
+
+def test_peft_adapter_loads_here(tmp_path):
+    model_dir = save_tiny_hf(tmp_path / "m")
+    twin = peft_adapter(model_dir, tmp_path / "adapter", use_rslora=True)
+    ours = load_model(model_dir)
+    cfg = lora.load_adapter(ours, tmp_path / "adapter")
+    assert cfg.r == 8 and cfg.rslora and cfg.scaling == 16 / 8 ** 0.5
+    expected = twin(input_ids=IDS).logits
+    assert rel(ours(IDS), expected) < 1e-5
+    # Into a model that already has LoRA layers (resuming training): weights replaced in place.
+    again = load_model(model_dir)
+    lora.inject_lora(again, lora.LoRAConfig(r=8, alpha=16, targets="all-linear", rslora=True))
+    lora.load_adapter(again, tmp_path / "adapter")
+    assert rel(again(IDS), expected) < 1e-5
+
+
+# ----------------------------------------------------------------------------- QLoRA
+
+@pytest.fixture
+def nf4_llama_dir(tmp_path):
+    """A tiny Llama whose widths are multiples of 64, as bitsandbytes' CPU NF4 kernel needs."""
+    return save_tiny_hf(tmp_path / "nf4-llama", intermediate_size=128)
+
+
+def test_qlora_on_cpu(nf4_llama_dir):
+    from lora.quant import dequantize
+    cfg = lora.LoRAConfig(r=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj"])
+    qmodel = load_model(nf4_llama_dir)
+    names = [n for n, m in qmodel.named_modules() if isinstance(m, nn.Linear)]
+    lora.inject_lora(qmodel, cfg, quantize="nf4", compute_dtype=torch.float32)
+    randomize_lora(qmodel)
+    # Every linear but lm_head is NF4, targeted or not; A and B stay float32.
+    linears = {n: qmodel.get_submodule(n) for n in names}
+    assert all(hasattr(m.weight, "quant_state") == (n != "lm_head") for n, m in linears.items())
+    assert {m.lora_A.weight.dtype for m in lora.lora_modules(qmodel).values()} == {torch.float32}
+
+    # The same model with each weight replaced by its NF4 rounding, unquantized: equal up to fp32.
+    rounded, full = load_model(nf4_llama_dir), load_model(nf4_llama_dir)
+    weight_errors = []
+    with torch.no_grad():
+        for name, m in linears.items():
+            if name != "lm_head":
+                W, W_nf4 = full.get_submodule(name).weight, dequantize(m.weight)
+                rounded.get_submodule(name).weight.copy_(W_nf4)
+                weight_errors.append(frobenius_rel(W_nf4, W))
+    for model in (rounded, full):
+        lora.inject_lora(model, cfg)
+        randomize_lora(model)
+    q_logits, r_logits, f_logits = qmodel(IDS), rounded(IDS), full(IDS)
+    assert rel(q_logits, r_logits) < 1e-5
+    # NF4 rounds Gaussian weights with about 9% relative RMS error; the logits move by the same order.
+    assert max(weight_errors) < 0.1
+    assert 0 < frobenius_rel(q_logits, f_logits) < 2 * max(weight_errors)
+
+    # Training after an evaluation (bnb's own Linear4bit would now pass no gradient through on
+    # AVX512-BF16 CPUs): every A and B gets a nonzero gradient; the packed 4-bit codes do not move.
+    with torch.no_grad():
+        qmodel(IDS)
+    packed = {n: m.weight.data.clone() for n, m in linears.items() if n != "lm_head"}
+    qmodel.train()
+    opt = torch.optim.AdamW([p for p in qmodel.parameters() if p.requires_grad], lr=1e-2)
+    loss_of(qmodel(IDS), IDS).backward()
+    opt.step()
+    assert {n for n, p in qmodel.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0} == {
+        f"{n}.lora_{ab}.weight" for n in lora.lora_modules(qmodel) for ab in "AB"}
+    assert all(torch.equal(linears[n].weight.data, w) for n, w in packed.items())
+
+
+def test_qlora_bf16_compute(nf4_llama_dir):
+    model = load_model(nf4_llama_dir, torch.bfloat16)
+    lora.inject_lora(model, lora.LoRAConfig(r=4), quantize="nf4", compute_dtype=torch.bfloat16)
+    model.train()
+    logits = model(IDS)
+    assert logits.dtype == torch.bfloat16
+    loss_of(logits.float(), IDS).backward()
+    grads = [m.lora_B.weight.grad for m in lora.lora_modules(model).values()]
+    assert all(g is not None and g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)
+
+
+# ----------------------------------------------------------------------------- errors, table
+
+def test_table_counts(tiny_llama_dir):
+    model = load_model(tiny_llama_dir)
+    total = sum(p.numel() for p in model.parameters())
+    lora.inject_lora(model, lora.LoRAConfig(r=4, targets=["q_proj"]))
+    n_lora = 2 * 4 * (64 + 64)  # 2 layers x r x (in + out)
+    console = Console(record=True, width=120)
+    console.print(lora.trainable_table(model))
+    text = console.export_text()
+    assert f"{n_lora:,}" in text and f"{total:,}" in text and f"{total + n_lora:,}" in text
+
+
+def test_injection_errors(tiny_llama_dir):
+    model = load_model(tiny_llama_dir)
+    with pytest.raises(lora.LoRAError, match="c_attn"):
+        lora.inject_lora(model, lora.LoRAConfig(targets=["q_proj", "c_attn"]))
+    with pytest.raises(lora.LoRAError, match="only nf4"):
+        lora.inject_lora(model, lora.LoRAConfig(), quantize="int8")
+    with pytest.raises(lora.LoRAError, match="down_proj: NF4 on the CPU needs in_features divisible by 64"):
+        lora.inject_lora(model, lora.LoRAConfig(), quantize="nf4")  # intermediate_size 96
+    assert not any(hasattr(p, "quant_state") for p in model.parameters())  # nothing half-done
+    lora.inject_lora(model, lora.LoRAConfig())
+    with pytest.raises(lora.LoRAError, match="already has LoRA"):
+        lora.inject_lora(model, lora.LoRAConfig())
+    with pytest.raises(lora.LoRAError, match="rank"):
+        lora.LoRAConfig(r=0)
+
+
+def edit_config(adapter_dir, **changes):
+    path = adapter_dir / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"peft_type": "IA3"}, "only LORA"),
+    ({"use_dora": True}, "DoRA"),
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ({"bias": "all"}, "bias"),
+    ({"rank_pattern": {"q_proj": 2}}, "rank_pattern"),
+    ({"target_modules": ["c_attn"]}, "c_attn"),
+    ({"r": 4}, "shape"),
+    ({"target_modules": ["q_proj", "k_proj"]}, "unexpected keys"),
+])
+def test_bad_adapters_fail_clearly(tmp_path, changes, message):
+    model_dir = save_tiny_hf(tmp_path / "m")
+    model = load_model(model_dir)
+    cfg = lora.LoRAConfig(r=8, targets=ALL)
+    lora.inject_lora(model, cfg)
+    lora.save_adapter(model, cfg, tmp_path / "adapter")
+    edit_config(tmp_path / "adapter", **changes)
+    with pytest.raises(lora.LoRAError, match=message) as e:
+        lora.load_adapter(load_model(model_dir), tmp_path / "adapter")
+    assert "adapter" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_save_is_atomic_and_keeps_other_files(tmp_path, tiny_llama_dir):
+    model = load_model(tiny_llama_dir)
+    cfg = lora.LoRAConfig(r=2)
+    lora.inject_lora(model, cfg)
+    out = tmp_path / "run" / "adapter"
+    lora.save_adapter(model, cfg, out)
+    (out / "notes.txt").write_text("kept")
+    lora.save_adapter(model, cfg, out)  # again, into the existing directory
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "notes.txt"]
+    assert [p.name for p in out.parent.iterdir()] == ["adapter"]  # no temporary left behind

@@ -1,0 +1,204 @@
+"""Merging, checked against the maths, the unmerged forward and peft's merge_and_unload.
+
+Proves: merge_weight is W + s * B @ A in float32; merge_lora_ keeps the logits; merge.py's output
+loads in transformers and in our load_model with the logits of peft's merge_and_unload, for
+adapters written by peft and by nanolora (QLoRA ones merge onto the full-precision base), from a
+sharded base into sharded output with an index, with every non-weight file copied; bad input fails
+with one line on stderr, exit code 2 and no OUT_DIR; the real SmolLM2 merges (and its peak RAM).
+"""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+
+import lora
+import merge
+from conftest import ROOT, save_tiny_hf
+from model.load import load_model
+from test_lora import IDS, peft_adapter, randomize_lora, rel
+
+SIDE_FILES = {"tokenizer.json": "{}", "tokenizer_config.json": '{"chat_template": "{{ x }}"}',
+              "chat_template.jinja": "{{ messages }}", "special_tokens_map.json": "{}"}
+
+
+def base_with_side_files(path, arch="llama", **kwargs):
+    """A tiny checkpoint plus the non-weight files a real model directory carries."""
+    save_tiny_hf(path, arch, **kwargs)
+    for name, text in SIDE_FILES.items():
+        (path / name).write_text(text)
+    return path
+
+
+def run_merge(capsys, *args) -> tuple[int, str, str]:
+    capsys.readouterr()  # drop what the setup printed (transformers' progress bars)
+    code = merge.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def hf_logits(model_dir):
+    import transformers
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return hf(input_ids=IDS).logits
+
+
+# ----------------------------------------------------------------------------- the maths
+
+def test_merge_weight_is_the_formula():
+    g = torch.Generator().manual_seed(0)
+    W, A, B = torch.randn(48, 32, generator=g), torch.randn(4, 32, generator=g), torch.randn(48, 4, generator=g)
+    expected = W.double() + 0.75 * (B.double() @ A.double())
+    assert (lora.merge_weight(W, A, B, 0.75).double() - expected).abs().max() < 1e-5
+    merged_bf16 = lora.merge_weight(W.bfloat16(), A, B, 0.75)  # computed in fp32 whatever W's dtype
+    assert merged_bf16.dtype == torch.float32
+    assert torch.equal(merged_bf16, W.bfloat16().float() + 0.75 * (B @ A))
+
+
+def test_merge_lora_keeps_logits(tiny_llama_dir):
+    model = load_model(tiny_llama_dir)
+    lora.inject_lora(model, lora.LoRAConfig(r=4, targets="all-linear", rslora=True))
+    randomize_lora(model)
+    W0, m = model.model.layers[0].mlp.up_proj.weight.clone(), model.model.layers[0].mlp.up_proj
+    expected_W = W0 + m.scaling * m.lora_B.weight @ m.lora_A.weight
+    before = model(IDS)
+    assert len(lora.merge_lora_(model)) == 14 and not lora.lora_modules(model)
+    assert type(model.model.layers[0].mlp.up_proj) is nn.Linear
+    assert torch.allclose(model.model.layers[0].mlp.up_proj.weight, expected_W, atol=1e-6)
+    assert rel(model(IDS), before) < 1e-5
+
+
+# ----------------------------------------------------------------------------- merge.py
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_merge_py_matches_peft_merge_and_unload(tmp_path, capsys, arch):
+    base = base_with_side_files(tmp_path / "base", arch, shard_size="100KB")  # a sharded base
+    twin = peft_adapter(base, tmp_path / "adapter", use_rslora=arch == "qwen2")
+    reference = twin.merge_and_unload()(input_ids=IDS).logits
+    code, out, err = run_merge(capsys, "--base", base, "--adapter", tmp_path / "adapter",
+                               "--output", tmp_path / "out", "--max-shard-size", "60KB")
+    assert code == 0, err
+    files = {p.name for p in (tmp_path / "out").iterdir()}
+    assert set(SIDE_FILES) | {"config.json", "generation_config.json", "model.safetensors.index.json"} <= files
+    assert len([f for f in files if f.endswith(".safetensors")]) > 1  # sharded, with an index
+    diff = float(re.search(r"max \|logit diff\| merged vs base\+adapter = (\S+)", out).group(1))
+    assert diff < 1e-5  # the check merge.py printed
+    assert rel(hf_logits(tmp_path / "out"), reference) < 1e-5
+    assert rel(load_model(tmp_path / "out")(IDS), reference) < 1e-5
+
+
+def test_merge_py_qlora_adapter_and_bf16(tmp_path, capsys):
+    base = base_with_side_files(tmp_path / "base", intermediate_size=128)
+    model = load_model(base)
+    cfg = lora.LoRAConfig(r=4, alpha=8, targets=["q_proj", "down_proj"])
+    lora.inject_lora(model, cfg, quantize="nf4")
+    randomize_lora(model)
+    lora.save_adapter(model, cfg, tmp_path / "adapter", str(base))
+    code, out, err = run_merge(capsys, "--base", base, "--adapter", tmp_path / "adapter",
+                               "--output", tmp_path / "out", "--dtype", "bf16")
+    assert code == 0, err
+    assert "NF4-quantized base (QLoRA); merging onto the full-precision weights" in out
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    # The full-precision base + the adapter, rounded to bf16 once, is what was written.
+    reference = load_model(base)
+    lora.load_adapter(reference, tmp_path / "adapter")
+    lora.merge_lora_(reference)
+    merged = load_model(tmp_path / "out")
+    for key, value in reference.state_dict().items():
+        assert torch.equal(merged.state_dict()[key], value.bfloat16().float()), key
+
+
+def test_merge_py_our_adapter_matches_peft(tmp_path, capsys):
+    import peft
+    import transformers
+    base = save_tiny_hf(tmp_path / "base", tie_word_embeddings=True)
+    model = load_model(base)
+    cfg = lora.LoRAConfig(r=4, alpha=16, targets="all-linear")
+    lora.inject_lora(model, cfg)
+    randomize_lora(model)
+    lora.save_adapter(model, cfg, tmp_path / "adapter", str(base))
+    code, _, err = run_merge(capsys, "--base", base, "--adapter", tmp_path / "adapter",
+                             "--output", tmp_path / "out", "--no-check")
+    assert code == 0, err
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").merge_and_unload()
+    assert rel(hf_logits(tmp_path / "out"), theirs(input_ids=IDS).logits) < 1e-5
+
+
+def assert_failed_cleanly(code, err, tmp_path, needle):
+    assert code == 2 and needle in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_merge_py_rejects_mismatched_adapters(tmp_path, capsys):
+    base = save_tiny_hf(tmp_path / "base")
+    other = save_tiny_hf(tmp_path / "other", intermediate_size=128)  # same names, other shapes
+    peft_adapter(other, tmp_path / "wrong-shapes")
+    code, _, err = run_merge(capsys, "--base", base, "--adapter", tmp_path / "wrong-shapes",
+                             "--output", tmp_path / "out")
+    assert_failed_cleanly(code, err, tmp_path, "adapter_model.safetensors: adapter does not fit")
+    peft_adapter(base, tmp_path / "wrong-targets", targets=["q_proj"])
+    config = tmp_path / "wrong-targets" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "target_modules": ["c_attn"]}))
+    code, _, err = run_merge(capsys, "--base", base, "--adapter", tmp_path / "wrong-targets",
+                             "--output", tmp_path / "out")
+    assert_failed_cleanly(code, err, tmp_path, "c_attn")
+    code, _, err = run_merge(capsys, "--base", base, "--adapter", tmp_path / "missing",
+                             "--output", tmp_path / "out")
+    assert_failed_cleanly(code, err, tmp_path, "adapter_config.json: not found")
+
+
+def test_merge_py_cli_exit_code_and_existing_output(tmp_path):
+    base = save_tiny_hf(tmp_path / "base")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    result = subprocess.run([sys.executable, "merge.py", "--base", tmp_path / "base", "--adapter",
+                             tmp_path / "adapter", "--output", tmp_path / "out"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"merge.py: error: --output {tmp_path / 'out'}: already exists "
+                                     "and is not an empty directory")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+    assert base.exists()
+
+
+def test_merge_py_gguf_export_is_wired(tmp_path, capsys, monkeypatch):
+    import model.gguf
+    calls = []
+    monkeypatch.setattr(model.gguf, "export_gguf", lambda *args: calls.append(args))
+    base = save_tiny_hf(tmp_path / "base")
+    peft_adapter(base, tmp_path / "adapter")
+    code, out, err = run_merge(capsys, "--base", base, "--adapter", tmp_path / "adapter", "--output",
+                               tmp_path / "out", "--gguf", tmp_path / "m.gguf", "--gguf-type", "q8_0")
+    assert code == 0, err
+    assert calls == [(tmp_path / "out", tmp_path / "m.gguf", "q8_0")]
+    code, _, err = run_merge(capsys, "--base", base, "--adapter", tmp_path / "adapter", "--output",
+                             tmp_path / "out2", "--gguf", tmp_path / "m.txt")
+    assert code == 2 and "--gguf" in err and not (tmp_path / "out2").exists()
+
+
+def test_merge_smollm2_with_peak_ram(tmp_path, smollm2_dir):
+    """The real demo model (135M, one 538 MB fp32 shard): merge, check and report peak RSS."""
+    model = load_model(smollm2_dir)
+    cfg = lora.LoRAConfig(r=8, alpha=16, targets=lora.LLAMA_LINEARS)
+    lora.inject_lora(model, cfg)
+    randomize_lora(model, std=0.01)
+    lora.save_adapter(model, cfg, tmp_path / "adapter", str(smollm2_dir))
+    del model
+    result = subprocess.run([sys.executable, "merge.py", "--base", smollm2_dir, "--adapter",
+                             tmp_path / "adapter", "--output", tmp_path / "out", "--dtype", "bf16",
+                             "--max-shard-size", "200MB", "--no-check"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    peak_mb = float(re.search(r"peak memory \(max RSS\): (\d+) MB", result.stdout).group(1))
+    print(f"\nSmolLM2 merge (bf16, 200MB shards) peak RSS: {peak_mb:.0f} MB")
+    assert peak_mb < 1000  # about torch's own ~250 MB + one 200 MB output shard + a few tensors
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in (tmp_path / "out").iterdir()}
