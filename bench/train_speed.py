@@ -1,0 +1,250 @@
+"""LoRA training speed and memory: nanolora against transformers+PEFT, in one invocation.
+
+    python bench/train_speed.py                 # CPU: SmolLM2-135M, LoRA r=16 all-linear, fp32, 4 x 256
+    python bench/train_speed.py --case llama-3.2-1b   # GPU cases: random weights in real shapes
+
+Each (case, implementation) runs in its own subprocess, so peak memory (CUDA max_memory_allocated,
+or peak RSS on the CPU) belongs to that implementation alone. Both run the same steps: same model
+shape and weights, same random token batches, same LoRA settings and AdamW; warm-up steps are
+excluded from the timing.
+
+MFU counts model FLOPs of one LoRA step over the device's measured peak (a large matmul in the
+run's dtype, timed in the same script):
+    frozen base linears: forward 2*P*n, backward 2*P*n (input gradients only, no weight gradients)
+    LoRA A and B:        6*P_lora*n (forward, input and weight gradients)
+    attention scores:    forward 4*L*B*T^2*H*D (QK^T and AV, causal half not discounted),
+                         backward twice that
+with n = tokens in the step, P = parameters of the base linears including lm_head.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# Real shapes of public checkpoints (config.json fields); weights are random.
+SHAPES = {
+    "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
+                         rope_theta=500000.0, max_position_embeddings=131072,
+                         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
+                         max_position_embeddings=131072,
+                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "deepseek-llm-7b": dict(vocab_size=102400, hidden_size=4096, intermediate_size=11008, num_hidden_layers=30,
+                            num_attention_heads=32, num_key_value_heads=32, head_dim=128,
+                            max_position_embeddings=4096),
+}
+CASES = {
+    "cpu-smollm2": dict(model="demo", batch=4, seq=256, dtype="fp32", quantize=None, ckpt=False, device="cpu"),
+    "llama-3.2-1b": dict(model="llama-3.2-1b", batch=4, seq=2048, dtype="bf16", quantize=None, ckpt=False, device="cuda"),
+    "llama-3.1-8b-qlora": dict(model="llama-3.1-8b", batch=2, seq=2048, dtype="bf16", quantize="nf4", ckpt=True, device="cuda"),
+    "deepseek-llm-7b": dict(model="deepseek-llm-7b", batch=2, seq=1024, dtype="bf16", quantize=None, ckpt=True, device="cuda"),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def model_dir(case: dict, scratch: Path) -> Path:
+    """The demo model, or a random checkpoint in real shapes (written once, in the case's dtype)."""
+    from model import resolve_model_dir
+    if case["model"] == "demo":
+        return resolve_model_dir("demo")
+    path = scratch / case["model"]
+    if not (path / "config.json").exists():
+        import transformers
+        cfg = transformers.LlamaConfig(**SHAPES[case["model"]])
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = transformers.LlamaForCausalLM(cfg).to(DTYPES[case["dtype"]])
+        model.save_pretrained(path)
+    return path
+
+
+def batches(vocab: int, case: dict, n: int, device):
+    g = torch.Generator().manual_seed(0)
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (case["batch"], case["seq"]), generator=g)
+        yield ids.to(device)
+
+
+def nanolora_step_fn(path: Path, case: dict):
+    import lora
+    from model import load_model
+    from model.loss import lm_loss_sum
+    device, dtype = case["device"], DTYPES[case["dtype"]]
+    model = load_model(path, dtype=dtype, device=device)
+    lora.inject_lora(model, lora.LoRAConfig(r=16, alpha=32, dropout=0.0, targets="all-linear"),
+                     quantize=case["quantize"], compute_dtype=dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    model.grad_checkpointing = case["ckpt"]
+    model.train()
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda")
+    autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
+
+    def step(ids):
+        with autocast:
+            loss, n = lm_loss_sum(model, ids, ids)
+        (loss / n).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return model.config.vocab_size, step
+
+
+def peft_step_fn(path: Path, case: dict):
+    import peft
+    import transformers
+    device, dtype = case["device"], DTYPES[case["dtype"]]
+    kw = {}
+    if case["quantize"]:
+        kw["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation="sdpa", device_map=device, **kw)
+    if case["ckpt"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                                       target_modules=TARGETS, task_type="CAUSAL_LM"))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda")
+    autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
+
+    def step(ids):
+        with autocast:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return model.config.vocab_size, step
+
+
+def step_flops(path: Path, case: dict) -> float:
+    from model import LlamaConfig
+    c = LlamaConfig.from_file(path / "config.json")
+    B, T, L = case["batch"], case["seq"], c.num_hidden_layers
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    shapes = [(c.hidden_size, q), (c.hidden_size, kv), (c.hidden_size, kv), (q, c.hidden_size),
+              (c.hidden_size, c.intermediate_size), (c.hidden_size, c.intermediate_size),
+              (c.intermediate_size, c.hidden_size)]
+    base = L * sum(i * o for i, o in shapes) + c.hidden_size * c.vocab_size
+    lora_params = L * sum(16 * (i + o) for i, o in shapes)
+    n = B * T
+    attention = 4 * L * B * T * T * c.num_attention_heads * c.head_dim
+    return 4 * base * n + 6 * lora_params * n + 3 * attention
+
+
+def matmul_peak(device: str, dtype: torch.dtype) -> float:
+    """FLOP/s of a large square matmul: the device's practical peak in this dtype."""
+    n = 4096 if device == "cuda" else 1024
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    sync(device)
+    reps = 50 if device == "cuda" else 10
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(impl: str, case_name: str, steps: int, warmup: int, scratch: Path) -> dict:
+    """Run one implementation on one case in this process; return its figures."""
+    case = CASES[case_name]
+    torch.manual_seed(0)
+    path = model_dir(case, scratch)
+    vocab, step = (nanolora_step_fn if impl == "nanolora" else peft_step_fn)(path, case)
+    data = list(batches(vocab, case, warmup + steps, case["device"]))
+    for ids in data[:warmup]:
+        step(ids)
+    sync(case["device"])
+    if case["device"] == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    for ids in data[warmup:]:
+        step(ids)
+    sync(case["device"])
+    seconds = time.perf_counter() - t
+    tokens = steps * case["batch"] * case["seq"]
+    if case["device"] == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    flops = step_flops(path, case) * steps / seconds
+    return {"tokens_per_s": tokens / seconds, "peak_gib": peak, "flops": flops}
+
+
+def run_case(case_name: str, steps: int, warmup: int, scratch: Path) -> dict:
+    results = {}
+    for impl in ("nanolora", "peft"):
+        cmd = [sys.executable, __file__, "--one", impl, "--case", case_name, "--steps", str(steps),
+               "--warmup", str(warmup), "--scratch", str(scratch)]
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        if out.returncode != 0:
+            raise SystemExit(f"{impl} on {case_name} failed:\n{out.stderr[-3000:]}")
+        results[impl] = json.loads(out.stdout.strip().splitlines()[-1])
+    return results
+
+
+def print_table(rows, peaks):
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title="LoRA training: nanolora vs transformers+PEFT (SDPA)")
+    for col in ("case", "nanolora tok/s", "peft tok/s", "speed x", "nanolora peak GiB",
+                "peft peak GiB", "memory x", "nanolora MFU", "peft MFU"):
+        table.add_column(col, justify="right")
+    for name, r in rows.items():
+        ours, peer, peak = r["nanolora"], r["peft"], peaks[CASES[name]["device"], CASES[name]["dtype"]]
+        table.add_row(name, f"{ours['tokens_per_s']:.0f}", f"{peer['tokens_per_s']:.0f}",
+                      f"{ours['tokens_per_s'] / peer['tokens_per_s']:.2f}",
+                      f"{ours['peak_gib']:.2f}", f"{peer['peak_gib']:.2f}",
+                      f"{ours['peak_gib'] / peer['peak_gib']:.2f}",
+                      f"{100 * ours['flops'] / peak:.1f}%", f"{100 * peer['flops'] / peak:.1f}%")
+    Console(width=160).print(table)
+    for (device, dtype), peak in peaks.items():
+        print(f"measured {device} {dtype} matmul peak: {peak / 1e12:.2f} TFLOP/s")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--case", action="append", choices=list(CASES),
+                   help="default: the CPU case, plus the GPU cases when CUDA is available")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--scratch", default=str(Path.home() / ".cache" / "nanolora" / "bench"))
+    p.add_argument("--one", choices=("nanolora", "peft"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    scratch = Path(args.scratch)
+    if args.one:
+        print(json.dumps(measure(args.one, args.case[0], args.steps, args.warmup, scratch)))
+        return
+    cases = args.case or [c for c in CASES if CASES[c]["device"] == "cpu" or torch.cuda.is_available()]
+    rows = {name: run_case(name, args.steps, args.warmup, scratch) for name in cases}
+    peaks = {(CASES[n]["device"], CASES[n]["dtype"]): matmul_peak(CASES[n]["device"], DTYPES[CASES[n]["dtype"]])
+             for n in cases}
+    print_table(rows, peaks)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Chat with a model, a merged model, or a base model plus a LoRA adapter.
+
+    python chat.py --model runs/demo/merged                      # interactive, multi-turn
+    python chat.py --model demo --adapter runs/demo/adapter --prompt "How do I boil an egg?"
+    python chat.py --model demo --adapter runs/demo/adapter --compare   # base and adapted side by side
+
+The prompt is built with the same chat template code as training, generation stops at every
+end-of-turn token of the model (not only eos), and a KV cache runs the prompt once (prefill), then
+one token per step (decode). With --prompt only the reply goes to stdout; all else goes to stderr.
+"""
+
+import argparse
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+
+import torch
+
+import data
+import lora
+from model import DEMO_MODEL, ConfigError, LoadError, load_model, resolve_model_dir
+from model.generate import generate
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=DEMO_MODEL, help="model directory or hub id ('demo': SmolLM2)")
+    p.add_argument("--adapter", help="a PEFT-format LoRA adapter directory, applied unmerged")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--prompt", help="answer this one prompt, print the reply on stdout and exit")
+    p.add_argument("--compare", action="store_true", help="answer with the base and the adapted model")
+    p.add_argument("--template", help="built-in chat template instead of the model's own")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
+    args = p.parse_args(argv)
+    if args.compare and not args.adapter:
+        p.error("--compare needs --adapter")
+    return args
+
+
+def load(args):
+    """The model (with the adapter applied, unmerged) and its chat tokenizer."""
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    precision = args.precision
+    if precision == "auto":
+        precision = "bf16" if device == "cuda" else "fp32"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    model_dir = resolve_model_dir(args.model)
+    model = load_model(model_dir, dtype=dtype, device=device)
+    if args.adapter:
+        lora.load_adapter(model, args.adapter)
+        for p in model.parameters():  # adapter weights join the base in its dtype for inference
+            p.data = p.data.to(dtype)
+    return model, data.load_tokenizer(model_dir, args.template)
+
+
+@contextmanager
+def adapter_disabled(model):
+    """Run the base model alone: every LoRA path scaled by 0 (its output is then exactly W0 x)."""
+    modules = [m for m in model.modules() if isinstance(m, lora.LoRALinear)]
+    saved = [m.scaling for m in modules]
+    for m in modules:
+        m.scaling = 0.0
+    try:
+        yield
+    finally:
+        for m, s in zip(modules, saved):
+            m.scaling = s
+
+
+def reply(model, tok, messages, args, on_text=None) -> tuple[str, dict]:
+    """Generate the assistant's reply to `messages`; stream text pieces to `on_text`."""
+    prompt_ids = tok.encode_chat(messages, add_generation_prompt=True)
+    generator = torch.Generator().manual_seed(args.seed)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    repetition_penalty=args.repetition_penalty, generator=generator)
+    ids, shown = [], ""
+    t0 = time.perf_counter()
+    t_first = None
+    for token in generate(model, prompt_ids, args.max_new_tokens, tok.stop_ids, **sampling):
+        t_first = t_first or time.perf_counter()
+        ids.append(token)
+        text = tok.decode(ids, skip_special_tokens=True)
+        if on_text and not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            on_text(text[len(shown):])
+            shown = text
+    t_end = time.perf_counter()
+    text = tok.decode(ids, skip_special_tokens=True)
+    if on_text and len(text) > len(shown):
+        on_text(text[len(shown):])
+    t_first = t_first or t_end
+    stats = {"prompt_tokens": len(prompt_ids), "new_tokens": len(ids),
+             "prefill_tok_s": len(prompt_ids) / max(t_first - t0, 1e-9),
+             "decode_tok_s": (len(ids) - 1) / (t_end - t_first) if len(ids) > 1 else 0.0}
+    return text, stats
+
+
+def speed_line(stats) -> str:
+    return (f"[{stats['prompt_tokens']} prompt tokens, prefill {stats['prefill_tok_s']:.0f} tok/s; "
+            f"{stats['new_tokens']} new tokens, decode {stats['decode_tok_s']:.1f} tok/s]")
+
+
+def one_shot(model, tok, args):
+    messages = ([{"role": "system", "content": args.system}] if args.system else [])
+    messages.append({"role": "user", "content": args.prompt})
+    if args.compare:
+        with adapter_disabled(model):
+            base_text, _ = reply(model, tok, messages, args)
+        print(f"--- base ---\n{base_text}\n--- adapted ---", file=sys.stderr)
+    text, stats = reply(model, tok, messages, args)
+    print(text)
+    print(speed_line(stats), file=sys.stderr)
+
+
+def interactive(model, tok, args):
+    from rich.console import Console
+    out = Console(highlight=False)
+    err = Console(stderr=True, highlight=False)
+    system = args.system
+    history = []
+    err.print("[dim]/reset clears the history, /system TEXT sets the system prompt, /exit quits[/dim]")
+    while True:
+        try:
+            line = input("you> " if sys.stdin.isatty() else "")
+        except EOFError:
+            return
+        if not line.strip():
+            continue
+        if line.strip() == "/exit":
+            return
+        if line.strip() == "/reset":
+            history = []
+            err.print("[dim](history cleared)[/dim]")
+            continue
+        if line.startswith("/system"):
+            system, history = line[len("/system"):].strip() or None, []
+            err.print(f"[dim](system prompt set; history cleared)[/dim]")
+            continue
+        history.append({"role": "user", "content": line})
+        messages = ([{"role": "system", "content": system}] if system else []) + history
+        targets = [("base", adapter_disabled(model)), ("adapted", nullcontext())] if args.compare \
+            else [("assistant", nullcontext())]
+        for label, context in targets:
+            out.print(f"{label}> ", end="", style="bold cyan" if out.is_terminal else None)
+            with context:
+                text, stats = reply(model, tok, messages, args,
+                                    on_text=lambda piece: out.print(piece, end="", markup=False))
+            out.print()
+        history.append({"role": "assistant", "content": text})  # the adapted model's reply
+        err.print(f"[dim]{speed_line(stats)}[/dim]")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        model, tok = load(args)
+    except (data.DataError, lora.LoRAError, ConfigError, LoadError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    with torch.no_grad():
+        if args.prompt is not None:
+            one_shot(model, tok, args)
+        else:
+            interactive(model, tok, args)
+
+
+if __name__ == "__main__":
+    main()

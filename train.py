@@ -1,0 +1,571 @@
+"""LoRA / QLoRA fine-tuning of a Llama-family model, one loop read top to bottom.
+
+    python train.py                          # the embedded demo: SmolLM2-135M-Instruct, sample data
+    python train.py --model deepseek-ai/deepseek-llm-7b-chat --data emollm.json \\
+        --micro-batch-size 2 --grad-accum 8 --precision bf16 --grad-checkpointing
+    python train.py --config run.toml --lr 1e-4   # a config file; flags win
+
+The update, per optimizer step, is that of Hu et al. (2021): only the low-rank A and B of each
+target linear layer train (h = W0 x + (alpha / r) B A x), the base model stays frozen. The loss of a
+step is the sum of the token losses of all its micro-batches divided by the number of trained
+tokens in the whole step, so micro-batch 4 x accumulation 1 gives the same update as 1 x 4.
+"""
+
+import argparse
+import json
+import math
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+from torch.distributed.elastic.multiprocessing.errors import record
+
+import data
+import lora
+import parallel
+import sweep
+from checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from model import DEMO_MODEL, ConfigError, LoadError, load_model, resolve_model_dir
+from model.generate import generate
+
+ROOT = Path(__file__).resolve().parent
+DEMO_DATA = ROOT / "examples" / "train.json"
+DEMO_VAL_DATA = ROOT / "examples" / "val.json"
+DEMO_PROMPTS = ROOT / "examples" / "prompts.txt"
+
+
+def flag(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    # what to train on
+    model: str = flag(DEMO_MODEL, "model directory or hub id ('demo': the offline SmolLM2-135M-Instruct)")
+    data: str = flag(str(DEMO_DATA), "training data (.json, .jsonl, .csv)")
+    val_data: str | None = flag(None, "validation data (default: --val-fraction of --data; the demo data has its own)")
+    val_fraction: float = flag(0.1, "share of --data held out for validation when there is no --val-data")
+    output_dir: str = flag("runs/demo", "where metrics, TensorBoard logs, checkpoints and the adapter go")
+    max_seq_len: int = flag(512, "longer examples are truncated")
+    mask: str = flag("assistant", "which tokens train: assistant | last | all")
+    template: str | None = flag(None, "built-in chat template instead of the model's own")
+    pack: bool = flag(False, "pack several examples per row (block-diagonal attention)")
+    group_by_length: bool = flag(False, "batch examples of similar length together")
+    # how long and how big
+    max_steps: int = flag(0, "optimizer steps (0: from --epochs)")
+    epochs: float = flag(3.0, "passes over the training data when --max-steps is 0")
+    micro_batch_size: int = flag(4, "examples per forward/backward")
+    grad_accum: int = flag(2, "micro-batches per optimizer step")
+    # optimizer and schedule
+    lr: float = flag(1e-3, "peak learning rate")
+    lr_schedule: str = flag("cosine", "cosine | linear | constant, after warmup")
+    warmup_steps: int = flag(0, "linear warmup steps (overrides --warmup-ratio)")
+    warmup_ratio: float = flag(0.1, "warmup as a share of all steps")
+    min_lr_ratio: float = flag(0.0, "the schedule decays to lr * min_lr_ratio")
+    weight_decay: float = flag(0.0, "AdamW weight decay (never on biases and norms)")
+    adam_betas: str = flag("0.9,0.999", "AdamW betas")
+    adam_eps: float = flag(1e-8, "AdamW epsilon")
+    amsgrad: bool = flag(False, "AMSGrad variant of AdamW")
+    max_grad_norm: float = flag(1.0, "clip the global gradient norm (0: no clipping)")
+    # LoRA
+    lora_r: int = flag(16, "rank of A and B")
+    lora_alpha: float = flag(32.0, "scaling = alpha / r (alpha / sqrt(r) with --rslora)")
+    lora_dropout: float = flag(0.05, "dropout on the LoRA path")
+    lora_targets: str = flag("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                             "comma-separated module names, or all-linear")
+    rslora: bool = flag(False, "rank-stabilised scaling alpha / sqrt(r)")
+    quantize: str | None = flag(None, "nf4: QLoRA, the frozen base in 4-bit NF4")
+    # hardware
+    precision: str = flag("auto", "bf16 | fp16 | fp32 (auto: bf16 on CUDA when supported, else fp32)")
+    device: str = flag("auto", "cpu | cuda (auto: cuda when available)")
+    grad_checkpointing: bool = flag(False, "recompute each decoder block in backward to save memory")
+    compile: bool = flag(False, "torch.compile each decoder block")
+    parallel: str = flag("ddp", "under torchrun: ddp (a model replica per GPU) | fsdp (FSDP2: model sharded)")
+    parallel_timeout: float = flag(600.0, "seconds a rank waits for the others before the job fails")
+    seed: int = flag(42, "seeds data order, LoRA init and dropout")
+    # bookkeeping
+    log_every: int = flag(1, "print a log line every N steps")
+    eval_every: int = flag(0, "evaluate every N steps (0: before and after training only)")
+    save_every: int = flag(0, "checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = flag(2, "how many newest checkpoints to keep")
+    resume: bool = flag(False, "continue from the newest checkpoint in --output-dir")
+    debug_grads: bool = flag(False, "per-module LoRA gradient norms and update/weight ratios, every step")
+    sample_prompts: str = flag(str(DEMO_PROMPTS), "file of prompts (one per line) answered at each eval")
+    sample_tokens: int = flag(48, "max new tokens of each eval sample reply")
+    # sweeps (sweep.py)
+    sweep: str | None = flag(None, "train once per setting of a grid, e.g. --sweep lr=2e-4,1e-3 lora_r=8,64")
+    sweep_samples: int = flag(0, "train only N settings of the --sweep grid, drawn with --seed (0: all)")
+
+
+class TrainError(Exception):
+    """A problem with the run's settings or files: printed as one line, exit code 2."""
+
+
+# -----------------------------------------------------------------------------
+# settings: dataclass defaults < --config file < command-line flags
+
+def parse_config(argv=None) -> TrainConfig:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", help="TOML or JSON file of settings (flags win)")
+    for f in fields(TrainConfig):
+        name = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
+        elif f.name == "sweep":  # --sweep lr=2e-4,1e-3 lora_r=8,64: several items, kept as one string
+            parser.add_argument(name, nargs="+", help=f.metadata["help"])
+        else:
+            kind = {int: int, float: float}.get(f.type, str)
+            parser.add_argument(name, type=kind, help=f.metadata["help"])
+    flags = vars(parser.parse_args(argv))
+    if "sweep" in flags:
+        flags["sweep"] = " ".join(flags["sweep"])
+    from_file = read_config_file(flags.pop("config")) if "config" in flags else {}
+    cfg = TrainConfig(**{**from_file, **flags})
+    check_config(cfg)
+    for setting in sweep.settings(cfg) if cfg.sweep else []:  # every run of a sweep, before the first
+        check_config(replace(cfg, **setting))
+    return cfg
+
+
+def read_config_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise TrainError(f"--config {path}: no such file")
+    text = p.read_text()
+    try:
+        if p.suffix == ".toml":
+            import tomllib
+            values = tomllib.loads(text)
+        else:
+            values = json.loads(text)
+    except ValueError as e:
+        raise TrainError(f"--config {path}: {e}") from None
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise TrainError(f"--config {path}: unknown settings {', '.join(unknown)}")
+    if isinstance(values.get("sweep"), dict):  # a [sweep] table: lr = [2e-4, 1e-3]
+        values["sweep"] = sweep.spec_from_table(values["sweep"])
+    return values
+
+
+def check_config(cfg: TrainConfig):
+    choices = {"lr_schedule": ("cosine", "linear", "constant"), "mask": ("assistant", "last", "all"),
+               "precision": ("auto", "bf16", "fp16", "fp32"), "device": ("auto", "cpu", "cuda"),
+               "quantize": (None, "nf4"), "parallel": ("ddp", "fsdp")}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise TrainError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected one of "
+                             f"{', '.join(str(a) for a in allowed if a)}")
+    for name in ("micro_batch_size", "grad_accum", "max_seq_len", "lora_r"):
+        if getattr(cfg, name) < 1:
+            raise TrainError(f"--{name.replace('_', '-')} must be at least 1")
+    if len(betas(cfg)) != 2:
+        raise TrainError(f"--adam-betas {cfg.adam_betas}: expected two numbers like 0.9,0.999")
+    if cfg.parallel == "fsdp" and cfg.quantize:
+        raise TrainError("--parallel fsdp cannot shard NF4 weights; train QLoRA with --parallel ddp")
+    if cfg.parallel == "fsdp" and cfg.precision == "fp16":
+        # GradScaler's inf check would see only this rank's shard of the gradients
+        raise TrainError("--parallel fsdp does not support --precision fp16; use bf16")
+
+
+def betas(cfg) -> tuple[float, ...]:
+    try:
+        return tuple(float(b) for b in cfg.adam_betas.split(","))
+    except ValueError:
+        raise TrainError(f"--adam-betas {cfg.adam_betas}: expected two numbers like 0.9,0.999") from None
+
+
+def resolve_device_and_dtype(cfg: TrainConfig) -> tuple[str, torch.dtype]:
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TrainError("--device cuda: no CUDA device is available")
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return device, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int, warmup: int) -> float:
+    """Learning rate of update number `step` (0-based): linear warmup, then decay to min_lr_ratio."""
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)  # 0 -> 1 over the decay
+    decay = {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress,
+             "constant": 1.0}[cfg.lr_schedule]
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay)
+
+
+def micro_batch_stream(lengths, cfg: TrainConfig, epoch: int, index: int):
+    """Yield (epoch, next index, micro-batch of example indices), across epochs, from a position.
+
+    Under torchrun the micro-batches hold micro_batch_size x world size examples and each rank
+    gets its slice (maybe empty at an epoch's end); epoch and index are the same on every rank."""
+    while True:
+        batches = data.micro_batches(lengths, cfg.micro_batch_size * parallel.world_size(), cfg.seed,
+                                     epoch, cfg.group_by_length, cfg.pack, cfg.max_seq_len)
+        for i in range(index, len(batches)):
+            yield epoch, i + 1, parallel.rank_share(batches[i], cfg.micro_batch_size)
+        epoch, index = epoch + 1, 0
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def forward_loss(loss_fn, batch, autocast):
+    """Sum of token losses of one micro-batch (fp32) and its trained-token count.
+
+    loss_fn is the model with lm_loss_sum as its forward (parallel.LossSum), maybe wrapped in DDP."""
+    with autocast:
+        return loss_fn(batch)
+
+
+@torch.no_grad()
+def evaluate(loss_fn, batches, autocast) -> dict:
+    """Validation loss (mean over trained tokens, of all ranks' batches) and perplexity."""
+    loss_fn.eval()
+    total, n = 0.0, 0
+    for batch in batches:
+        loss, count = forward_loss(loss_fn, batch, autocast)
+        total, n = total + loss.item(), n + count
+    total, n = parallel.all_reduce_sum(total, n)
+    loss_fn.train()
+    val_loss = total / max(n, 1)
+    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+
+
+@torch.no_grad()
+def sample_replies(model, tok, prompts, max_new_tokens, autocast) -> list[str]:
+    """Greedy replies to the fixed prompts, so the change in answers shows in TensorBoard.
+
+    Under FSDP every forward needs every rank, so all of them generate all max_new_tokens (a stop
+    token must not end one rank's loop early) and the reply is cut at the stop token after."""
+    model.eval()
+    replies = []
+    stop_ids = () if parallel.is_fsdp(model) else tok.stop_ids
+    for prompt in prompts:
+        ids = tok.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        with autocast:
+            reply = list(generate(model, ids, max_new_tokens, stop_ids))
+        stop = [i for i, t in enumerate(reply) if t in tok.stop_ids]
+        replies.append(tok.decode(reply[:stop[0]] if stop else reply))
+    model.train()
+    return replies
+
+
+def total_grad_norm(params) -> float:
+    """The global L2 norm of the gradients (computed before clipping, which would turn a single
+    non-finite gradient into non-finite gradients everywhere). Under FSDP the gradients are
+    shards (DTensors) and so are their norms: parallel.full combines them over the ranks."""
+    norms = torch.stack([torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None])
+    return parallel.full(torch.linalg.vector_norm(norms)).item()
+
+
+def nonfinite_grad_modules(model) -> list[str]:
+    """Names of the parameters whose gradient holds inf or nan, in model order."""
+    return [name for name, p in model.named_parameters()
+            if p.grad is not None and not torch.isfinite(parallel.full(p.grad)).all()]
+
+
+def grad_report(model, before: dict) -> list[tuple]:
+    """(module, |grad A|, |grad B|, |dA|/|A|, |dB|/|B|) for every LoRA module (--debug-grads)."""
+    rows = []
+    for name, m in model.named_modules():
+        if isinstance(m, lora.LoRALinear):
+            A, B = parallel.full(m.lora_A.weight), parallel.full(m.lora_B.weight)  # whole, under FSDP
+            ratio = [((p - before[f"{name}.{k}"]).norm() / p.norm().clamp_min(1e-12)).item()
+                     for k, p in (("A", A), ("B", B))]
+            grads = [parallel.full(m.lora_A.weight.grad), parallel.full(m.lora_B.weight.grad)]
+            rows.append((name, *(g.norm().item() for g in grads), *ratio))
+    return rows
+
+
+def print_grad_table(console, step, rows):
+    from rich.table import Table
+    table = Table(title=f"LoRA gradients, step {step}", show_lines=False)
+    for col in ("module", "|grad A|", "|grad B|", "|dA|/|A|", "|dB|/|B|"):
+        table.add_column(col, justify="left" if col == "module" else "right", overflow="fold")
+    for name, *values in rows:
+        table.add_row(name, *(f"{v:.3e}" for v in values))
+    console.print(table)
+
+
+class StopRequest:
+    """Remembers a SIGINT/SIGTERM so the loop can finish its step, save and exit cleanly."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signal is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+
+def load_prompts(path: str) -> list[str]:
+    p = Path(path)
+    return [line.strip() for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []
+
+
+def peak_memory_gib() -> float:
+    """Peak memory of this process: CUDA allocations when CUDA ran, else the resident set size."""
+    if torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform == "darwin" else 1)
+    return kib / 2**20
+
+
+def write_summary(out: Path, **figures):
+    """summary.json: how a run ended, finished or diverged (an interrupted run has none; a sweep reads it)."""
+    if parallel.is_main():
+        figures["peak_memory_gib"] = peak_memory_gib()
+        (out / "summary.json").write_text(json.dumps(figures, indent=2))
+
+
+# -----------------------------------------------------------------------------
+# the run
+
+def train(cfg: TrainConfig) -> dict:
+    """Run training as configured; return a summary (final loss, val losses, wall time...)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from torch.utils.tensorboard import SummaryWriter
+
+    device, dtype = resolve_device_and_dtype(cfg)
+    parallel.init(device, cfg.parallel_timeout)  # under torchrun: join the other ranks
+    console = Console(stderr=True, quiet=not parallel.is_main())  # rank 0 speaks for all
+    t_start = time.perf_counter()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    autocast = (torch.autocast(device_type=device, dtype=dtype) if dtype != torch.float32
+                else nullcontext())
+
+    # --- data: tokenized once, cached next to the run
+    model_dir = resolve_model_dir(cfg.model)
+    tok = data.load_tokenizer(model_dir, cfg.template)
+    tokenize = lambda path: data.tokenize_file(path, tok, cfg.max_seq_len, cfg.mask)  # cached on disk
+    train_set = tokenize(cfg.data)
+    console.print(f"data: {train_set.summary()}")
+    val_data = cfg.val_data or (DEMO_VAL_DATA if Path(cfg.data) == DEMO_DATA else None)
+    if val_data:
+        train_examples, val_examples = train_set.examples, tokenize(val_data).examples
+    else:
+        train_examples, val_examples = data.split_validation(train_set.examples, cfg.val_fraction, cfg.seed)
+    if not train_examples:
+        raise TrainError(f"--data {cfg.data}: no training examples left")
+    lengths = [len(e["input_ids"]) for e in train_examples]
+    # A rank whose slice of a micro-batch is empty still takes part, on a batch that trains nothing.
+    batch_of = lambda examples, idx, pack: to_device(data.make_batch(examples, idx, tok.pad_id, pack) if idx
+                                                     else parallel.empty_batch(tok.pad_id), device)
+    collate = lambda idx: batch_of(train_examples, idx, cfg.pack)
+    val_step = cfg.micro_batch_size * parallel.world_size()  # under torchrun each rank takes a slice
+    val_parts = [parallel.rank_share(list(range(len(val_examples)))[i:i + val_step], cfg.micro_batch_size)
+                 for i in range(0, len(val_examples), val_step)]
+    val_batches = [batch_of(val_examples, idx, False) for idx in val_parts]
+
+    # --- model: frozen base in the compute dtype, LoRA A and B in fp32
+    model = load_model(model_dir, dtype=dtype, device=device)
+    lora_cfg = lora.LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                               targets=cfg.lora_targets if cfg.lora_targets == "all-linear"
+                               else [t.strip() for t in cfg.lora_targets.split(",") if t.strip()],
+                               rslora=cfg.rslora)
+    lora.inject_lora(model, lora_cfg, quantize=cfg.quantize, compute_dtype=dtype)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.data = p.data.float()
+    console.print(lora.trainable_table(model))
+    model.grad_checkpointing = cfg.grad_checkpointing
+    if cfg.compile:
+        for layer in model.model.layers:
+            layer.compile()
+    model.train()
+    # --- parallel (torchrun only): the micro-steps call train_loss_fn, evaluation calls loss_fn.
+    # DDP: a replica per rank, LoRA gradients summed over ranks. FSDP2: every decoder block and the
+    # rest of the model sharded over the ranks, its parameters replaced by their shards (DTensors).
+    loss_fn = parallel.LossSum(model)  # forward(batch) -> (sum of token losses, trained tokens)
+    train_loss_fn = parallel.wrap(loss_fn, cfg.parallel)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # again: FSDP2 swapped them
+
+    # --- optimizer: AdamW on the trainable parameters only; no weight decay on biases and norms
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+         {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}],
+        lr=cfg.lr, betas=betas(cfg), eps=cfg.adam_eps, amsgrad=cfg.amsgrad,
+        fused=device == "cuda")
+    scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
+    n_micro = len(data.micro_batches(lengths, cfg.micro_batch_size * parallel.world_size(), cfg.seed, 0,
+                                     cfg.group_by_length, cfg.pack, cfg.max_seq_len))  # global micro-batches
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * n_micro / cfg.grad_accum))
+    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
+
+    # --- resume: adapter, optimizer, scaler, RNG, data position and step from the newest checkpoint
+    step, epoch, index = 0, 0, 0
+    checkpoints = list_checkpoints(out) if cfg.resume else []
+    if cfg.resume and not checkpoints:
+        raise TrainError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+    if checkpoints:
+        state = load_checkpoint(checkpoints[-1], model, optimizer, scaler)
+        step, epoch, index = state["step"], state["epoch"], state["index"]
+        console.print(f"resumed from {checkpoints[-1]} (step {step})")
+    if parallel.is_main():
+        (out / "run_config.json").write_text(json.dumps(
+            {**asdict(cfg), "model_dir": str(model_dir), "device": device, "dtype": str(dtype),
+             "world_size": parallel.world_size(), "total_steps": total_steps, "warmup_steps": warmup,
+             "train_examples": len(train_examples), "val_examples": len(val_examples)}, indent=2))
+    metrics, writer = parallel.Silent(), parallel.Silent()  # only rank 0 writes them
+    if parallel.is_main():
+        metrics = (out / "metrics.jsonl").open("a" if checkpoints else "w")
+        writer = SummaryWriter(str(out / "tensorboard"), purge_step=step if checkpoints else None)
+    prompts = load_prompts(cfg.sample_prompts)[:3]
+    save = lambda s: save_checkpoint(out, s, model, lora_cfg, str(cfg.model), optimizer, scaler,
+                                     {"epoch": epoch, "index": index}, cfg.keep_checkpoints)
+
+    replies = []  # the newest sample replies; the final ones go into summary.json
+
+    def run_eval(s):
+        row = evaluate(loss_fn, val_batches, autocast) if val_batches else {}
+        for k, v in row.items():
+            writer.add_scalar(f"eval/{k}", v, s)
+        replies[:] = sample_replies(model, tok, prompts, cfg.sample_tokens, autocast)
+        for prompt, reply in zip(prompts, replies):
+            writer.add_text(f"samples/{prompt[:40]}", reply, s)
+        return row
+
+    summary = {"first_val": run_eval(step) if not checkpoints else {}, "losses": []}
+    if summary["first_val"]:
+        metrics.write(json.dumps({"step": step, **summary["first_val"]}) + "\n")
+        console.print(f"step {step}: val_loss {summary['first_val']['val_loss']:.4f}")
+
+    # --- the loop: one iteration is one optimizer step of grad_accum micro-batches
+    stream = micro_batch_stream(lengths, cfg, epoch, index)
+    stop = StopRequest()
+    progress = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
+                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                        console=console, transient=False, disable=not parallel.is_main())
+    task = progress.add_task("train", total=total_steps, completed=step, info="")
+    progress.start()
+    while step < total_steps:
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg, total_steps, warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # Collate the whole step first: the loss is normalised by the trained tokens of all of it.
+        batches = []
+        for _ in range(cfg.grad_accum):
+            epoch, index, idx = next(stream)
+            batches.append(collate(idx))
+        # labels[:, 1:] are the targets; -100 marks prompt, padding and anything else not trained
+        trained_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        trained_tokens, tokens = parallel.all_reduce_sum(trained_tokens, tokens)  # of all ranks
+
+        loss_sum = 0.0
+        for i, batch in enumerate(batches):
+            # Under torchrun the gradients are summed over ranks once, after the last micro-batch.
+            with parallel.gradient_sync(train_loss_fn, enabled=i == len(batches) - 1):
+                loss, _ = forward_loss(train_loss_fn, batch, autocast)
+                scaler.scale(loss / trained_tokens).backward()  # sum / step's tokens: accumulation-exact
+            loss_sum += loss.item()
+        step_loss = parallel.all_reduce_sum(loss_sum)[0] / trained_tokens
+
+        scaler.unscale_(optimizer)  # true gradients, before clipping and before they are logged
+        grad_norm = total_grad_norm(trainable)  # the norm clipping sees, logged as grad_norm
+        if not scaler.is_enabled() and not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+            bad = nonfinite_grad_modules(model)
+            where = f"first non-finite gradient in {bad[0]}" if bad else "gradients finite"
+            message = (f"step {step + 1}: loss {step_loss}, grad_norm {grad_norm}; {where}"
+                       f" ({len(bad)} parameters affected). Last good checkpoint kept.")
+            write_summary(out, diverged=True, steps=step, error=message, wall_s=time.perf_counter() - t_start)
+            raise FloatingPointError(message)
+        if cfg.max_grad_norm > 0 and grad_norm > cfg.max_grad_norm:
+            for p in (p for p in trainable if p.grad is not None):
+                p.grad.mul_(cfg.max_grad_norm / (grad_norm + 1e-6))  # as clip_grad_norm_ scales
+        before = ({f"{n}.{k}": parallel.full(getattr(m, f"lora_{k}").weight.detach()).clone()
+                   for n, m in model.named_modules() if isinstance(m, lora.LoRALinear) for k in "AB"}
+                  if cfg.debug_grads else None)
+        scaler.step(optimizer)
+        scaler.update()
+        if cfg.debug_grads:  # before zero_grad: the gradients are still there to read
+            rows = grad_report(model, before)
+            print_grad_table(console, step + 1, rows)
+            for name, ga, gb, ra, rb in rows:
+                writer.add_scalars(f"grads/{name}", {"grad_A": ga, "grad_B": gb, "update_A": ra,
+                                                     "update_B": rb}, step + 1)
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        # --- log, evaluate, checkpoint
+        dt = time.perf_counter() - t0
+        row = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+               "trained_tokens": trained_tokens, "tokens_per_s": tokens / dt,
+               "elapsed_s": time.perf_counter() - t_start, "epoch": epoch}
+        if device == "cuda":
+            row["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if cfg.eval_every and step % cfg.eval_every == 0 or step == total_steps:
+            row.update(run_eval(step))
+        metrics.write(json.dumps(row) + "\n")
+        metrics.flush()
+        for k in ("loss", "lr", "grad_norm", "tokens_per_s", "max_memory_gib"):
+            if k in row:
+                writer.add_scalar(f"train/{k}", row[k], step)
+        summary["losses"].append(step_loss)
+        info = f"loss {step_loss:.4f}  lr {lr:.2e}  grad {grad_norm:.3f}  {row['tokens_per_s']:.0f} tok/s"
+        progress.update(task, completed=step, info=info)
+        if cfg.log_every and step % cfg.log_every == 0 and not console.is_terminal:
+            console.print(f"step {step}/{total_steps}  {info}" +
+                          (f"  val_loss {row['val_loss']:.4f}" if "val_loss" in row else ""))
+        stopping = parallel.any_rank(stop.signal is not None)  # every rank stops after the same step
+        if cfg.save_every and step % cfg.save_every == 0 or step == total_steps or stopping:
+            save(step)
+        if stopping:
+            progress.stop()
+            signum = stop.signal or signal.SIGTERM
+            console.print(f"stopped by signal {signum} after step {step}; checkpoint saved, "
+                          f"continue with --resume")
+            sys.exit(128 + signum)
+    progress.stop()
+
+    parallel.save_adapter(model, lora_cfg, out / "adapter", str(cfg.model))  # gathered, rank 0 writes
+    writer.close()
+    metrics.close()
+    summary.update(last_val={k: row[k] for k in ("val_loss", "val_ppl") if k in row},
+                   wall_s=time.perf_counter() - t_start, steps=step, model=model)
+    write_summary(out, diverged=False, steps=step, final_loss=step_loss, **summary["last_val"],
+                  wall_s=summary["wall_s"], replies=dict(zip(prompts, replies)))
+    console.print(f"done: {step} steps in {summary['wall_s']:.0f}s; adapter in {out / 'adapter'}; "
+                  f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
+    parallel.shutdown()
+    return summary
+
+
+@record  # under torchrun: an uncaught exception is reported by torchrun with its rank and traceback
+def main(argv=None):
+    try:
+        cfg = parse_config(argv)
+        if cfg.sweep:
+            sweep.run_sweep(cfg)  # one `python train.py` process per setting, then a table
+        else:
+            train(cfg)
+    except FloatingPointError as e:
+        print(f"error{parallel.rank_tag()}: {e}", file=sys.stderr)
+        sys.exit(3)
+    except (TrainError, sweep.SweepError, data.DataError, lora.LoRAError, ConfigError, LoadError,
+            OSError) as e:
+        print(f"error{parallel.rank_tag()}: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
