@@ -30,3 +30,50 @@ def test_chunked_loss_equals_plain(tiny_llama_dir, monkeypatch):
     assert n == int((labels[:, 1:] != -100).sum())
     assert torch.allclose(ours, ref, rtol=1e-6)
     assert torch.allclose(grad_ours, grad_ref, rtol=1e-5, atol=1e-7)
+
+
+def test_linear_cross_entropy_gradients_float64():
+    """The hand-formed gradients (softmax - onehot, times W or h) against autograd, in float64,
+    over several chunks, for hidden states and for a trainable lm_head weight."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    targets = torch.randint(0, 50, (37,), generator=g)
+    ours = loss_module.LinearCrossEntropy.apply(hidden, weight, targets, 8)  # 5 chunks
+    ref = F.cross_entropy(hidden @ weight.T, targets, reduction="sum")
+    assert ours.dtype == torch.float32  # the loss is accumulated in fp32, like the logits of a chunk
+    assert torch.allclose(ours.double(), ref, rtol=1e-6)
+    scale = torch.tensor(0.37)  # what backward receives after loss / n, gradient accumulation...
+    ours_grads = torch.autograd.grad(ours * scale, (hidden, weight))
+    ref_grads = torch.autograd.grad(ref * scale.double(), (hidden, weight))
+    for a, b in zip(ours_grads, ref_grads):
+        # fp32 logits inside: agreement to fp32 rounding
+        assert a.dtype == torch.float64 and torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_cross_entropy_skips_gradients_it_does_not_need():
+    hidden, weight = torch.randn(6, 8), torch.randn(10, 8)
+    targets = torch.randint(0, 10, (6,))
+    with torch.no_grad():
+        loss = loss_module.LinearCrossEntropy.apply(hidden, weight, targets, 4)
+    assert loss.grad_fn is None
+    assert torch.allclose(loss, F.cross_entropy(hidden @ weight.T, targets, reduction="sum"))
+    hidden.requires_grad_(True)
+    loss = loss_module.LinearCrossEntropy.apply(hidden, weight, targets, 4)
+    (grad,) = torch.autograd.grad(loss, hidden)  # weight frozen: only the hidden-state gradient
+    assert grad.shape == hidden.shape and weight.grad is None
+
+
+def test_linear_cross_entropy_under_bf16_autocast_matches_autograd():
+    """In mixed precision the gradient matmuls see bf16 operands, as autograd's would."""
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(24, 32, generator=g, requires_grad=True)
+    weight = torch.randn(64, 32, generator=g)
+    targets = torch.randint(0, 64, (24,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = loss_module.LinearCrossEntropy.apply(hidden, weight, targets, 10)
+        ref = F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
+    (grad_ours,) = torch.autograd.grad(ours, hidden)
+    (grad_ref,) = torch.autograd.grad(ref, hidden)
+    assert torch.allclose(ours, ref, rtol=1e-5)
+    assert torch.allclose(grad_ours, grad_ref, rtol=2e-2, atol=2e-2)
