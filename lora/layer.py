@@ -66,11 +66,14 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         result = self.base_forward(x)  # (..., out)
-        # The LoRA path runs in the dtype of A and B (float32 with a bf16 base): under autocast the
-        # matmuls still run in bf16 and the gradients land in the float32 A and B. The sum is
-        # formed before rounding to the base's output dtype, as PEFT does.
-        x = self.lora_dropout(x.to(self.lora_A.weight.dtype))
-        return (result + self.lora_B(self.lora_A(x)) * self.scaling).to(result.dtype)
+        down = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))  # (..., r)
+        # result + scaling * down B^T as one BLAS call (addmm) rather than a matmul, a scaling pass
+        # and an addition pass over (..., out). Under autocast the matmuls run in bf16 and the
+        # gradients land in the float32 A and B; without it (a bf16 base, float32 A and B) the sum
+        # is formed in float32 before rounding to the base's dtype, as PEFT does.
+        out = torch.addmm(result.reshape(-1, self.out_features).to(down.dtype), down.reshape(-1, down.shape[-1]),
+                          self.lora_B.weight.t(), alpha=self.scaling)
+        return out.view(result.shape).to(result.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
