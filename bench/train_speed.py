@@ -79,11 +79,14 @@ def batches(vocab: int, case: dict, n: int, device):
         yield ids.to(device)
 
 
-def nanolora_step_fn(path: Path, case: dict):
+def nanolora_step_fn(path: Path, case: dict, compile: bool = False):
     import lora
     from model import load_model
     from model.loss import lm_loss_sum
+    from train import keep_freed_memory
     device, dtype = case["device"], DTYPES[case["dtype"]]
+    if device == "cpu":
+        keep_freed_memory()  # as train.py does on the CPU
     model = load_model(path, dtype=dtype, device=device)
     lora.inject_lora(model, lora.LoRAConfig(r=16, alpha=32, dropout=0.0, targets="all-linear"),
                      quantize=case["quantize"], compute_dtype=dtype)
@@ -91,6 +94,9 @@ def nanolora_step_fn(path: Path, case: dict):
     for p in params:
         p.data = p.data.float()
     model.grad_checkpointing = case["ckpt"]
+    if compile:  # what train.py --compile does: each decoder block on its own
+        for layer in model.model.layers:
+            layer.compile()
     model.train()
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda")
     autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
@@ -164,6 +170,25 @@ def matmul_peak(device: str, dtype: torch.dtype) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
+def reset_peak_rss():
+    """Start the process's peak-RSS count afresh (Linux: "5" to clear_refs resets VmHWM), so that,
+    like CUDA's reset_peak_memory_stats, the peak covers the timed steps, not loading."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_gib() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB -> GiB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (whole run)
+
+
 def sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
@@ -174,13 +199,18 @@ def measure(impl: str, case_name: str, steps: int, warmup: int, scratch: Path) -
     case = CASES[case_name]
     torch.manual_seed(0)
     path = model_dir(case, scratch)
-    vocab, step = (nanolora_step_fn if impl == "nanolora" else peft_step_fn)(path, case)
+    if impl == "peft":
+        vocab, step = peft_step_fn(path, case)
+    else:
+        vocab, step = nanolora_step_fn(path, case, compile=impl == "nanolora-compile")
     data = list(batches(vocab, case, warmup + steps, case["device"]))
     for ids in data[:warmup]:
         step(ids)
     sync(case["device"])
     if case["device"] == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    else:
+        reset_peak_rss()
     t = time.perf_counter()
     for ids in data[warmup:]:
         step(ids)
@@ -190,14 +220,14 @@ def measure(impl: str, case_name: str, steps: int, warmup: int, scratch: Path) -
     if case["device"] == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+        peak = peak_rss_gib()
     flops = step_flops(path, case) * steps / seconds
     return {"tokens_per_s": tokens / seconds, "peak_gib": peak, "flops": flops}
 
 
-def run_case(case_name: str, steps: int, warmup: int, scratch: Path) -> dict:
+def run_case(case_name: str, impls: list[str], steps: int, warmup: int, scratch: Path) -> dict:
     results = {}
-    for impl in ("nanolora", "peft"):
+    for impl in impls:
         cmd = [sys.executable, __file__, "--one", impl, "--case", case_name, "--steps", str(steps),
                "--warmup", str(warmup), "--scratch", str(scratch)]
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -210,18 +240,17 @@ def run_case(case_name: str, steps: int, warmup: int, scratch: Path) -> dict:
 def print_table(rows, peaks):
     from rich.console import Console
     from rich.table import Table
-    table = Table(title="LoRA training: nanolora vs transformers+PEFT (SDPA)")
-    for col in ("case", "nanolora tok/s", "peft tok/s", "speed x", "nanolora peak GiB",
-                "peft peak GiB", "memory x", "nanolora MFU", "peft MFU"):
+    table = Table(title="LoRA training steps: nanolora vs transformers+PEFT (SDPA)")
+    for col in ("case", "implementation", "tokens/s", "speed vs peft", "peak GiB", "memory vs peft", "MFU"):
         table.add_column(col, justify="right")
-    for name, r in rows.items():
-        ours, peer, peak = r["nanolora"], r["peft"], peaks[CASES[name]["device"], CASES[name]["dtype"]]
-        table.add_row(name, f"{ours['tokens_per_s']:.0f}", f"{peer['tokens_per_s']:.0f}",
-                      f"{ours['tokens_per_s'] / peer['tokens_per_s']:.2f}",
-                      f"{ours['peak_gib']:.2f}", f"{peer['peak_gib']:.2f}",
-                      f"{ours['peak_gib'] / peer['peak_gib']:.2f}",
-                      f"{100 * ours['flops'] / peak:.1f}%", f"{100 * peer['flops'] / peak:.1f}%")
-    Console(width=160).print(table)
+    for name, results in rows.items():
+        peer, peak = results["peft"], peaks[CASES[name]["device"], CASES[name]["dtype"]]
+        for impl, r in results.items():
+            table.add_row(name, impl, f"{r['tokens_per_s']:.0f}", f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}x",
+                          f"{r['peak_gib']:.2f}", f"{r['peak_gib'] / peer['peak_gib']:.2f}x",
+                          f"{100 * r['flops'] / peak:.1f}%")
+        table.add_section()
+    Console(width=120).print(table)
     for (device, dtype), peak in peaks.items():
         print(f"measured {device} {dtype} matmul peak: {peak / 1e12:.2f} TFLOP/s")
 
@@ -230,17 +259,20 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--case", action="append", choices=list(CASES),
                    help="default: the CPU case, plus the GPU cases when CUDA is available")
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=8,
+                   help="untimed steps first: allocators and caches settle (transformers takes ~8 on the CPU)")
+    p.add_argument("--compile", action="store_true", help="also run nanolora with --compile")
     p.add_argument("--scratch", default=str(Path.home() / ".cache" / "nanolora" / "bench"))
-    p.add_argument("--one", choices=("nanolora", "peft"), help=argparse.SUPPRESS)
+    p.add_argument("--one", choices=("nanolora", "nanolora-compile", "peft"), help=argparse.SUPPRESS)
     args = p.parse_args()
     scratch = Path(args.scratch)
     if args.one:
         print(json.dumps(measure(args.one, args.case[0], args.steps, args.warmup, scratch)))
         return
     cases = args.case or [c for c in CASES if CASES[c]["device"] == "cpu" or torch.cuda.is_available()]
-    rows = {name: run_case(name, args.steps, args.warmup, scratch) for name in cases}
+    impls = ["nanolora"] + ["nanolora-compile"] * args.compile + ["peft"]
+    rows = {name: run_case(name, impls, args.steps, args.warmup, scratch) for name in cases}
     peaks = {(CASES[n]["device"], CASES[n]["dtype"]): matmul_peak(CASES[n]["device"], DTYPES[CASES[n]["dtype"]])
              for n in cases}
     print_table(rows, peaks)
