@@ -154,6 +154,16 @@ def is_shard(t) -> bool:
     return isinstance(t, DTensor)
 
 
+def fsdp2_available() -> bool:
+    """Whether this torch has FSDP2 as wrap() uses it: public `fully_shard`, forward methods other
+    than forward, and per-module sum reduction (older releases lack some of these)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method  # noqa: F401
+    except ImportError:
+        return False
+    return all(hasattr(FSDPModule, m) for m in ("set_gradient_divide_factor", "set_force_sum_reduction_for_comms"))
+
+
 def is_fsdp(module) -> bool:
     if not dist.is_initialized():
         return False

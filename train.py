@@ -174,6 +174,9 @@ def check_config(cfg: TrainConfig):
     if cfg.parallel == "fsdp" and cfg.precision == "fp16":
         # GradScaler's inf check would see only this rank's shard of the gradients
         raise TrainError("--parallel fsdp does not support --precision fp16; use bf16")
+    if cfg.parallel == "fsdp" and not parallel.fsdp2_available():
+        raise TrainError(f"--parallel fsdp: this torch ({torch.__version__}) lacks the FSDP2 features it "
+                         "needs; upgrade torch or use --parallel ddp")
 
 
 def betas(cfg) -> tuple[float, ...]:

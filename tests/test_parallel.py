@@ -220,3 +220,11 @@ def test_empty_slice_trains_nothing(tiny_chat_dir):
 def test_unsupported_combinations_are_refused(kw, message):
     with pytest.raises(TrainError, match=message):
         check_config(TrainConfig(**kw))
+
+
+def test_fsdp_on_a_torch_without_fsdp2_is_refused(monkeypatch):
+    assert parallel.fsdp2_available()  # the pinned torch has it
+    check_config(TrainConfig(parallel="fsdp"))
+    monkeypatch.setattr(parallel, "fsdp2_available", lambda: False)
+    with pytest.raises(TrainError, match=r"--parallel fsdp: this torch \(.*\) lacks"):
+        check_config(TrainConfig(parallel="fsdp"))
