@@ -20,6 +20,8 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from model.load import key_mismatches
+
 from .config import LoRAConfig, LoRAError
 from .inject import inject_lora, is_target, lora_modules
 
@@ -134,20 +136,9 @@ def read_adapter_tensors(adapter_dir) -> tuple[dict[str, torch.Tensor], dict[str
 def check_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source):
     """Strict: the file's keys and shapes must be exactly those of `model`'s LoRA layers."""
     expected = {k: tuple(p.shape) for k, p in adapter_state_dict(model).items()}
-    wrong = [f"{k}: shape {tuple(t.shape)} in the file, the model needs {expected[k]}"
-             for k, t in tensors.items() if k in expected and tuple(t.shape) != expected[k]]
-    problems = [_few(wrong, 2, sep="; ")] if wrong else []
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing:
-        problems.append(f"missing keys: {_few(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_few(unexpected)}")
+    problems = key_mismatches(expected, {k: tuple(t.shape) for k, t in tensors.items()})
     if problems:
         raise LoRAError(f"{source}: adapter does not fit the model: " + "; ".join(problems))
-
-
-def _few(items: list[str], n: int = 3, sep: str = ", ") -> str:
-    return sep.join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
 
 
 def load_adapter(model: nn.Module, adapter_dir) -> LoRAConfig:

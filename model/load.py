@@ -78,27 +78,34 @@ def expected_shapes(model: torch.nn.Module) -> dict[str, tuple]:
 
 def check_keys(files: list[Path], expected: dict[str, tuple]) -> dict[str, Path]:
     """Compare the checkpoint's keys and shapes with the model's; return key -> file."""
-    found, problems = {}, []
+    found, shapes = {}, {}
     for f in files:
         with safe_open(f, framework="pt") as sf:
             for key in sf.keys():
-                found[key] = f
-                shape = tuple(sf.get_slice(key).get_shape())
-                if key in expected and shape != expected[key]:
-                    problems.append(f"{key}: shape {shape} in {f.name}, model expects {expected[key]}")
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    if missing:
-        problems.append(f"missing keys: {_few(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_few(unexpected)}")
+                found[key], shapes[key] = f, tuple(sf.get_slice(key).get_shape())
+    problems = key_mismatches(expected, shapes, {k: f.name for k, f in found.items()})
     if problems:
         raise LoadError(f"{files[0].parent}: checkpoint does not fit the config: " + "; ".join(problems))
     return found
 
 
-def _few(keys: list[str], n: int = 3) -> str:
-    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+def key_mismatches(expected: dict[str, tuple], found: dict[str, tuple], where: dict[str, str] | None = None
+                   ) -> list[str]:
+    """How the keys and shapes a file holds differ from those a model needs, as short phrases for a
+    one-line error (a few names each). `where` names the file each key came from."""
+    wrong = [f"{k}: shape {shape}" + (f" in {where[k]}" if where else "") + f", the model needs {expected[k]}"
+             for k, shape in found.items() if k in expected and shape != expected[k]]
+    problems = [_few(wrong, 2, sep="; ")] if wrong else []
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing:
+        problems.append(f"missing keys: {_few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_few(unexpected)}")
+    return problems
+
+
+def _few(items: list[str], n: int = 3, sep: str = ", ") -> str:
+    return sep.join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
 
 
 def load_model(path_or_id, dtype: torch.dtype = torch.float32, device="cpu") -> Llama:
