@@ -226,3 +226,27 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_chat_dir, chat_data, 
     assert "Traceback" not in err and "continue with --resume" in err
     last = metrics(out)[-1]["step"]
     assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{last:06d}"]
+
+
+FAULTS_ON_REALLOCATION = """
+import resource, sys, torch, train
+if sys.argv[1] == "keep":
+    train.keep_freed_memory()
+faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+x = torch.ones(16 * 2**20)  # 64 MB, like a chunk of logits or a step's activations
+del x
+before = faults()
+y = torch.ones(16 * 2**20)
+print(faults() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_keep_freed_memory_reuses_pages_instead_of_faulting_them_in():
+    def faults(mode):
+        out = subprocess.run([sys.executable, "-c", FAULTS_ON_REALLOCATION, mode], cwd=ROOT,
+                             capture_output=True, text=True, check=True)
+        return int(out.stdout.split()[-1])
+    pages = 64 * 2**20 // 4096
+    assert faults("default") > pages // 2  # glibc mmaps it afresh: every page faults again
+    assert faults("keep") < pages // 20  # served again from the heap it went back to
