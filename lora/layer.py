@@ -57,6 +57,11 @@ class LoRALinear(nn.Module):
     def is_quantized(self) -> bool:
         return hasattr(self.weight, "quant_state")
 
+    @property
+    def draws_dropout(self) -> bool:
+        """Whether forward draws a dropout mask (p > 0, training mode)."""
+        return isinstance(self.lora_dropout, nn.Dropout) and self.lora_dropout.training
+
     def base_forward(self, x):
         """The frozen layer alone: W0 x + b, in the base's dtype."""
         if not self.is_quantized:
@@ -65,15 +70,43 @@ class LoRALinear(nn.Module):
         return nf4_linear(x, self.weight, self.bias, self.compute_dtype)
 
     def forward(self, x):
-        result = self.base_forward(x)  # (..., out)
-        down = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))  # (..., r)
-        # result + scaling * down B^T as one BLAS call (addmm) rather than a matmul, a scaling pass
-        # and an addition pass over (..., out). Under autocast the matmuls run in bf16 and the
-        # gradients land in the float32 A and B; without it (a bf16 base, float32 A and B) the sum
-        # is formed in float32 before rounding to the base's dtype, as PEFT does.
-        out = torch.addmm(result.reshape(-1, self.out_features).to(down.dtype), down.reshape(-1, down.shape[-1]),
-                          self.lora_B.weight.t(), alpha=self.scaling)
-        return out.view(result.shape).to(result.dtype)
+        x2d = x.reshape(-1, self.in_features)  # (N, in): every matmul below is one 2-D BLAS call
+        down = self.lora_A(self.lora_dropout(x2d.to(self.lora_A.weight.dtype)))  # (N, r)
+        return self.add_update(self.base_forward(x2d), down).view(*x.shape[:-1], self.out_features)
+
+    def add_update(self, result, down):
+        """result + scaling * down B^T, in result's dtype: base output (N, out), down (N, r).
+
+        The LoRA path is added into the base layer's fresh output buffer in place, by one BLAS call
+        (addmm_), rather than by a matmul, a scaling pass and an addition pass over (N, out) (the
+        out-of-place addmm would still copy the buffer). Autograd allows it: no backward needs the
+        base layer's output. Under autocast the matmuls run in bf16 (B is cast as autocast would
+        cast it) and the gradients land in the float32 A and B; without it (a bf16 base, float32 A
+        and B) the sum is formed in float32 before rounding to the base's dtype, as PEFT does.
+        """
+        dtype = down.dtype  # float32; bf16 under autocast
+        out = result.to(dtype).addmm_(down, self.lora_B.weight.t().to(dtype), alpha=self.scaling)
+        return out.to(result.dtype)
+
+    @staticmethod
+    def forward_shared(x, layers):
+        """[layer(x) for layer in layers] for layers that read the same x (q/k/v, gate/up).
+
+        The down-projections x A_q^T, x A_k^T, x A_v^T are the column blocks of x [A_q; A_k; A_v]^T,
+        so one matmul with the stacked A computes them all: a (N, 3r)-wide matmul runs nearer the
+        machine's peak than three (N, r)-wide ones, and backward gets one input-gradient matmul
+        instead of three and two additions. Autograd splits the stacked A's gradient back to each
+        A. Only without dropout: each layer draws its own mask (as PEFT's do), so then, or when
+        not every layer is a LoRALinear, the layers run one by one.
+        """
+        if not all(isinstance(m, LoRALinear) and not m.draws_dropout for m in layers):
+            return [m(x) for m in layers]
+        x2d = x.reshape(-1, x.shape[-1])  # (N, in)
+        A = torch.cat([m.lora_A.weight for m in layers])  # (sum of r, in)
+        down = F.linear(x2d.to(A.dtype), A)  # (N, sum of r)
+        ranks = [m.lora_A.out_features for m in layers]
+        return [m.add_update(m.base_forward(x2d), d).view(*x.shape[:-1], m.out_features)
+                for m, d in zip(layers, down.split(ranks, dim=-1))]
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

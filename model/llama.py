@@ -56,6 +56,16 @@ def rope_frequencies(config: LlamaConfig) -> torch.Tensor:
     return inv_freq
 
 
+def shared_input(x, *layers):
+    """[layer(x) for layer in layers]: several linear layers of the same input (q/k/v, gate/up).
+
+    A layer class may compute such a group at once by defining `forward_shared(x, layers)`; LoRA's
+    does (one matmul for all the A matrices). The model needs to know nothing more about it.
+    """
+    forward_shared = getattr(type(layers[0]), "forward_shared", None)
+    return forward_shared(x, layers) if forward_shared else [layer(x) for layer in layers]
+
+
 def rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -104,9 +114,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, kv_cache: KVCache | None = None, layer: int = 0):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = shared_input(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, Hkv, S, D), S = cached + T
@@ -132,7 +143,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = shared_input(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

@@ -1,6 +1,7 @@
 """LoRA by hand, checked against the maths and against peft.
 
-Proves: LoRALinear's gradients are right (float64 gradcheck); a fresh layer (B = 0) computes its
+Proves: LoRALinear's gradients are right (float64 gradcheck); layers that share an input give
+the same outputs and gradients computed together as one by one; a fresh layer (B = 0) computes its
 base layer exactly; an optimizer step moves A and B and nothing else; forward and gradients equal
 peft's LoRA with the same A and B (plain and rsLoRA; Llama with GQA, Qwen2 with biases, tied
 embeddings); mixed dtypes (bf16 base, fp32 A and B, autocast) behave; QLoRA (NF4) runs forward and
@@ -91,6 +92,41 @@ def test_step_moves_only_A_and_B(tiny_llama_dir):
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]) != (".lora_" in k), k
     assert all(p.grad is None for n, p in model.named_parameters() if ".lora_" not in n)
+
+
+def test_shared_input_group_equals_one_by_one():
+    """forward_shared (one matmul with the stacked A of layers that read the same input, as q/k/v
+    and gate/up do) gives the outputs and gradients of running the layers one by one; with
+    dropout it runs them one by one, so each layer draws its own mask."""
+    torch.manual_seed(0)
+    widths_ranks = [(16, 4), (8, 4), (8, 2)]  # GQA-like: k, v narrower than q; ranks may differ
+    layers = [lora.LoRALinear(nn.Linear(16, out, dtype=torch.float64), r=r, alpha=2 * r).double()
+              for out, r in widths_ranks]
+    for m in layers:
+        nn.init.normal_(m.lora_B.weight)
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    cotangents = [torch.randn(2, 5, out, dtype=torch.float64) for out, _ in widths_ranks]
+    params = [p for m in layers for p in (m.lora_A.weight, m.lora_B.weight)]
+
+    def outputs_and_grads(run):
+        outs = run()
+        grads = torch.autograd.grad(sum((o * c).sum() for o, c in zip(outs, cotangents)), [x, *params])
+        return outs + list(grads)
+
+    shared = outputs_and_grads(lambda: lora.LoRALinear.forward_shared(x, layers))
+    one_by_one = outputs_and_grads(lambda: [m(x) for m in layers])
+    for a, b in zip(shared, one_by_one, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+    dropped = [lora.LoRALinear(nn.Linear(16, out), r=r, alpha=r, dropout=0.5) for out, r in widths_ranks]
+    for m in dropped:
+        nn.init.normal_(m.lora_B.weight)
+    x = torch.randn(3, 16)
+    torch.manual_seed(1)
+    shared = lora.LoRALinear.forward_shared(x, dropped)
+    torch.manual_seed(1)
+    assert all(torch.equal(a, m(x)) for a, m in zip(shared, dropped))
+    assert not torch.equal(shared[0], dropped[0].eval()(x))  # the masks were drawn
 
 
 def test_bf16_base_fp32_lora_dtypes():
