@@ -1,6 +1,7 @@
 """LoRA training speed and memory: nanolora against transformers+PEFT, in one invocation.
 
     python bench/train_speed.py                 # CPU: SmolLM2-135M, LoRA r=16 all-linear, fp32, 4 x 256
+                                                # (LoRA dropout 0, then 0.05)
     python bench/train_speed.py --case llama-3.2-1b   # GPU cases: random weights in real shapes
 
 Each (case, implementation) runs in its own subprocess, so peak memory (CUDA max_memory_allocated,
@@ -49,6 +50,9 @@ SHAPES = {
 }
 CASES = {
     "cpu-smollm2": dict(model="demo", batch=4, seq=256, dtype="fp32", quantize=None, ckpt=False, device="cpu"),
+    # The same with train.py's default LoRA dropout (0.05), as fine-tuning walkthroughs use it.
+    "cpu-smollm2-dropout": dict(model="demo", batch=4, seq=256, dtype="fp32", quantize=None, ckpt=False,
+                                device="cpu", dropout=0.05),
     "llama-3.2-1b": dict(model="llama-3.2-1b", batch=4, seq=2048, dtype="bf16", quantize=None, ckpt=False, device="cuda"),
     "llama-3.1-8b-qlora": dict(model="llama-3.1-8b", batch=2, seq=2048, dtype="bf16", quantize="nf4", ckpt=True, device="cuda"),
     "deepseek-llm-7b": dict(model="deepseek-llm-7b", batch=2, seq=1024, dtype="bf16", quantize=None, ckpt=True, device="cuda"),
@@ -88,8 +92,8 @@ def nanolora_step_fn(path: Path, case: dict, compile: bool = False):
     if device == "cpu":
         keep_freed_memory()  # as train.py does on the CPU
     model = load_model(path, dtype=dtype, device=device)
-    lora.inject_lora(model, lora.LoRAConfig(r=16, alpha=32, dropout=0.0, targets="all-linear"),
-                     quantize=case["quantize"], compute_dtype=dtype)
+    lora_cfg = lora.LoRAConfig(r=16, alpha=32, dropout=case.get("dropout", 0.0), targets="all-linear")
+    lora.inject_lora(model, lora_cfg, quantize=case["quantize"], compute_dtype=dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
@@ -124,7 +128,7 @@ def peft_step_fn(path: Path, case: dict):
     if case["ckpt"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=case.get("dropout", 0.0),
                                                        target_modules=TARGETS, task_type="CAUSAL_LM"))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -129,6 +129,28 @@ def test_shared_input_group_equals_one_by_one():
     assert not torch.equal(shared[0], dropped[0].eval()(x))  # the masks were drawn
 
 
+def test_cpu_dropout_mask():
+    """LoRADropout's CPU mask: each element kept with probability 1 - p (also in each of the four
+    16-bit lanes that share a 64-bit draw), kept ones scaled so that E[output] = x, the gradient
+    goes through the same mask, a fresh mask each call, the same masks for the same seed."""
+    dropout = lora.LoRADropout(0.05)
+    x = torch.randn(1000, 1024, requires_grad=True)
+    torch.manual_seed(0)
+    y = dropout(x)
+    keep = y != 0
+    scale = 2**16 / (2**16 - round(0.05 * 2**16))
+    assert torch.equal(y[keep], x.detach()[keep] * scale)
+    lanes = keep.view(-1, 4).float().mean(0)  # 256k elements per lane: std of the mean 4.4e-4
+    assert (lanes - 0.95).abs().max() < 2e-3, lanes
+    assert abs(y.detach().sum() - x.detach().sum()) < 5 * (0.05 * x.detach().pow(2).sum()) ** 0.5  # unbiased
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad, keep * scale)
+    assert not torch.equal(dropout(x) != 0, keep)
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x), y)
+    assert torch.equal(dropout.eval()(x), x)
+
+
 def test_bf16_base_fp32_lora_dtypes():
     base = nn.Linear(16, 8, dtype=torch.bfloat16)
     layer = lora.LoRALinear(base, r=4, alpha=8)
