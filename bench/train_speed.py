@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -229,16 +230,22 @@ def measure(impl: str, case_name: str, steps: int, warmup: int, scratch: Path) -
     return {"tokens_per_s": tokens / seconds, "peak_gib": peak, "flops": flops}
 
 
-def run_case(case_name: str, impls: list[str], steps: int, warmup: int, scratch: Path) -> dict:
-    results = {}
-    for impl in impls:
-        cmd = [sys.executable, __file__, "--one", impl, "--case", case_name, "--steps", str(steps),
-               "--warmup", str(warmup), "--scratch", str(scratch)]
-        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-        if out.returncode != 0:
-            raise SystemExit(f"{impl} on {case_name} failed:\n{out.stderr[-3000:]}")
-        results[impl] = json.loads(out.stdout.strip().splitlines()[-1])
-    return results
+def run_case(case_name: str, impls: list[str], steps: int, warmup: int, scratch: Path, rounds: int) -> dict:
+    """Each implementation `rounds` times, taking turns; per implementation, the median of each figure.
+
+    Taking turns spreads slow spells of a shared machine over all implementations alike.
+    """
+    runs = {impl: [] for impl in impls}
+    for _ in range(rounds):
+        for impl in impls:
+            cmd = [sys.executable, __file__, "--one", impl, "--case", case_name, "--steps", str(steps),
+                   "--warmup", str(warmup), "--scratch", str(scratch)]
+            env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if out.returncode != 0:
+                raise SystemExit(f"{impl} on {case_name} failed:\n{out.stderr[-3000:]}")
+            runs[impl].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return {impl: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for impl, rs in runs.items()}
 
 
 def print_table(rows, peaks):
@@ -264,6 +271,8 @@ def main():
     p.add_argument("--case", action="append", choices=list(CASES),
                    help="default: the CPU case, plus the GPU cases when CUDA is available")
     p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run each implementation this many times, taking turns, and report the medians")
     p.add_argument("--warmup", type=int, default=8,
                    help="untimed steps first: allocators and caches settle (transformers takes ~8 on the CPU)")
     p.add_argument("--compile", action="store_true", help="also run nanolora with --compile")
@@ -276,10 +285,12 @@ def main():
         return
     cases = args.case or [c for c in CASES if CASES[c]["device"] == "cpu" or torch.cuda.is_available()]
     impls = ["nanolora"] + ["nanolora-compile"] * args.compile + ["peft"]
-    rows = {name: run_case(name, impls, args.steps, args.warmup, scratch) for name in cases}
+    rows = {name: run_case(name, impls, args.steps, args.warmup, scratch, args.rounds) for name in cases}
     peaks = {(CASES[n]["device"], CASES[n]["dtype"]): matmul_peak(CASES[n]["device"], DTYPES[CASES[n]["dtype"]])
              for n in cases}
     print_table(rows, peaks)
+    if args.rounds > 1:
+        print(f"each figure: the median of {args.rounds} runs, the implementations taking turns")
 
 
 if __name__ == "__main__":
