@@ -202,8 +202,8 @@ def keep_freed_memory():
     A training step frees and reallocates the same activation and logits buffers (megabytes to
     hundreds of megabytes each) every time. By default glibc serves such blocks with fresh mmaps and
     unmaps them on free, so every step page-faults (and zero-fills) all of them again: about 5% of
-    a step of the demo model on the CPU. Raising the mmap and trim thresholds keeps them in the heap; the process's RSS then
-    stays at its peak, which a training run reaches every step anyway.
+    a step of the demo model on the CPU. Raising the mmap and trim thresholds keeps them in the
+    heap; the process's RSS then stays at its peak, which a training run reaches every step anyway.
     """
     if sys.platform != "linux":
         return
