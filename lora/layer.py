@@ -107,7 +107,10 @@ class LoRALinear(nn.Module):
         and B) the sum is formed in float32 before rounding to the base's dtype, as PEFT does.
         """
         dtype = down.dtype  # float32; bf16 under autocast
-        out = result.to(dtype).addmm_(down, self.lora_B.weight.t().to(dtype), alpha=self.scaling)
+        # B^T as a contiguous (r, out) copy: autograd then forms B's gradient as down^T @ grad, in
+        # B^T's layout, which BLAS runs twice as fast as the transposed product it uses for a view.
+        B_t = self.lora_B.weight.t().contiguous().to(dtype)
+        out = result.to(dtype).addmm_(down, B_t, alpha=self.scaling)
         return out.to(result.dtype)
 
     @staticmethod

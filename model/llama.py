@@ -27,12 +27,40 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # Normalise in float32, cast back, then scale: the order transformers uses, which matters
-        # for bit-level agreement in bf16/fp16.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return RMSNormFunction.apply(x, self.weight, self.eps)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """weight * y, y = x / sqrt(mean(x^2) + eps), with its gradient written out.
+
+    The forward normalises in float32 (or wider), casts back, then scales: the order transformers
+    uses, which matters for agreement in bf16/fp16. With r = 1 / sqrt(mean(x^2) + eps) and the
+    incoming gradient g, the gradient of x over the C features of a row is
+
+        dy = g * weight,    dx = r * dy - x * r^3 * mean(dy * x)
+
+    four passes over the activations where autograd, through pow, mean, rsqrt and two products,
+    takes about eight. Only x and r (one number a row) are kept for backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16/fp16 -> fp32; fp64 stays
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        ctx.save_for_backward(x, weight, r)
+        return weight * (xf * r).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, r = ctx.saved_tensors
+        xf = x.to(r.dtype)
+        dy = (g * weight).to(x.dtype).to(r.dtype)  # rounded to x's dtype, as autograd would
+        coef = (dy * xf).mean(-1, keepdim=True) * r.pow(3)  # (..., 1)
+        dx = (dy * r).addcmul_(xf, coef, value=-1).to(x.dtype)
+        dweight = None
+        if ctx.needs_input_grad[1]:
+            dweight = (g * (xf * r).to(x.dtype)).sum(tuple(range(g.dim() - 1))).to(weight.dtype)
+        return dx, dweight, None
 
 
 def rope_frequencies(config: LlamaConfig) -> torch.Tensor:
@@ -66,14 +94,37 @@ def shared_input(x, *layers):
     return forward_shared(x, layers) if forward_shared else [layer(x) for layer in layers]
 
 
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+class RoPE(torch.autograd.Function):
+    """Rotary embedding: x * cos + rotate_half(x) * sin, where rotate_half(x) = cat(-x2, x1) for the
+    halves x1, x2 of each head (as transformers rotates). x (B, n_heads, T, head_dim); cos, sin
+    (B, 1, T, head_dim).
+
+    Written out per half, the output is  (x1 cos1 - x2 sin1, x2 cos2 + x1 sin2):  one multiplication
+    and two in-place multiply-adds, with no rotated copy of x, no negated copy, no sum of two full
+    products. The rotation is linear in x, so its gradient is the transposed rotation:
+    dx = (g1 cos1 + g2 sin2, g2 cos2 - g1 sin1). Only cos and sin are kept for backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        h = x.shape[-1] // 2
+        out = x * cos
+        out[..., :h].addcmul_(x[..., h:], sin[..., :h], value=-1)
+        out[..., h:].addcmul_(x[..., :h], sin[..., h:])
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        cos, sin = ctx.saved_tensors
+        h = g.shape[-1] // 2
+        dx = g * cos
+        dx[..., :h].addcmul_(g[..., h:], sin[..., h:])
+        dx[..., h:].addcmul_(g[..., :h], sin[..., :h], value=-1)
+        return dx, None, None
 
 
-def apply_rope(x, cos, sin):
-    # x: (B, n_heads, T, head_dim); cos, sin: (B, 1, T, head_dim)
-    return x * cos + rotate_half(x) * sin
+apply_rope = RoPE.apply
 
 
 class KVCache:

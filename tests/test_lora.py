@@ -183,20 +183,30 @@ def peft_twin(model_dir, ours, targets, rslora, r=4, alpha=8):
     return twin
 
 
+# Tolerances on (logits, gradients). In float64 the two agree to what transformers' RMSNorm allows
+# (it normalises in float32 whatever the dtype). In float32 both carry rounding error, and the
+# gradients of layer 1's q_proj (a thousand times smaller than o_proj's, from nearly uniform
+# attention in a random model) amplify it: there each implementation is ~1e-5 off float64.
+TOLERANCE = {torch.float64: (1e-6, 1e-6), torch.float32: (1e-5, 5e-5)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("arch, overrides, targets, rslora", [
     ("llama", {}, ["q_proj", "v_proj", "down_proj"], False),  # GQA: k, v narrower than q
     ("llama", {}, "all-linear", True),
     ("qwen2", {}, ALL, False),  # q, k, v biases
     ("llama", {"tie_word_embeddings": True}, ALL, True),
 ])
-def test_forward_and_grads_match_peft(tmp_path, arch, overrides, targets, rslora):
+def test_forward_and_grads_match_peft(tmp_path, arch, overrides, targets, rslora, dtype):
     model_dir = save_tiny_hf(tmp_path / arch, arch, **overrides)
     ours = load_model(model_dir)
     lora.inject_lora(ours, lora.LoRAConfig(r=4, alpha=8, dropout=0.0, targets=targets, rslora=rslora))
     randomize_lora(ours)
-    twin = peft_twin(model_dir, ours, targets, rslora)
+    twin = peft_twin(model_dir, ours, targets, rslora).to(dtype)
+    ours.to(dtype)
     our_logits, their_logits = ours(IDS), twin(input_ids=IDS).logits
-    assert rel(our_logits, their_logits) < 1e-5
+    logits_tol, grads_tol = TOLERANCE[dtype]
+    assert rel(our_logits, their_logits) < logits_tol
     loss_of(our_logits, IDS).backward()
     loss_of(their_logits, IDS).backward()
     for name, m in lora.lora_modules(ours).items():
@@ -204,7 +214,7 @@ def test_forward_and_grads_match_peft(tmp_path, arch, overrides, targets, rslora
         for ab in "AB":
             ours_g = getattr(m, f"lora_{ab}").weight.grad
             theirs_g = getattr(theirs, f"lora_{ab}")["default"].weight.grad
-            assert rel(ours_g, theirs_g) < 1e-5, (name, ab)
+            assert ours_g.dtype == dtype and rel(ours_g, theirs_g) < grads_tol, (name, ab)
 
 
 def test_our_adapter_loads_in_peft(tmp_path):

@@ -11,6 +11,7 @@ import torch
 
 from conftest import save_tiny_hf
 from model import ConfigError, KVCache, LoadError, load_model
+from model.llama import RMSNormFunction, RoPE
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
@@ -47,6 +48,43 @@ def test_logits_match_transformers(tmp_path, name):
     delta = (ours - ref).abs().max().item()
     print(f"{name}: max |dlogits| = {delta:.2e}")
     assert delta < 1e-4
+
+
+def plain_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def plain_rms_norm(x, weight, eps):
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def test_rope_and_rms_norm_gradients_are_autograds():
+    """The hand-written backwards of RoPE and RMSNorm: float64 gradcheck, and the same values and
+    gradients as autograd through the plain formulas. cos and sin get different halves, so a mixed
+    up half in the rotation shows (Llama's halves are equal)."""
+    g = torch.Generator().manual_seed(0)
+    angles = torch.randn(2, 1, 5, 8, generator=g, dtype=torch.float64)  # (B, 1, T, head_dim)
+    x = torch.randn(2, 5, 3, 8, generator=g, dtype=torch.float64).transpose(1, 2)  # (B, H, T, D) view
+    x.requires_grad_()
+    assert torch.autograd.gradcheck(RoPE.apply, (x, angles.cos(), angles.sin()))
+    weight = torch.randn(8, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(RMSNormFunction.apply, (x, weight, 1e-5))
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.detach().to(dtype).requires_grad_()
+        wd = weight.detach().to(dtype).requires_grad_()
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        ulp = torch.finfo(dtype).eps
+        for ours, plain, args, inputs in [(RoPE.apply, plain_rope, (xd, cos, sin), [xd]),
+                                          (RMSNormFunction.apply, plain_rms_norm, (xd, wd, 1e-5), [xd, wd])]:
+            y, y_ref = ours(*args), plain(*args)
+            torch.testing.assert_close(y, y_ref, rtol=2 * ulp, atol=2 * ulp)
+            cotangent = torch.randn(y.shape, generator=g).to(dtype)
+            grads = torch.autograd.grad(y, inputs, cotangent)
+            grads_ref = torch.autograd.grad(y_ref, inputs, cotangent)
+            for a, b in zip(grads, grads_ref):
+                torch.testing.assert_close(a, b, rtol=4 * ulp, atol=4 * ulp * b.abs().max().item())
 
 
 def test_document_ids_match_separate_sequences(tiny_llama_dir):
