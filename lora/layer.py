@@ -30,13 +30,25 @@ class LoRADropout(nn.Dropout):
     """
 
     def forward(self, x):
-        if not self.training or x.device.type != "cpu":
-            return super().forward(x)
+        y, gain = self.unscaled(x)
+        return y * gain if gain != 1.0 else y
+
+    def unscaled(self, x) -> tuple[torch.Tensor, float]:
+        """dropout(x) as (y, gain) with dropout(x) = gain * y: on the CPU, y is x with the dropped
+        elements zeroed and the kept ones not yet scaled by 1 / P(keep).
+
+        LoRALinear folds the gain into the alpha of its B matmul instead of scaling the (N, in)
+        input: one pass over the input less, forward and backward.
+        """
+        if not self.training:
+            return x, 1.0
+        if x.device.type != "cpu":
+            return super().forward(x), 1.0
         threshold = min(round(self.p * 2**16), 2**16 - 1)  # elements dropped per 2^16
         words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-2**63, None)  # all 64 bits
         bits = words.view(torch.int16)[:x.numel()].view(x.shape)  # 16 uniform random bits an element
         keep = bits >= threshold - 2**15
-        return x * keep * (2**16 / (2**16 - threshold))
+        return x * keep, 2**16 / (2**16 - threshold)
 
 
 class LoRALinear(nn.Module):
@@ -93,11 +105,18 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         x2d = x.reshape(-1, self.in_features)  # (N, in): every matmul below is one 2-D BLAS call
-        down = self.lora_A(self.lora_dropout(x2d.to(self.lora_A.weight.dtype)))  # (N, r)
-        return self.add_update(self.base_forward(x2d), down).view(*x.shape[:-1], self.out_features)
+        dropped, gain = self.dropout(x2d.to(self.lora_A.weight.dtype))  # dropout(x) = gain * dropped
+        down = self.lora_A(dropped)  # (N, r)
+        return self.add_update(self.base_forward(x2d), down, gain).view(*x.shape[:-1], self.out_features)
 
-    def add_update(self, result, down):
-        """result + scaling * down B^T, in result's dtype: base output (N, out), down (N, r).
+    def dropout(self, x) -> tuple[torch.Tensor, float]:
+        """lora_dropout(x) as (y, gain), lora_dropout(x) = gain * y (see LoRADropout.unscaled)."""
+        if isinstance(self.lora_dropout, LoRADropout):
+            return self.lora_dropout.unscaled(x)
+        return self.lora_dropout(x), 1.0
+
+    def add_update(self, result, down, gain: float = 1.0):
+        """result + gain * scaling * down B^T, in result's dtype: base output (N, out), down (N, r).
 
         The LoRA path is added into the base layer's fresh output buffer in place, by one BLAS call
         (addmm_), rather than by a matmul, a scaling pass and an addition pass over (N, out) (the
@@ -110,7 +129,7 @@ class LoRALinear(nn.Module):
         # B^T as a contiguous (r, out) copy: autograd then forms B's gradient as down^T @ grad, in
         # B^T's layout, which BLAS runs twice as fast as the transposed product it uses for a view.
         B_t = self.lora_B.weight.t().contiguous().to(dtype)
-        out = result.to(dtype).addmm_(down, B_t, alpha=self.scaling)
+        out = result.to(dtype).addmm_(down, B_t, alpha=self.scaling * gain)
         return out.to(result.dtype)
 
     @staticmethod

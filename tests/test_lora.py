@@ -151,6 +151,26 @@ def test_cpu_dropout_mask():
     assert torch.equal(dropout.eval()(x), x)
 
 
+def test_dropout_gain_folded_into_the_b_path():
+    """With dropout, LoRALinear scales by 1 / P(keep) in the B matmul's alpha, not on the input: the
+    output and gradients are those of base(x) + scaling * B A dropout(x), with the same mask."""
+    base = nn.Linear(32, 24, dtype=torch.float64)
+    layer = lora.LoRALinear(base, r=4, alpha=8, dropout=0.25).double()
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 5, 32, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(0)
+    y = layer(x)
+    torch.manual_seed(0)
+    dropped = layer.lora_dropout(x)  # the same mask, scaled the usual way
+    assert (dropped == 0).any() and (dropped != 0).any()
+    expected = base(x) + layer.scaling * layer.lora_B(layer.lora_A(dropped))
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    cotangent = torch.randn_like(y)
+    params = [x, layer.lora_A.weight, layer.lora_B.weight]
+    for a, b in zip(torch.autograd.grad(y, params, cotangent), torch.autograd.grad(expected, params, cotangent)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_bf16_base_fp32_lora_dtypes():
     base = nn.Linear(16, 8, dtype=torch.bfloat16)
     layer = lora.LoRALinear(base, r=4, alpha=8)
