@@ -109,19 +109,22 @@ class RoPE(torch.autograd.Function):
     def forward(ctx, x, cos, sin):
         ctx.save_for_backward(cos, sin)
         h = x.shape[-1] // 2
-        out = x * cos
-        out[..., :h].addcmul_(x[..., h:], sin[..., :h], value=-1)
-        out[..., h:].addcmul_(x[..., :h], sin[..., h:])
-        return out
+        return rotate(x, cos, sin[..., :h], sin[..., h:], sign=1)
 
     @staticmethod
     def backward(ctx, g):
         cos, sin = ctx.saved_tensors
         h = g.shape[-1] // 2
-        dx = g * cos
-        dx[..., :h].addcmul_(g[..., h:], sin[..., h:])
-        dx[..., h:].addcmul_(g[..., :h], sin[..., :h], value=-1)
-        return dx, None, None
+        return rotate(g, cos, sin[..., h:], sin[..., :h], sign=-1), None, None
+
+
+def rotate(x, cos, sin_a, sin_b, sign: int):
+    """(x1 cos1 - sign x2 sin_a, x2 cos2 + sign x1 sin_b) for the halves x1, x2 of the last dimension."""
+    h = x.shape[-1] // 2
+    out = x * cos
+    out[..., :h].addcmul_(x[..., h:], sin_a, value=-sign)
+    out[..., h:].addcmul_(x[..., :h], sin_b, value=sign)
+    return out
 
 
 apply_rope = RoPE.apply
