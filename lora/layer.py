@@ -18,37 +18,32 @@ import torch.nn.functional as F
 
 
 class LoRADropout(nn.Dropout):
-    """nn.Dropout with a cheaper mask on the CPU; on other devices, nn.Dropout itself.
+    """nn.Dropout whose mask LoRALinear can keep as a bool tensor, with a cheaper mask on the CPU.
 
     torch draws CPU Bernoulli samples one at a time from a single-threaded generator, about 4 ns
     each: with p > 0, dropout on the inputs of all seven LoRA layers of a block took a quarter of
     a CPU training step. Here one 64-bit draw gives the random bits of four elements: an element is
     dropped when its 16 bits, read as a signed integer, fall below -32768 + round(p * 2^16). So p is
     rounded to a multiple of 2^-16 (0.05 becomes 0.0500031), and kept elements are scaled by the
-    exact 1 / P(keep), which keeps E[output] = x. The mask is a bool, 1 byte an element to keep for
-    backward, not nn.Dropout's 4.
+    exact 1 / P(keep), which keeps E[output] = x. On other devices the mask is rand >= p.
     """
 
     def forward(self, x):
-        y, gain = self.unscaled(x)
-        return y * gain if gain != 1.0 else y
-
-    def unscaled(self, x) -> tuple[torch.Tensor, float]:
-        """dropout(x) as (y, gain) with dropout(x) = gain * y: on the CPU, y is x with the dropped
-        elements zeroed and the kept ones not yet scaled by 1 / P(keep).
-
-        LoRALinear folds the gain into the alpha of its B matmul instead of scaling the (N, in)
-        input: one pass over the input less, forward and backward.
-        """
         if not self.training:
-            return x, 1.0
+            return x
+        keep, gain = self.mask(x)
+        return x * keep * gain
+
+    def mask(self, x) -> tuple[torch.Tensor, float]:
+        """A fresh mask for x: (keep, gain) with dropout(x) = x * keep * gain, keep a bool tensor
+        of x's shape (1 byte an element, where the masked copy would take 4) and gain = 1 / P(keep).
+        """
         if x.device.type != "cpu":
-            return super().forward(x), 1.0
+            return torch.rand_like(x) >= self.p, 1 / (1 - self.p)
         threshold = min(round(self.p * 2**16), 2**16 - 1)  # elements dropped per 2^16
         words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-2**63, None)  # all 64 bits
         bits = words.view(torch.int16)[:x.numel()].view(x.shape)  # 16 uniform random bits an element
-        keep = bits >= threshold - 2**15
-        return x * keep, 2**16 / (2**16 - threshold)
+        return bits >= threshold - 2**15, 2**16 / (2**16 - threshold)
 
 
 class LoRALinear(nn.Module):
@@ -62,6 +57,10 @@ class LoRALinear(nn.Module):
 
     For QLoRA `weight` is the bitsandbytes `Params4bit` of the quantized base: packed 4-bit codes
     with its `quant_state` (block absmaxes), and the matmul runs in `compute_dtype`.
+
+    Two ways to compute the same thing: `forward_ops` writes the formula op by op and lets autograd
+    derive the backward; `LoRAGroup` has the backward written out and is what runs whenever the
+    base, x, A and B share one dtype outside autocast (float32 training on any device).
     """
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
@@ -96,6 +95,10 @@ class LoRALinear(nn.Module):
         """Whether forward draws a dropout mask (p > 0, training mode)."""
         return isinstance(self.lora_dropout, nn.Dropout) and self.lora_dropout.training
 
+    def dropout_mask(self, x) -> tuple[torch.Tensor | None, float]:
+        """(keep, gain) with lora_dropout(x) = x * keep * gain; (None, 1.0) when nothing is dropped."""
+        return self.lora_dropout.mask(x) if self.draws_dropout else (None, 1.0)
+
     def base_forward(self, x):
         """The frozen layer alone: W0 x + b, in the base's dtype."""
         if not self.is_quantized:
@@ -104,16 +107,17 @@ class LoRALinear(nn.Module):
         return nf4_linear(x, self.weight, self.bias, self.compute_dtype)
 
     def forward(self, x):
-        x2d = x.reshape(-1, self.in_features)  # (N, in): every matmul below is one 2-D BLAS call
-        dropped, gain = self.dropout(x2d.to(self.lora_A.weight.dtype))  # dropout(x) = gain * dropped
-        down = self.lora_A(dropped)  # (N, r)
-        return self.add_update(self.base_forward(x2d), down, gain).view(*x.shape[:-1], self.out_features)
+        return self.forward_shared(x, [self])[0]
 
-    def dropout(self, x) -> tuple[torch.Tensor, float]:
-        """lora_dropout(x) as (y, gain), lora_dropout(x) = gain * y (see LoRADropout.unscaled)."""
-        if isinstance(self.lora_dropout, LoRADropout):
-            return self.lora_dropout.unscaled(x)
-        return self.lora_dropout(x), 1.0
+    def forward_ops(self, x2d, down=None):
+        """The layer op by op, on x2d (N, in), with autograd deriving the backward: base(x) +
+        scaling * B A dropout(x). `down` is x A^T when the caller has it already (no dropout)."""
+        gain = 1.0
+        if down is None:
+            keep, gain = self.dropout_mask(x2d)
+            x_lora = x2d.to(self.lora_A.weight.dtype)
+            down = self.lora_A(x_lora if keep is None else x_lora * keep)  # (N, r)
+        return self.add_update(self.base_forward(x2d), down, gain)
 
     def add_update(self, result, down, gain: float = 1.0):
         """result + gain * scaling * down B^T, in result's dtype: base output (N, out), down (N, r).
@@ -124,6 +128,7 @@ class LoRALinear(nn.Module):
         base layer's output. Under autocast the matmuls run in bf16 (B is cast as autocast would
         cast it) and the gradients land in the float32 A and B; without it (a bf16 base, float32 A
         and B) the sum is formed in float32 before rounding to the base's dtype, as PEFT does.
+        The dropout gain 1 / P(keep) rides in alpha too, rather than in a pass over the input.
         """
         dtype = down.dtype  # float32; bf16 under autocast
         # B^T as a contiguous (r, out) copy: autograd then forms B's gradient as down^T @ grad, in
@@ -139,23 +144,111 @@ class LoRALinear(nn.Module):
         The down-projections x A_q^T, x A_k^T, x A_v^T are the column blocks of x [A_q; A_k; A_v]^T,
         so one matmul with the stacked A computes them all: a (N, 3r)-wide matmul runs nearer the
         machine's peak than three (N, r)-wide ones, and backward gets one input-gradient matmul
-        instead of three and two additions. Autograd splits the stacked A's gradient back to each
-        A. Only without dropout: each layer draws its own mask (as PEFT's do), so then, or when
+        instead of three. Without dropout, that is: with it each layer draws its own mask (as
+        PEFT's do). LoRAGroup does all this with its backward written out, where it runs (one dtype,
+        no autocast); otherwise autograd derives the backward from the ops (`forward_ops`). When
         not every layer is a LoRALinear, the layers run one by one.
         """
-        if not all(isinstance(m, LoRALinear) and not m.draws_dropout for m in layers):
+        if not all(isinstance(m, LoRALinear) for m in layers):
             return [m(x) for m in layers]
-        x2d = x.reshape(-1, x.shape[-1])  # (N, in)
-        A = torch.cat([m.lora_A.weight for m in layers])  # (sum of r, in)
-        down = F.linear(x2d.to(A.dtype), A)  # (N, sum of r)
-        ranks = [m.lora_A.out_features for m in layers]
-        return [m.add_update(m.base_forward(x2d), d).view(*x.shape[:-1], m.out_features)
-                for m, d in zip(layers, down.split(ranks, dim=-1))]
+        x2d = x.reshape(-1, x.shape[-1])  # (N, in): every matmul below is one 2-D BLAS call
+        if LoRAGroup.runs(x2d, layers):
+            keeps, gains = zip(*(m.dropout_mask(x2d) for m in layers))
+            alphas = [m.scaling * gain for m, gain in zip(layers, gains)]
+            weights = [t for m in layers for t in (m.weight, m.bias, m.lora_A.weight, m.lora_B.weight)]
+            outs = LoRAGroup.apply(x2d, alphas, keeps, *weights)
+        elif len(layers) > 1 and not any(m.draws_dropout for m in layers):
+            A = torch.cat([m.lora_A.weight for m in layers])  # (sum of r, in)
+            downs = F.linear(x2d.to(A.dtype), A).split([m.lora_A.out_features for m in layers], dim=-1)
+            outs = [m.forward_ops(x2d, down) for m, down in zip(layers, downs)]
+        else:
+            outs = [m.forward_ops(x2d) for m in layers]
+        return [out.view(*x.shape[:-1], m.out_features) for m, out in zip(layers, outs)]
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"r={self.lora_A.out_features}, scaling={self.scaling:g}"
                 + (", base=nf4" if self.is_quantized else ""))
+
+
+class LoRAGroup(torch.autograd.Function):
+    """Forward and backward, written out, of LoRA layers i = 1..n that read the same x (N, in):
+
+        out_i = x W_i^T + b_i + alpha_i (x_i A_i^T) B_i^T,   x_i = x * keep_i (dropout) or x,
+        alpha_i = scaling_i / P(keep)
+
+    backward, with g_i the gradient of out_i and down_i = x_i A_i^T:
+
+        d down_i = alpha_i g_i B_i          dB_i = alpha_i g_i^T down_i      dA_i = d down_i^T x_i
+        dx = sum_i g_i W_i + sum_i (d down_i A_i) * keep_i
+
+    Autograd, running the layers op by op, forms each term of dx as its own (N, in) tensor and adds
+    them in separate passes; here BLAS accumulates them into one buffer (addmm_, beta = 1). Without
+    dropout the A are stacked, so the down-projections, the A gradients and their dx term are one
+    matmul each. With dropout it keeps x and the bool masks, not each layer's masked copy of x, and
+    forms x * keep_i again in backward: 3 bytes an element less per layer, for one pass.
+    """
+
+    @staticmethod
+    def runs(x, layers) -> bool:
+        """Whether the group can run here: dense bases, and x, W, A, B of one dtype, no autocast."""
+        return not torch.is_autocast_enabled(x.device.type) and all(
+            not m.is_quantized and m.weight.dtype == m.lora_A.weight.dtype == m.lora_B.weight.dtype == x.dtype
+            for m in layers)
+
+    @staticmethod
+    def forward(ctx, x, alphas, keeps, *weights):  # weights: W_1, b_1, A_1, B_1, W_2, ...
+        Ws, bs, As, Bs = weights[0::4], weights[1::4], weights[2::4], weights[3::4]
+        ranks = [A.shape[0] for A in As]
+        if all(keep is None for keep in keeps):
+            downs = torch.mm(x, cat(As).t()).split(ranks, dim=1)  # (N, r_i) each
+        else:
+            downs = [torch.mm(x if keep is None else x * keep, A.t()) for keep, A in zip(keeps, As)]
+        # The LoRA term first, into a fresh buffer; the base matmul then adds onto it (beta = 1)
+        # while it computes, instead of the thin LoRA matmul reading and writing all of it again.
+        outs = [torch.mm(down, B.t() * alpha) if b is None else torch.addmm(b, down, B.t(), alpha=alpha)
+                for down, B, b, alpha in zip(downs, Bs, bs, alphas)]
+        for out, W in zip(outs, Ws):
+            out.addmm_(x, W.t())
+        ctx.alphas, ctx.ranks = alphas, ranks
+        ctx.save_for_backward(x, *keeps, *Ws, *As, *Bs, *downs)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *gs):
+        n = len(gs)
+        x, keeps = ctx.saved_tensors[0], ctx.saved_tensors[1:1 + n]
+        Ws, As, Bs, downs = [ctx.saved_tensors[1 + n * k:1 + n * (k + 1)] for k in range(1, 5)]
+        needs_x, needs = ctx.needs_input_grad[0], ctx.needs_input_grad[3:]
+        dAs, dBs, dx = [None] * n, [None] * n, None
+        if any(needs[3::4]):
+            # down^T g is (r, out): the layout BLAS runs fastest; B's gradient is its transpose.
+            dBs = [torch.mm(down.t(), g).mul_(alpha).t() for down, g, alpha in zip(downs, gs, ctx.alphas)]
+        if any(needs[2::4]) or needs_x:
+            d_downs = [torch.mm(g, B).mul_(alpha) for g, B, alpha in zip(gs, Bs, ctx.alphas)]  # (N, r_i)
+            if all(keep is None for keep in keeps):
+                d_down = cat(d_downs, dim=1)  # (N, sum of r)
+                dAs = torch.mm(d_down.t(), x).split(ctx.ranks)
+                dx = torch.mm(d_down, cat(As)) if needs_x else None
+            else:
+                dAs = [torch.mm(d.t(), x if keep is None else x * keep) for d, keep in zip(d_downs, keeps)]
+                if needs_x:  # sum_i (d down_i A_i) * keep_i
+                    dx = torch.zeros_like(x)
+                    for d, A, keep in zip(d_downs, As, keeps):
+                        if keep is None:
+                            dx.addmm_(d, A)
+                        else:
+                            dx.addcmul_(torch.mm(d, A), keep)
+        if needs_x:  # the base layers' terms, accumulated by the big matmuls as they run (beta = 1)
+            for g, W in zip(gs, Ws):
+                dx.addmm_(g, W)
+        per_layer = [(None, None, dA, dB) for dA, dB in zip(dAs, dBs)]
+        return dx, None, None, *[grad for grads in per_layer for grad in grads]
+
+
+def cat(tensors, dim=0):
+    """torch.cat, without the copy when there is one tensor."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
 
 
 def merge_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """LoRA by hand, checked against the maths and against peft.
 
 Proves: LoRALinear's gradients are right (float64 gradcheck); layers that share an input give
-the same outputs and gradients computed together as one by one; a fresh layer (B = 0) computes its
+the outputs and gradients of the textbook formula, through the written-out backward (LoRAGroup)
+and through the op-by-op fallback, with and without dropout; a fresh layer (B = 0) computes its
 base layer exactly; an optimizer step moves A and B and nothing else; forward and gradients equal
 peft's LoRA with the same A and B (plain and rsLoRA; Llama with GQA, Qwen2 with biases, tied
 embeddings); mixed dtypes (bf16 base, fp32 A and B, autocast) behave; QLoRA (NF4) runs forward and
@@ -94,39 +95,87 @@ def test_step_moves_only_A_and_B(tiny_llama_dir):
     assert all(p.grad is None for n, p in model.named_parameters() if ".lora_" not in n)
 
 
-def test_shared_input_group_equals_one_by_one():
-    """forward_shared (one matmul with the stacked A of layers that read the same input, as q/k/v
-    and gate/up do) gives the outputs and gradients of running the layers one by one; with
-    dropout it runs them one by one, so each layer draws its own mask."""
-    torch.manual_seed(0)
-    widths_ranks = [(16, 4), (8, 4), (8, 2)]  # GQA-like: k, v narrower than q; ranks may differ
-    layers = [lora.LoRALinear(nn.Linear(16, out, dtype=torch.float64), r=r, alpha=2 * r).double()
-              for out, r in widths_ranks]
+def test_gradient_checkpointing_recomputes_the_same_dropout_masks(tiny_llama_dir):
+    """With LoRA dropout, recomputing each block in backward (grad_checkpointing) draws the same masks
+    again (the RNG state is restored), so the gradients equal those of the run that kept its
+    activations; the masks do matter (eval mode gives other gradients)."""
+    model = load_model(tiny_llama_dir, dtype=torch.float64)
+    lora.inject_lora(model, lora.LoRAConfig(r=4, dropout=0.3, targets="all-linear"))
+    randomize_lora(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(checkpointing, train=True):
+        model.grad_checkpointing = checkpointing
+        model.train(train)
+        torch.manual_seed(0)
+        return torch.autograd.grad(loss_of(model(IDS), IDS), params)
+
+    kept = grads(False)
+    for a, b in zip(grads(True), kept, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert not all(torch.allclose(a, b) for a, b in zip(grads(False, train=False), kept))
+
+
+def textbook(m, x):
+    """base(x) + scaling * B A dropout(x), with nn modules and autograd: the reference for LoRALinear."""
+    return m.base_forward(x) + m.scaling * m.lora_B(m.lora_A(m.lora_dropout(x)))
+
+
+def group_of_three(dropout, seed=0):
+    """q/k/v-like LoRA layers on one 16-wide input, float64: widths and ranks differ, one has a bias."""
+    torch.manual_seed(seed)
+    shapes = [(16, 4, False), (8, 4, True), (8, 2, False)]  # (out, r, bias)
+    layers = [lora.LoRALinear(nn.Linear(16, out, bias=bias, dtype=torch.float64), r=r, alpha=2 * r,
+                              dropout=dropout).double() for out, r, bias in shapes]
     for m in layers:
         nn.init.normal_(m.lora_B.weight)
+    return layers
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+@pytest.mark.parametrize("path", ["written-out", "op-by-op"])
+def test_shared_input_group_matches_the_textbook_formula(dropout, path, monkeypatch):
+    """forward_shared on layers that read the same x (q/k/v, gate/up) gives the outputs and the
+    gradients (x, each A, each B) of base(x) + scaling * B A dropout(x) layer by layer, with the
+    same masks: through LoRAGroup's written-out backward, and through the op-by-op fallback that
+    bf16, autocast and NF4 take. Then with x and the A not requiring gradients (the first layer's
+    input; a frozen A), which skips parts of the backward."""
+    if path == "op-by-op":
+        monkeypatch.setattr(lora.layer.LoRAGroup, "runs", staticmethod(lambda x, layers: False))
+    layers = group_of_three(dropout)
     x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
-    cotangents = [torch.randn(2, 5, out, dtype=torch.float64) for out, _ in widths_ranks]
-    params = [p for m in layers for p in (m.lora_A.weight, m.lora_B.weight)]
+    for all_grads in (True, False):
+        x.requires_grad_(all_grads)
+        for m in layers:
+            m.lora_A.weight.requires_grad_(all_grads)
+        needs = [p for m in layers for p in (m.lora_A.weight, m.lora_B.weight) if p.requires_grad]
+        needs = [x, *needs] if all_grads else needs
+        cotangents = [torch.randn(2, 5, m.out_features, dtype=torch.float64) for m in layers]
+        torch.manual_seed(1)
+        ours = lora.LoRALinear.forward_shared(x, layers)
+        torch.manual_seed(1)
+        reference = [textbook(m, x) for m in layers]
+        if dropout:
+            assert not torch.allclose(ours[0], layers[0].eval()(x).detach()) and layers[0].train()
+        for a, b in zip(ours, reference, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        grads = [torch.autograd.grad(sum((o * c).sum() for o, c in zip(outs, cotangents)), needs)
+                 for outs in (ours, reference)]
+        for a, b in zip(*grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
-    def outputs_and_grads(run):
-        outs = run()
-        grads = torch.autograd.grad(sum((o * c).sum() for o, c in zip(outs, cotangents)), [x, *params])
-        return outs + list(grads)
 
-    shared = outputs_and_grads(lambda: lora.LoRALinear.forward_shared(x, layers))
-    one_by_one = outputs_and_grads(lambda: [m(x) for m in layers])
-    for a, b in zip(shared, one_by_one, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-
-    dropped = [lora.LoRALinear(nn.Linear(16, out), r=r, alpha=r, dropout=0.5) for out, r in widths_ranks]
-    for m in dropped:
-        nn.init.normal_(m.lora_B.weight)
-    x = torch.randn(3, 16)
-    torch.manual_seed(1)
-    shared = lora.LoRALinear.forward_shared(x, dropped)
-    torch.manual_seed(1)
-    assert all(torch.equal(a, m(x)) for a, m in zip(shared, dropped))
-    assert not torch.equal(shared[0], dropped[0].eval()(x))  # the masks were drawn
+def test_lora_group_gradcheck():
+    """LoRAGroup's written-out backward against finite differences (float64), in x, A and B, with
+    and without dropout masks, one layer and a group."""
+    for n, dropout in [(1, 0.0), (3, 0.0), (3, 0.5)]:
+        layers = group_of_three(dropout, seed=n)[:n]
+        x = torch.randn(4, 16, dtype=torch.float64, requires_grad=True)
+        keeps = [m.dropout_mask(x)[0] for m in layers]
+        alphas = [m.scaling * (2 if dropout else 1) for m in layers]
+        weights = [t for m in layers for t in (m.weight, m.bias, m.lora_A.weight, m.lora_B.weight)]
+        f = lambda x, *w: lora.layer.LoRAGroup.apply(x, alphas, keeps, *w)
+        assert torch.autograd.gradcheck(f, (x, *weights))
 
 
 def test_cpu_dropout_mask():
