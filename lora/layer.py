@@ -216,9 +216,9 @@ class LoRAGroup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *gs):
-        n = len(gs)
-        x, keeps = ctx.saved_tensors[0], ctx.saved_tensors[1:1 + n]
-        Ws, As, Bs, downs = [ctx.saved_tensors[1 + n * k:1 + n * (k + 1)] for k in range(1, 5)]
+        n, saved = len(gs), ctx.saved_tensors  # read once: checkpointing allows no second unpack
+        x, keeps = saved[0], saved[1:1 + n]
+        Ws, As, Bs, downs = [saved[1 + n * k:1 + n * (k + 1)] for k in range(1, 5)]
         needs_x, needs = ctx.needs_input_grad[0], ctx.needs_input_grad[3:]
         dAs, dBs, dx = [None] * n, [None] * n, None
         if any(needs[3::4]):

@@ -95,12 +95,17 @@ def test_step_moves_only_A_and_B(tiny_llama_dir):
     assert all(p.grad is None for n, p in model.named_parameters() if ".lora_" not in n)
 
 
-def test_gradient_checkpointing_recomputes_the_same_dropout_masks(tiny_llama_dir):
+@pytest.mark.parametrize("lora_dtype", [torch.float64, torch.float32])
+def test_gradient_checkpointing_recomputes_the_same_dropout_masks(tiny_llama_dir, lora_dtype):
     """With LoRA dropout, recomputing each block in backward (grad_checkpointing) draws the same masks
     again (the RNG state is restored), so the gradients equal those of the run that kept its
-    activations; the masks do matter (eval mode gives other gradients)."""
+    activations; the masks do matter (eval mode gives other gradients). A and B in float64 with the
+    float64 base take LoRAGroup's path; float32 A and B on it, the op-by-op one."""
     model = load_model(tiny_llama_dir, dtype=torch.float64)
     lora.inject_lora(model, lora.LoRAConfig(r=4, dropout=0.3, targets="all-linear"))
+    if lora_dtype == torch.float64:
+        model.double()  # A and B too: one dtype throughout, so LoRAGroup runs
+    assert {m.lora_A.weight.dtype for m in lora.lora_modules(model).values()} == {lora_dtype}
     randomize_lora(model)
     params = [p for p in model.parameters() if p.requires_grad]
 
