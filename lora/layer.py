@@ -220,18 +220,22 @@ class LoRAGroup(torch.autograd.Function):
         x, keeps = saved[0], saved[1:1 + n]
         Ws, As, Bs, downs = [saved[1 + n * k:1 + n * (k + 1)] for k in range(1, 5)]
         needs_x, needs = ctx.needs_input_grad[0], ctx.needs_input_grad[3:]
+        needs_A, needs_B = any(needs[2::4]), any(needs[3::4])
         dAs, dBs, dx = [None] * n, [None] * n, None
-        if any(needs[3::4]):
+        if needs_B:
             # down^T g is (r, out): the layout BLAS runs fastest; B's gradient is its transpose.
             dBs = [torch.mm(down.t(), g).mul_(alpha).t() for down, g, alpha in zip(downs, gs, ctx.alphas)]
-        if any(needs[2::4]) or needs_x:
+        if needs_A or needs_x:
             d_downs = [torch.mm(g, B).mul_(alpha) for g, B, alpha in zip(gs, Bs, ctx.alphas)]  # (N, r_i)
             if all(keep is None for keep in keeps):
                 d_down = cat(d_downs, dim=1)  # (N, sum of r)
-                dAs = torch.mm(d_down.t(), x).split(ctx.ranks)
-                dx = torch.mm(d_down, cat(As)) if needs_x else None
+                if needs_A:
+                    dAs = torch.mm(d_down.t(), x).split(ctx.ranks)
+                if needs_x:
+                    dx = torch.mm(d_down, cat(As))
             else:
-                dAs = [torch.mm(d.t(), x if keep is None else x * keep) for d, keep in zip(d_downs, keeps)]
+                if needs_A:
+                    dAs = [torch.mm(d.t(), x if keep is None else x * keep) for d, keep in zip(d_downs, keeps)]
                 if needs_x:  # sum_i (d down_i A_i) * keep_i
                     dx = torch.zeros_like(x)
                     for d, A, keep in zip(d_downs, As, keeps):

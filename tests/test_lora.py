@@ -143,25 +143,27 @@ def test_shared_input_group_matches_the_textbook_formula(dropout, path, monkeypa
     """forward_shared on layers that read the same x (q/k/v, gate/up) gives the outputs and the
     gradients (x, each A, each B) of base(x) + scaling * B A dropout(x) layer by layer, with the
     same masks: through LoRAGroup's written-out backward, and through the op-by-op fallback that
-    bf16, autocast and NF4 take. Then with x and the A not requiring gradients (the first layer's
-    input; a frozen A), which skips parts of the backward."""
+    bf16, autocast and NF4 take. Also with frozen A, and with x not requiring a gradient either
+    (the first layer's input), which skip parts of the backward."""
     if path == "op-by-op":
         monkeypatch.setattr(lora.layer.LoRAGroup, "runs", staticmethod(lambda x, layers: False))
     layers = group_of_three(dropout)
     x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
-    for all_grads in (True, False):
-        x.requires_grad_(all_grads)
+    for x_trains, A_trains in [(True, True), (True, False), (False, False)]:
+        x.requires_grad_(x_trains)
         for m in layers:
-            m.lora_A.weight.requires_grad_(all_grads)
-        needs = [p for m in layers for p in (m.lora_A.weight, m.lora_B.weight) if p.requires_grad]
-        needs = [x, *needs] if all_grads else needs
+            m.lora_A.weight.requires_grad_(A_trains)
+        needs = [p for p in (x, *[p for m in layers for p in (m.lora_A.weight, m.lora_B.weight)])
+                 if p.requires_grad]
         cotangents = [torch.randn(2, 5, m.out_features, dtype=torch.float64) for m in layers]
         torch.manual_seed(1)
         ours = lora.LoRALinear.forward_shared(x, layers)
         torch.manual_seed(1)
         reference = [textbook(m, x) for m in layers]
-        if dropout:
-            assert not torch.allclose(ours[0], layers[0].eval()(x).detach()) and layers[0].train()
+        if dropout:  # the masks were drawn: without dropout the output differs
+            without = layers[0].eval()(x).detach()
+            layers[0].train()
+            assert not torch.allclose(ours[0], without)
         for a, b in zip(ours, reference, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
         grads = [torch.autograd.grad(sum((o * c).sum() for o, c in zip(outs, cotangents)), needs)
