@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import train_speed as bench  # noqa: E402
@@ -26,3 +27,22 @@ def test_bench_measures_both_implementations(impl, dropout, ckpt, tmp_path, monk
     assert (tmp_path / "tiny" / "config.json").exists()  # the random checkpoint the GPU cases use
     assert set(figures) == {"tokens_per_s", "peak_gib", "flops"}
     assert all(math.isfinite(v) and v > 0 for v in figures.values()), figures
+    per_token = bench.step_flops(tmp_path / "tiny", case) / (case["batch"] * case["seq"])
+    assert figures["flops"] / figures["tokens_per_s"] == pytest.approx(per_token)  # same seconds
+
+
+def test_step_flops_counts_the_checkpoints_parameters(tmp_path, monkeypatch):
+    """step_flops works from config.json; count the base linears and the LoRA parameters from the
+    written weights instead: 4 P n for the frozen linears (forward and input gradient, lm_head
+    tied to the embedding), 6 P_lora n for LoRA r=16, plus the attention scores."""
+    monkeypatch.setitem(bench.SHAPES, "tiny", TINY)
+    case = dict(model="tiny", batch=2, seq=16, dtype="fp32", quantize=None, ckpt=False, device="cpu")
+    path = bench.model_dir(case, tmp_path)
+    weights = load_file(next(path.glob("*.safetensors")))
+    linears = {k: v for k, v in weights.items() if k.endswith("proj.weight")}
+    assert len(linears) == 7 * TINY["num_hidden_layers"]
+    base = sum(v.numel() for v in linears.values()) + weights["model.embed_tokens.weight"].numel()
+    lora_params = sum(16 * sum(v.shape) for v in linears.values())
+    n, L, T = 2 * 16, TINY["num_hidden_layers"], 16
+    attention = 4 * L * 2 * T * T * TINY["num_attention_heads"] * TINY["head_dim"]
+    assert bench.step_flops(path, case) == 4 * base * n + 6 * lora_params * n + 3 * attention
