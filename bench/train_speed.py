@@ -7,10 +7,11 @@
 Each (case, implementation) runs in its own subprocess, so peak memory (CUDA max_memory_allocated,
 or peak RSS on the CPU) belongs to that implementation alone. Both run the same steps: same model
 shape and weights, same random token batches, same LoRA settings and AdamW; warm-up steps are
-excluded from the timing.
+excluded from the timing, and a run's speed comes from its median step. With --rounds N the
+implementations take turns N times; each ratio to peft is taken within a round, then the median.
 
 MFU counts model FLOPs of one LoRA step over the device's measured peak (a large matmul in the
-run's dtype, timed in the same script):
+run's dtype, timed by every run after its steps; the best sample counts):
     frozen base linears: forward 2*P*n, backward 2*P*n (input gradients only, no weight gradients)
     LoRA A and B:        6*P_lora*n (forward, input and weight gradients)
     attention scores:    forward 4*L*B*T^2*H*D (QK^T and AV, causal half not discounted),
@@ -200,7 +201,12 @@ def sync(device):
 
 
 def measure(impl: str, case_name: str, steps: int, warmup: int, scratch: Path) -> dict:
-    """Run one implementation on one case in this process; return its figures."""
+    """Run one implementation on one case in this process; return its figures.
+
+    Speed comes from the median step time, not the mean: on a shared machine a slow spell of a few
+    seconds would otherwise move the figure. The matmul peak is sampled here too, after the steps,
+    so that the run's MFU can be set against the best peak seen over the whole bench.
+    """
     case = CASES[case_name]
     torch.manual_seed(0)
     path = model_dir(case, scratch)
@@ -216,24 +222,27 @@ def measure(impl: str, case_name: str, steps: int, warmup: int, scratch: Path) -
         torch.cuda.reset_peak_memory_stats()
     else:
         reset_peak_rss()
-    t = time.perf_counter()
+    step_seconds = []
     for ids in data[warmup:]:
+        t = time.perf_counter()
         step(ids)
-    sync(case["device"])
-    seconds = time.perf_counter() - t
-    tokens = steps * case["batch"] * case["seq"]
+        sync(case["device"])
+        step_seconds.append(time.perf_counter() - t)
+    seconds = statistics.median(step_seconds)
     if case["device"] == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
         peak = peak_rss_gib()
-    flops = step_flops(path, case) * steps / seconds
-    return {"tokens_per_s": tokens / seconds, "peak_gib": peak, "flops": flops}
+    return {"tokens_per_s": case["batch"] * case["seq"] / seconds, "peak_gib": peak,
+            "flops": step_flops(path, case) / seconds,
+            "matmul_peak": matmul_peak(case["device"], DTYPES[case["dtype"]])}
 
 
 def run_case(case_name: str, impls: list[str], steps: int, warmup: int, scratch: Path, rounds: int) -> dict:
-    """Each implementation `rounds` times, taking turns; per implementation, the median of each figure.
+    """Each implementation `rounds` times, taking turns: {impl: [figures of round 1, round 2, ...]}.
 
-    Taking turns spreads slow spells of a shared machine over all implementations alike.
+    Taking turns spreads slow spells of a shared machine over all implementations alike, and lets
+    each round compare implementations that ran minutes apart.
     """
     runs = {impl: [] for impl in impls}
     for _ in range(rounds):
@@ -245,25 +254,37 @@ def run_case(case_name: str, impls: list[str], steps: int, warmup: int, scratch:
             if out.returncode != 0:
                 raise SystemExit(f"{impl} on {case_name} failed:\n{out.stderr[-3000:]}")
             runs[impl].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    return {impl: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for impl, rs in runs.items()}
+    return runs
 
 
-def print_table(rows, peaks):
+def summarize(runs: dict, peak: float) -> dict:
+    """Table figures of one case from its rounds: medians, with each ratio to peft taken within a
+    round (the paired runs) before the median over rounds; MFU against `peak` FLOP/s."""
+    peer = runs["peft"]
+    rows = {}
+    for impl, rs in runs.items():
+        rows[impl] = {
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
+            "speed_ratio": statistics.median(r["tokens_per_s"] / p["tokens_per_s"] for r, p in zip(rs, peer)),
+            "peak_gib": statistics.median(r["peak_gib"] for r in rs),
+            "memory_ratio": statistics.median(r["peak_gib"] / p["peak_gib"] for r, p in zip(rs, peer)),
+            "mfu": statistics.median(r["flops"] for r in rs) / peak,
+        }
+    return rows
+
+
+def print_table(rows: dict):
     from rich.console import Console
     from rich.table import Table
     table = Table(title="LoRA training steps: nanolora vs transformers+PEFT (SDPA)")
     for col in ("case", "implementation", "tokens/s", "speed vs peft", "peak GiB", "memory vs peft", "MFU"):
         table.add_column(col, justify="right")
     for name, results in rows.items():
-        peer, peak = results["peft"], peaks[CASES[name]["device"], CASES[name]["dtype"]]
         for impl, r in results.items():
-            table.add_row(name, impl, f"{r['tokens_per_s']:.0f}", f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}x",
-                          f"{r['peak_gib']:.2f}", f"{r['peak_gib'] / peer['peak_gib']:.2f}x",
-                          f"{100 * r['flops'] / peak:.1f}%")
+            table.add_row(name, impl, f"{r['tokens_per_s']:.0f}", f"{r['speed_ratio']:.2f}x",
+                          f"{r['peak_gib']:.2f}", f"{r['memory_ratio']:.2f}x", f"{100 * r['mfu']:.1f}%")
         table.add_section()
     Console(width=120).print(table)
-    for (device, dtype), peak in peaks.items():
-        print(f"measured {device} {dtype} matmul peak: {peak / 1e12:.2f} TFLOP/s")
 
 
 def main():
@@ -285,12 +306,19 @@ def main():
         return
     cases = args.case or [c for c in CASES if CASES[c]["device"] == "cpu" or torch.cuda.is_available()]
     impls = ["nanolora"] + ["nanolora-compile"] * args.compile + ["peft"]
-    rows = {name: run_case(name, impls, args.steps, args.warmup, scratch, args.rounds) for name in cases}
-    peaks = {(CASES[n]["device"], CASES[n]["dtype"]): matmul_peak(CASES[n]["device"], DTYPES[CASES[n]["dtype"]])
-             for n in cases}
-    print_table(rows, peaks)
-    if args.rounds > 1:
-        print(f"each figure: the median of {args.rounds} runs, the implementations taking turns")
+    runs = {name: run_case(name, impls, args.steps, args.warmup, scratch, args.rounds) for name in cases}
+    # The device's peak in a dtype: the best of the samples every run took, so that a run sampling
+    # it in a slow spell cannot inflate MFU.
+    peaks = {}
+    for name, by_impl in runs.items():
+        key = CASES[name]["device"], CASES[name]["dtype"]
+        peaks[key] = max([peaks.get(key, 0.0)] + [r["matmul_peak"] for rs in by_impl.values() for r in rs])
+    print_table({name: summarize(by_impl, peaks[CASES[name]["device"], CASES[name]["dtype"]])
+                 for name, by_impl in runs.items()})
+    for (device, dtype), peak in peaks.items():
+        print(f"measured {device} {dtype} matmul peak: {peak / 1e12:.2f} TFLOP/s (best of the runs' samples)")
+    print(f"speed from each run's median step; each figure the median of {args.rounds} run(s), "
+          "the implementations taking turns, ratios to peft taken within each round")
 
 
 if __name__ == "__main__":

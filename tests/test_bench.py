@@ -25,7 +25,7 @@ def test_bench_measures_both_implementations(impl, dropout, ckpt, tmp_path, monk
     monkeypatch.setitem(bench.CASES, "tiny", case)
     figures = bench.measure(impl, "tiny", steps=2, warmup=1, scratch=tmp_path)
     assert (tmp_path / "tiny" / "config.json").exists()  # the random checkpoint the GPU cases use
-    assert set(figures) == {"tokens_per_s", "peak_gib", "flops"}
+    assert set(figures) == {"tokens_per_s", "peak_gib", "flops", "matmul_peak"}
     assert all(math.isfinite(v) and v > 0 for v in figures.values()), figures
     per_token = bench.step_flops(tmp_path / "tiny", case) / (case["batch"] * case["seq"])
     assert figures["flops"] / figures["tokens_per_s"] == pytest.approx(per_token)  # same seconds
@@ -46,3 +46,18 @@ def test_step_flops_counts_the_checkpoints_parameters(tmp_path, monkeypatch):
     n, L, T = 2 * 16, TINY["num_hidden_layers"], 16
     attention = 4 * L * 2 * T * T * TINY["num_attention_heads"] * TINY["head_dim"]
     assert bench.step_flops(path, case) == 4 * base * n + 6 * lora_params * n + 3 * attention
+
+
+def test_summary_pairs_each_run_with_the_peft_run_of_its_round():
+    """Ratios are taken within a round, then the median: a machine that is slow through round 2
+    slows both runs of that round, and must not show up as a speed difference."""
+    def run(tokens_per_s, peak_gib):
+        return {"tokens_per_s": tokens_per_s, "peak_gib": peak_gib, "flops": 1e9 * tokens_per_s, "matmul_peak": 0.0}
+    runs = {"nanolora": [run(130, 2.0), run(65, 2.0), run(140, 2.2)],
+            "peft": [run(100, 4.0), run(50, 4.0), run(80, 4.0)]}
+    rows = bench.summarize(runs, peak=1e12)
+    assert rows["nanolora"]["speed_ratio"] == pytest.approx(1.3)  # ratios 1.3, 1.3, 1.75
+    assert rows["nanolora"]["tokens_per_s"] == 130 and rows["peft"]["tokens_per_s"] == 80
+    assert rows["nanolora"]["memory_ratio"] == pytest.approx(0.5)
+    assert rows["peft"]["speed_ratio"] == rows["peft"]["memory_ratio"] == 1.0
+    assert rows["nanolora"]["mfu"] == pytest.approx(0.130)  # median FLOP/s over the given peak
