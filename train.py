@@ -423,12 +423,14 @@ def train(cfg: TrainConfig) -> dict:
     train_loss_fn = parallel.wrap(loss_fn, cfg.parallel)
     trainable = [p for p in model.parameters() if p.requires_grad]  # again: FSDP2 swapped them
 
-    # --- optimizer: AdamW on the trainable parameters only; no weight decay on biases and norms
+    # --- optimizer: AdamW on the trainable parameters only; no weight decay on biases and norms.
+    # Fused: one kernel for all parameters (transformers' Trainer default too); on the CPU it takes
+    # 3 ms a step for SmolLM2's 420 LoRA tensors, where the loop over them took 22.
     optimizer = torch.optim.AdamW(
         [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.weight_decay},
          {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}],
         lr=cfg.lr, betas=betas(cfg), eps=cfg.adam_eps, amsgrad=cfg.amsgrad,
-        fused=device == "cuda")
+        fused=True)
     scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
     n_micro = len(data.micro_batches(lengths, cfg.micro_batch_size * parallel.world_size(), cfg.seed, 0,
                                      cfg.group_by_length, cfg.pack, cfg.max_seq_len))  # global micro-batches

@@ -64,12 +64,20 @@ def test_accumulation_equals_big_batch(tiny_chat_dir, chat_data, tmp_path):
     big = config(tiny_chat_dir, chat_data, tmp_path / "big", micro_batch_size=4, grad_accum=1)
     small = config(tiny_chat_dir, chat_data, tmp_path / "small", micro_batch_size=1, grad_accum=4)
     train(big), train(small)
+    big_m, small_m = metrics(tmp_path / "big"), metrics(tmp_path / "small")
+    assert [m["trained_tokens"] for m in big_m] == [m["trained_tokens"] for m in small_m]
+    # Step 1 starts from the same weights: its loss and gradient norm differ only by the order of
+    # float32 sums (micro-batch by micro-batch against all at once).
+    assert big_m[0]["loss"] == pytest.approx(small_m[0]["loss"], rel=1e-6)
+    assert big_m[0]["grad_norm"] == pytest.approx(small_m[0]["grad_norm"], rel=1e-6)
+    # After 4 AdamW steps at lr 1e-2 the adapters carry that rounding as Adam amplifies it (it
+    # divides by sqrt(v)): about 2e-7 here, as large as the difference between the fused and the
+    # unrolled AdamW on identical gradients (1.3e-7). Micro-batches weighted by their own tokens
+    # instead of the step's move them by ~2e-2.
     a, b = adapter(tmp_path / "big"), adapter(tmp_path / "small")
     assert a.keys() == b.keys() and len(a) > 0
     for k in a:
-        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7), k
-    assert [m["trained_tokens"] for m in metrics(tmp_path / "big")] == \
-           [m["trained_tokens"] for m in metrics(tmp_path / "small")]
+        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=5e-7), k
 
 
 def test_resume_reproduces_uninterrupted_run(tiny_chat_dir, chat_data, tmp_path):
