@@ -1,17 +1,28 @@
-# Two commands: `make demo` and `make test`. Both create .venv on first use.
+# Two commands: `make demo` and `make test`. Both create .venv on first use, from requirements.lock.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv lock test-latest clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+# Exactly the lock: pip itself first, then every pinned package, then this project with no
+# dependencies of its own resolution and no isolated build (whose setuptools would be unpinned).
+# `pip check` fails if the lock no longer covers pyproject.toml's dependencies.
+$(STAMP): pyproject.toml $(LOCK)
+	@lock=$$(sed -n 's/^# Resolved on Python \([0-9]*\.[0-9]*\).*/\1/p' $(LOCK)); \
+	here=$$($(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])'); \
+	[ "$$lock" = "$$here" ] || { echo "$(LOCK) is for Python $$lock and $(PYTHON) is $$here:" \
+	    "pass PYTHON=python$$lock, or re-resolve with make lock"; exit 1; }
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q $$(grep '^pip==' $(LOCK))
+	$(PY) -m pip install -q --no-deps -r $(LOCK)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -19,6 +30,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests
+
+# Re-resolve requirements.lock from pyproject.toml (the newest releases; torch held at the CPU build).
+lock:
+	PYTHON=$(PYTHON) .ci/lock
+
+# Not CI: the suite against the newest releases the lock could move to, in a throw-away venv.
+test-latest:
+	PYTHON=$(PYTHON) .ci/test-latest
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -43,6 +43,76 @@ def save_tiny_hf(path: Path, arch: str = "llama", seed: int = 0, shard_size: str
     return path
 
 
+# ----------------------------------------------------------------------------- logits vs a reference
+
+FP32_EPS = torch.finfo(torch.float32).eps  # 2^-23: one rounding of a float32 result, relative
+
+
+def fp32_logits_bound(n_layers: int) -> float:
+    """How far two correct float32 forward passes of the same weights may differ, relative to the
+    logits' scale (max |reference logit|): 16 roundings of relative size eps per decoder layer, plus
+    the embedding and the head. Two correct implementations round differently (BLAS blocking, the
+    order of a reduction, a fused kernel) and the differences add up layer by layer, so the bound
+    grows with depth, not with a release of the reference. 16 rather than the ~4 reductions of a
+    layer: later layers amplify an earlier layer's error, and a logit can be a small difference of
+    larger terms (a tiny random model's logits are ~0.6 from hidden states ~5). Measured: up to
+    36 eps on 2 layers (a random adapter as large as the base) and 10 eps on SmolLM2's 30 layers,
+    against 64 and 512. A real bug (`break_model`: a swapped head, a dropped bias, a wrong RoPE, even
+    a doubled RMSNorm epsilon) moves the logits by 3e-4 of their scale or more: 12 to 3000 times
+    the bound, in tests that check it.
+    """
+    return 16 * FP32_EPS * (n_layers + 2)
+
+
+def logits_rel_diff(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    """max |ours - reference| / max |reference|: the difference in units of the logits' scale."""
+    return ((ours - reference).abs().max() / reference.abs().max()).item()
+
+
+def assert_logits_match(ours: torch.Tensor, reference: torch.Tensor, n_layers: int, what: str = "logits"):
+    """ours equals the reference up to float32 rounding at this depth (`fp32_logits_bound`)."""
+    rel, bound = logits_rel_diff(ours, reference), fp32_logits_bound(n_layers)
+    print(f"\n{what}: max |Δ| / max |ref| = {rel:.2e} = {rel / FP32_EPS:.1f} eps "
+          f"(bound {bound / FP32_EPS:.0f} eps)")
+    assert rel <= bound, f"{what}: max |Δ| / max |ref| = {rel:.2e} > {bound:.2e} ({n_layers} layers)"
+
+
+def break_model(model, how: str):
+    """Put a real bug into a loaded nanolora model, in its last decoder layer (where it is least
+    amplified; RoPE is shared by all layers), to prove that `assert_logits_match` catches it:
+    - "swapped heads": query heads 0 and 1 trade places (a wrong reshape or permutation);
+    - "dropped bias": the k_proj bias is lost (Qwen2's qkv biases not loaded);
+    - "wrong rope": RoPE's base theta 10 times the config's (a default read instead of the file's);
+    - "doubled norm eps": every RMSNorm adds 2 eps (a subtle one: eps is ~1e-5 of mean(x^2)).
+    """
+    import dataclasses
+
+    from model.llama import RMSNorm, rope_frequencies
+
+    attn = model.model.layers[-1].self_attn
+    with torch.no_grad():
+        if how == "swapped heads":
+            d = model.config.head_dim
+            w = attn.q_proj.weight
+            w[:2 * d] = torch.cat([w[d:2 * d], w[:d]])
+            if attn.q_proj.bias is not None:
+                b = attn.q_proj.bias
+                b[:2 * d] = torch.cat([b[d:2 * d], b[:d]])
+        elif how == "dropped bias":
+            assert attn.k_proj.bias is not None, "dropped bias needs a model with qkv biases"
+            attn.k_proj.bias.zero_()
+        elif how == "wrong rope":
+            wrong = dataclasses.replace(model.config, rope_theta=10 * model.config.rope_theta)
+            model.rope_inv_freq.copy_(rope_frequencies(wrong))
+        elif how == "doubled norm eps":
+            for m in model.modules():
+                if isinstance(m, RMSNorm):
+                    m.eps *= 2
+        else:
+            raise ValueError(how)
+    return model
+
+
 @pytest.fixture
 def tiny_llama_dir(tmp_path):
     return save_tiny_hf(tmp_path / "tiny-llama")
@@ -56,7 +126,9 @@ def smollm2_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2_dir() -> Path:
-    """The demo model imported from GGUF into a Hugging Face layout directory (cached)."""
-    from model.gguf import prepare_demo_model
-    return prepare_demo_model()
+def smollm2_dir(smollm2_gguf, tmp_path_factory) -> Path:
+    """The demo model imported from GGUF into a Hugging Face layout directory, by this checkout's
+    importer once per test session (not the cached import `make demo` uses, which an older
+    version of the code may have written)."""
+    from model.gguf import DEMO_NAME, import_gguf
+    return import_gguf(smollm2_gguf, tmp_path_factory.mktemp("demo") / DEMO_NAME)

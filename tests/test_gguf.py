@@ -3,6 +3,8 @@
 What this proves:
 - Importing the SmolLM2 Q4_1 GGUF gives a directory whose logits equal those of transformers
   loading the same GGUF itself (so dequantization, names and the q/k un-permutation are right),
+  up to float32 rounding at 30 layers' depth (`conftest.fp32_logits_bound`; a bound shown to catch
+  a swapped head or a wrong RoPE),
   and whose tokenizer.json gives the same ids as transformers' GGUF tokenizer on hard strings.
 - The directory is a valid Hugging Face checkpoint: transformers loads it, with the same logits,
   and tokenizer_config.json carries the chat template and special tokens.
@@ -29,7 +31,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, save_tiny_hf
+from conftest import ROOT, assert_logits_match, break_model, fp32_logits_bound, logits_rel_diff, save_tiny_hf
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from model.gguf import PRE_TOKENIZERS, GGUFError, export_gguf, import_gguf, main, permute_qk, unpermute_qk
@@ -95,11 +97,22 @@ def hf_from_gguf(path):
 
 # ----------------------------------------------------------------------------- import
 
-def test_import_matches_transformers_gguf_loader(smollm2_gguf, our_logits, prompt_ids):
+def test_import_matches_transformers_gguf_loader(smollm2_gguf, ours, our_logits, prompt_ids):
     reference = hf_from_gguf(smollm2_gguf)
-    diff = max(max_diff(ours, logits_of(reference, ids)) for ours, ids in zip(our_logits, prompt_ids))
-    print(f"\nimported SmolLM2 vs transformers(gguf_file=): max |Δlogits| = {diff:.2e}")
-    assert diff < 1e-4
+    for i, (logits, ids) in enumerate(zip(our_logits, prompt_ids)):
+        assert_logits_match(logits, logits_of(reference, ids), ours.config.num_hidden_layers,
+                            f"imported SmolLM2 vs transformers(gguf_file=), prompt {i}")
+
+
+@pytest.mark.parametrize("bug", ["swapped heads", "wrong rope", "doubled norm eps"])
+def test_logits_bound_catches_real_bugs_in_smollm2(smollm2_dir, ours, our_logits, prompt_ids, bug):
+    """At SmolLM2's depth the bound still catches a real bug, even one in the last layer only:
+    ours matches the reference within the bound, so a bug that moves ours by 10x the bound moves it
+    at least 9x the bound away from the reference."""
+    broken = break_model(load_model(smollm2_dir, torch.float32), bug)
+    rel = max(logits_rel_diff(logits_of(broken, ids), logits) for logits, ids in zip(our_logits, prompt_ids))
+    print(f"\nSmolLM2 with {bug}: max |Δ| / max |logit| = {rel:.2e}")
+    assert rel > 10 * fp32_logits_bound(ours.config.num_hidden_layers)
 
 
 @pytest.fixture(scope="module")
@@ -131,9 +144,9 @@ def test_directory_loads_in_transformers(smollm2_dir, our_logits, prompt_ids, to
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     assert AutoConfig.from_pretrained(smollm2_dir).rope_parameters["rope_theta"] == 100000.0
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
-    diff = max(max_diff(ours, logits_of(model, ids)) for ours, ids in zip(our_logits, prompt_ids))
-    print(f"\nimported SmolLM2: nanolora vs transformers(dir): max |Δlogits| = {diff:.2e}")
-    assert diff < 1e-4
+    for i, (logits, ids) in enumerate(zip(our_logits, prompt_ids)):
+        assert_logits_match(logits, logits_of(model, ids), model.config.num_hidden_layers,
+                            f"imported SmolLM2: nanolora vs transformers(dir), prompt {i}")
     hf_tok = AutoTokenizer.from_pretrained(smollm2_dir)
     chat = hf_tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
     assert chat.startswith("<|im_start|>system\n") and chat.endswith("<|im_start|>user\nhi<|im_end|>\n")
@@ -228,11 +241,11 @@ def test_tiny_export_round_trip(tmp_path, arch, pre, out_type):
     ids = torch.randint(0, 128, (24,), generator=torch.Generator().manual_seed(0)).tolist()
     diff = max_diff(logits_of(original, ids), logits_of(back, ids))
     # An independent reader of our file (transformers' GGUF loader) must see the same model we do.
-    reader_diff = max_diff(logits_of(back, ids), logits_of(hf_from_gguf(out), ids))
-    print(f"\ntiny {arch} ({pre}) {out_type} export -> import: max |Δlogits| = {diff:.2e}; "
-          f"transformers reading the export: {reader_diff:.2e}")
+    print(f"\ntiny {arch} ({pre}) {out_type} export -> import: max |Δlogits| = {diff:.2e}")
     # Tiny random logits are ~0.1-1 in size: f16 moves them ~3e-4, q8_0 ~3e-3.
-    assert diff < (1e-3 if out_type == "f16" else 1e-2) and reader_diff < 1e-4
+    assert diff < (1e-3 if out_type == "f16" else 1e-2)
+    assert_logits_match(logits_of(back, ids), logits_of(hf_from_gguf(out), ids), n_layers=2,
+                        what="transformers reading the export")
     texts = ["hi there 123", "<|im_start|>user\nok<|im_end|>"]
     ours = Tokenizer.from_file(str(tmp_path / "back" / "tokenizer.json"))
     theirs = Tokenizer.from_file(str(model_dir / "tokenizer.json"))

@@ -1,7 +1,9 @@
 """The Llama network gives transformers' logits, and loading is strict.
 
 Tiny random checkpoints are saved by transformers itself (norms and biases randomised, so a
-dropped term shows); our `load_model` must reproduce its logits to 1e-4 in fp32.
+dropped term shows); our `load_model` must reproduce its logits in fp32 up to float32 rounding at
+that depth (`conftest.fp32_logits_bound`), and the bound is shown to catch a swapped head, a
+dropped bias and a wrong RoPE.
 """
 
 import json
@@ -9,7 +11,7 @@ import json
 import pytest
 import torch
 
-from conftest import save_tiny_hf
+from conftest import assert_logits_match, break_model, fp32_logits_bound, logits_rel_diff, save_tiny_hf
 from model import ConfigError, KVCache, LoadError, load_model
 from model.llama import RMSNormFunction, RoPE
 
@@ -44,10 +46,20 @@ def test_logits_match_transformers(tmp_path, name):
     ids = torch.randint(0, 128, (2, 96), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours = load_model(path)(ids)
-    ref = hf_logits(path, ids)
-    delta = (ours - ref).abs().max().item()
-    print(f"{name}: max |dlogits| = {delta:.2e}")
-    assert delta < 1e-4
+    assert_logits_match(ours, hf_logits(path, ids), n_layers=2, what=name)
+
+
+@pytest.mark.parametrize("bug", ["swapped heads", "dropped bias", "wrong rope", "doubled norm eps"])
+def test_logits_bound_catches_real_bugs(tmp_path, bug):
+    """The bound above is not so loose that a real bug passes: each one breaks it many times over
+    (the subtlest, a doubled RMSNorm epsilon, by about 50 times)."""
+    path = save_tiny_hf(tmp_path / "qwen2", arch="qwen2")
+    ids = torch.randint(0, 128, (2, 96), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        broken = break_model(load_model(path), bug)(ids)
+    rel = logits_rel_diff(broken, hf_logits(path, ids))
+    print(f"{bug}: max |Δ| / max |ref| = {rel:.2e}")
+    assert rel > 10 * fp32_logits_bound(2)
 
 
 def plain_rope(x, cos, sin):
@@ -96,8 +108,8 @@ def test_document_ids_match_separate_sequences(tiny_llama_dir):
     pos = torch.cat([torch.arange(9), torch.arange(7)])[None]
     with torch.no_grad():
         out = model(packed, position_ids=pos, document_ids=docs)
-        assert torch.allclose(out[:, :9], model(a), atol=1e-5)
-        assert torch.allclose(out[:, 9:], model(b), atol=1e-5)
+        assert_logits_match(out[:, :9], model(a), n_layers=2, what="packed, first document")
+        assert_logits_match(out[:, 9:], model(b), n_layers=2, what="packed, second document")
 
 
 def test_kv_cache_equals_full_recompute(tiny_llama_dir):
@@ -109,7 +121,7 @@ def test_kv_cache_equals_full_recompute(tiny_llama_dir):
         steps = [model(ids[:, :5], kv_cache=cache)]  # prefill 5, then 3, then one at a time
         steps.append(model(ids[:, 5:8], kv_cache=cache))
         steps += [model(ids[:, t:t + 1], kv_cache=cache) for t in range(8, 12)]
-    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+    assert_logits_match(torch.cat(steps, dim=1), full, n_layers=2, what="KV cache")
 
 
 def test_sliding_window_matches_transformers(tmp_path):
@@ -117,7 +129,7 @@ def test_sliding_window_matches_transformers(tmp_path):
     ids = torch.randint(0, 128, (1, 40))
     with torch.no_grad():
         ours = load_model(path)(ids)
-    assert (ours - hf_logits(path, ids)).abs().max() < 1e-4
+    assert_logits_match(ours, hf_logits(path, ids), n_layers=2, what="sliding window")
 
 
 def test_bf16_load_keeps_rope_in_fp32(tiny_llama_dir):
