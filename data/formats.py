@@ -69,7 +69,9 @@ def read_records(path: Path) -> list[tuple[int, object]]:
 
 def _jsonl_records(path: Path, text: str) -> list[tuple[int, object]]:
     records = []
-    for n, line in enumerate(text.splitlines(), start=1):
+    # Split on "\n" only: str.splitlines() also breaks at U+2028, U+0085 and other characters that
+    # JSON allows raw inside a string.
+    for n, line in enumerate(text.split("\n"), start=1):
         if line.strip():
             try:
                 records.append((n, json.loads(line)))

@@ -48,6 +48,17 @@ def test_formats_become_the_same_messages(tmp_path, fmt, suffix):
     assert data.load_conversations(write(tmp_path, "d" + suffix, text)) == [EXPECTED, EXPECTED]
 
 
+def test_jsonl_strings_may_hold_raw_line_separators(tmp_path):
+    """JSON allows U+2028, U+2029 and U+0085 raw inside a string; only "\\n" ends a JSON Lines record."""
+    replies = ["one\u2028two", "three\u2029four\u0085five"]
+    text = "".join(json.dumps({"question": "q", "answer": a}, ensure_ascii=False) + "\n" for a in replies)
+    assert "\u2028" in text
+    got = data.load_conversations(write(tmp_path, "sep.jsonl", text))
+    assert [c[1]["content"] for c in got] == replies
+    with pytest.raises(data.DataError, match=r"sep2.jsonl:3: invalid JSON"):  # line numbers count "\n"
+        data.load_conversations(write(tmp_path, "sep2.jsonl", text + "{broken\n"))
+
+
 def test_alpaca_qa_text_and_csv(tmp_path):
     alpaca = {"instruction": "Translate.", "input": "bonjour", "output": "hello"}
     assert data.load_conversations(write(tmp_path, "a.json", json.dumps([alpaca]))) == [[
