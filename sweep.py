@@ -153,6 +153,11 @@ def run_sweep(cfg) -> list[dict]:
     write_markdown(out / "sweep.md", cfg, results)
     print_table(results, cfg)
     console.print(f"table in {out / 'sweep.md'}; all runs' curves: tensorboard --logdir {out}")
+    # A diverged run is a result of its setting; a failed one is a missing result: say so in the exit code.
+    failed = [r["run"] for r in results if r["status"].startswith("failed")]
+    if failed:
+        raise SweepError(f"{len(failed)} of {len(results)} runs failed ({', '.join(failed)}); "
+                         f"each one's train.log in {out} says why")
     return results
 
 

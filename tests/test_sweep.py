@@ -79,6 +79,19 @@ def test_grid_divergence_and_resume(tiny_chat_dir, chat_data, tmp_path):
     assert own_figures(third)["final loss"] == resumed[names[2]]["final loss"]
 
 
+def test_failed_runs_make_the_sweep_fail(tiny_chat_dir, chat_data, tmp_path):
+    """A run that crashes (here: a LoRA target the model lacks) leaves the others running and its row
+    in the table, and the sweep as a whole ends in an error naming it (train.py exits 2)."""
+    out = tmp_path / "sweep"
+    cfg = config(tiny_chat_dir, chat_data, out, sweep="lora_targets=q_proj,nope_proj", max_steps=1,
+                 val_fraction=0.25, sample_tokens=0)
+    with pytest.raises(sweep.SweepError, match=r"1 of 2 runs failed \(lora_targets=nope_proj\)"):
+        sweep.run_sweep(cfg)
+    table = read_table(out / "sweep.md")
+    assert table["lora_targets=q_proj"]["status"] == "finished"
+    assert table["lora_targets=nope_proj"]["status"].startswith("failed: exit 2")
+
+
 def test_sweep_settings_from_flags_and_toml(tmp_path):
     cfg = train_module.parse_config(["--sweep", "lr=2e-4,1e-3", "lora-r=8,64",
                                      "lora_targets=q_proj+k_proj,all-linear", "--max-steps", "5"])
