@@ -64,17 +64,17 @@ def fp32_logits_bound(n_layers: int) -> float:
     return 16 * FP32_EPS * (n_layers + 2)
 
 
-def logits_rel_diff(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    """max |ours - reference| / max |reference|: the difference in units of the logits' scale."""
-    return ((ours - reference).abs().max() / reference.abs().max()).item()
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| relative to max |b|: a difference in units of the reference's scale."""
+    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def assert_logits_match(ours: torch.Tensor, reference: torch.Tensor, n_layers: int, what: str = "logits"):
     """ours equals the reference up to float32 rounding at this depth (`fp32_logits_bound`)."""
-    rel, bound = logits_rel_diff(ours, reference), fp32_logits_bound(n_layers)
-    print(f"\n{what}: max |Δ| / max |ref| = {rel:.2e} = {rel / FP32_EPS:.1f} eps "
+    diff, bound = rel(ours, reference), fp32_logits_bound(n_layers)
+    print(f"\n{what}: max |Δ| / max |ref| = {diff:.2e} = {diff / FP32_EPS:.1f} eps "
           f"(bound {bound / FP32_EPS:.0f} eps)")
-    assert rel <= bound, f"{what}: max |Δ| / max |ref| = {rel:.2e} > {bound:.2e} ({n_layers} layers)"
+    assert diff <= bound, f"{what}: max |Δ| / max |ref| = {diff:.2e} > {bound:.2e} ({n_layers} layers)"
 
 
 def break_model(model, how: str):

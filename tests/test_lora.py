@@ -20,7 +20,7 @@ from rich.console import Console
 from safetensors import safe_open
 
 import lora
-from conftest import assert_logits_match, save_tiny_hf
+from conftest import assert_logits_match, rel, save_tiny_hf
 from model.load import load_model
 
 ALL = lora.LLAMA_LINEARS
@@ -38,11 +38,6 @@ def randomize_lora(model, seed=0, std=0.05):
 def loss_of(logits, ids):
     """Next-token cross-entropy: the loss shifts by one."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-
-
-def rel(a, b) -> float:
-    """max |a - b| relative to max |b|."""
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def frobenius_rel(a, b) -> float:

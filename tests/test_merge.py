@@ -21,7 +21,7 @@ import lora
 import merge
 from conftest import ROOT, assert_logits_match, save_tiny_hf
 from model.load import load_model
-from test_lora import IDS, peft_adapter, randomize_lora, rel
+from test_lora import IDS, peft_adapter, randomize_lora
 
 SIDE_FILES = {"tokenizer.json": "{}", "tokenizer_config.json": '{"chat_template": "{{ x }}"}',
               "chat_template.jinja": "{{ messages }}", "special_tokens_map.json": "{}"}
