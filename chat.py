@@ -7,6 +7,7 @@
 The prompt is built with the same chat template code as training, generation stops at every
 end-of-turn token of the model (not only eos), and a KV cache runs the prompt once (prefill), then
 one token per step (decode). With --prompt only the reply goes to stdout; all else goes to stderr.
+Interactive chat reads stdin: end it with EOF (Ctrl-D) or /exit; Ctrl-C quits too (exit 130).
 """
 
 import argparse
@@ -18,8 +19,15 @@ import torch
 
 import data
 import lora
-from model import DEMO_MODEL, ConfigError, LoadError, load_model, resolve_model_dir
+from model import DEMO_MODEL, load_model, resolve_model_dir
+from model.errors import UserError, run_command
 from model.generate import generate
+
+STDIN_CLOSED = "stdin is closed; pass --prompt TEXT for a one-shot reply"
+
+
+class ChatError(UserError):
+    """Bad input to chat.py that is not in a file: no stdin to chat on."""
 
 
 def parse_args(argv=None):
@@ -118,6 +126,19 @@ def one_shot(model, tok, args):
     print(speed_line(stats), file=sys.stderr)
 
 
+def read_line() -> str | None:
+    """The next line of stdin (prompting on a terminal), or None at EOF. Ctrl-C is left to
+    run_command (exit 130); a stdin that is closed or gone is a ChatError, not a traceback."""
+    try:
+        return input("you> " if sys.stdin.isatty() else "")
+    except EOFError:
+        return None
+    # sys.stdin None (started with `<&-`): AttributeError here, RuntimeError "lost sys.stdin" in
+    # input(); a closed file object: ValueError; a terminal gone away: OSError.
+    except (AttributeError, RuntimeError, ValueError, OSError):
+        raise ChatError(STDIN_CLOSED) from None
+
+
 def interactive(model, tok, args):
     from rich.console import Console
     out = Console(highlight=False)
@@ -126,9 +147,8 @@ def interactive(model, tok, args):
     history = []
     err.print("[dim]/reset clears the history, /system TEXT sets the system prompt, /exit quits[/dim]")
     while True:
-        try:
-            line = input("you> " if sys.stdin.isatty() else "")
-        except EOFError:
+        line = read_line()
+        if line is None:  # EOF (Ctrl-D, or the end of piped input): a normal end
             return
         if not line.strip():
             continue
@@ -156,13 +176,10 @@ def interactive(model, tok, args):
         err.print(f"[dim]{speed_line(stats)}[/dim]")
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    try:
-        model, tok = load(args)
-    except (data.DataError, lora.LoRAError, ConfigError, LoadError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+def chat(args):
+    if args.prompt is None and sys.stdin is None:  # before the minutes a large model takes to load
+        raise ChatError(STDIN_CLOSED)
+    model, tok = load(args)
     with torch.no_grad():
         if args.prompt is not None:
             one_shot(model, tok, args)
@@ -170,5 +187,9 @@ def main(argv=None):
             interactive(model, tok, args)
 
 
+def main(argv=None) -> int:
+    return run_command("chat.py", chat, parse_args(argv))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -12,8 +12,10 @@ until the output shard is full (--max-shard-size), which is then written. The pe
 output shard plus the adapter, whatever the model's size. A QLoRA adapter (trained on an NF4
 base) is merged onto the full-precision checkpoint, as it must be: NF4 was only storage.
 
-Everything is validated before anything is written, and OUT_DIR appears only when complete: the
-work happens in a hidden sibling directory that is renamed at the end (and removed on failure).
+Everything is validated before anything is written (destinations, base, adapter, and that the
+adapter holds only finite numbers), and OUT_DIR appears only when complete: the work happens in a
+hidden sibling directory that is renamed at the end, and removed on any failure (a full disk, a
+merged tensor that overflows the output dtype, Ctrl-C).
 """
 
 import argparse
@@ -26,14 +28,15 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from safetensors import safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 import lora
 from lora.adapter import PEFT_PREFIX, QUANT_KEY, WEIGHTS_FILE
-from model.config import ConfigError, LlamaConfig
+from model.config import LlamaConfig
+from model.errors import UserError, one_line, run_command
 from model.llama import Llama
-from model.load import (PICKLE_SUFFIXES, LoadError, check_keys, expected_shapes, load_model,
+from model.load import (PICKLE_SUFFIXES, check_keys, expected_shapes, load_model, read_safetensors,
                         resolve_model_dir, safetensors_files)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -43,7 +46,7 @@ CHECK_MAX_PARAMS = 2e9  # the probe check loads the model (in fp32): automatic o
 PROBE_TOKENS = 24
 
 
-class MergeError(RuntimeError):
+class MergeError(UserError, RuntimeError):
     """Bad input to merge.py; the message names the flag or file."""
 
 
@@ -95,12 +98,21 @@ def plan_merge(args) -> dict:
     except lora.LoRAError as e:
         raise lora.LoRAError(f"{args.adapter}: does not fit the base {base_dir}: {e}") from None
     lora.check_adapter_tensors(model, tensors, Path(args.adapter) / WEIGHTS_FILE)
+    check_finite(tensors, Path(args.adapter) / WEIGHTS_FILE)
     pairs = {f"{name}.weight": (tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"],  # (r, in)
                                 tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"])  # (out, r)
              for name in lora.lora_modules(model)}
     n_params = sum(p.numel() for n, p in model.named_parameters() if ".lora_" not in n)
     return dict(base_dir=base_dir, key_file=key_file, config=config, lora_cfg=lora_cfg, pairs=pairs,
                 quantized=metadata.get(QUANT_KEY), n_params=n_params)
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: Path):
+    """A NaN or inf in A or B would spread through W + s * B @ A into every output of the layer."""
+    for key, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise MergeError(f"{source}: tensor {key} holds NaN or inf ({(~torch.isfinite(t)).sum()} of "
+                             f"{t.numel()} values; a diverged run?); refusing to merge it")
 
 
 def check_destinations(args):
@@ -112,6 +124,9 @@ def check_destinations(args):
             raise MergeError(f"--gguf {args.gguf}: expected a file name ending in .gguf")
         if args.gguf.exists():
             raise MergeError(f"--gguf {args.gguf}: already exists")
+        modelfile = args.gguf.with_name("Modelfile")  # written beside the GGUF (model/gguf.py)
+        if modelfile.exists():
+            raise MergeError(f"--gguf {args.gguf}: {modelfile} already exists (it would be replaced)")
 
 
 # ----------------------------------------------------------------------------- merge
@@ -123,13 +138,18 @@ def merged_tensors(plan: dict, dtype: torch.dtype | None, progress: Progress):
         progress.update(task, description=f"merging {f.name}")
         # Reopened for each tensor: closing unmaps the shard, so the pages already read do not
         # pile up in this process's memory (a 5 GB shard would otherwise end as 5 GB of RSS).
-        with safe_open(f, framework="pt") as sf:
+        with read_safetensors(f) as sf:
             t = sf.get_tensor(key)
         out_dtype = dtype if dtype is not None and t.is_floating_point() else t.dtype
         if key in plan["pairs"]:
             A, B = plan["pairs"][key]
             t = lora.merge_weight(t, A, B, plan["lora_cfg"].scaling)  # float32
-        yield key, t.to(out_dtype)
+        t = t.to(out_dtype)
+        if t.is_floating_point() and not torch.isfinite(t).all():  # fp16 tops out at 65504
+            raise MergeError(f"tensor {key} of {f}: NaN or inf once merged and cast to "
+                             f"{str(out_dtype).removeprefix('torch.')} ({(~torch.isfinite(t)).sum()} of "
+                             f"{t.numel()} values); try --dtype bf16 or fp32")
+        yield key, t
         progress.advance(task)
 
 
@@ -225,11 +245,11 @@ def merge(args):
         print(f"adapter was trained on an {plan['quantized'].upper()}-quantized base (QLoRA); merging "
               f"onto the full-precision weights of {plan['base_dir']}")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     dtype = DTYPES[args.dtype] if args.dtype else None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=Console(stderr=True)) as progress:
             n = write_shards(merged_tensors(plan, dtype, progress), tmp, args.max_shard_size)
@@ -248,6 +268,9 @@ def merge(args):
         if out.exists():
             out.rmdir()  # empty (checked above): may be replaced
         tmp.rename(out)
+    except (OSError, SafetensorError) as e:  # a full disk: name the output, not our temp dir
+        why = one_line(e)
+        raise MergeError(f"--output {out}: not written ({why})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"merged model: {out}")
@@ -267,13 +290,7 @@ def write_gguf(out: Path, gguf_path: Path, gguf_type: str):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        merge(args)
-    except (lora.LoRAError, LoadError, ConfigError, MergeError, OSError) as e:
-        print(f"merge.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command("merge.py", merge, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -10,12 +10,14 @@ import hashlib
 import json
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from .formats import DataError, load_conversations_with_lines, RecordError
 from .masking import IGNORE_INDEX, tokenize_conversations
@@ -87,8 +89,8 @@ def tokenize_file(path: str | Path, tok, max_seq_len: int, mask: str = "assistan
     if use_cache:
         key = cache_key(path.read_bytes(), tok, mask, max_seq_len)
         cache_file = Path(cache_dir or default_cache_dir()) / f"{path.stem}-{key}.safetensors"
-        if cache_file.exists():
-            data = load_cache(cache_file, path, mask, max_seq_len)
+        data = load_cache(cache_file, path, mask, max_seq_len) if cache_file.exists() else None
+        if data is not None:
             data.examples_per_s = data.n_records / max(time.perf_counter() - start, 1e-9)
             return data
     data = _tokenize(path, tok, max_seq_len, mask)
@@ -136,20 +138,39 @@ def save_cache(cache_file: Path, data: TokenizedData):
         "truncated": torch.tensor([e["truncated"] for e in ex], dtype=torch.uint8),
     }
     meta = {k: str(getattr(data, k)) for k in ("n_records", "n_truncated", "n_dropped", "n_unterminated")}
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, cache_file)  # atomic: a crash never leaves a half-written cache
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, cache_file)  # atomic: a crash never leaves a half-written cache
+    except (OSError, SafetensorError) as e:  # a full disk: the data is tokenized, go on without
+        tmp.unlink(missing_ok=True)
+        print(f"warning: {cache_file}: tokenization cache not written ({e})", file=sys.stderr)
 
 
-def load_cache(cache_file: Path, path: Path, mask: str, max_seq_len: int) -> TokenizedData:
-    from safetensors import safe_open
+def load_cache(cache_file: Path, path: Path, mask: str, max_seq_len: int) -> TokenizedData | None:
+    """The cached tokenization, or None if the file is unreadable (cut short, say, by a full disk or
+    a crash before the atomic rename existed): it is only a cache, so it is deleted, with a
+    one-line warning, and the data file is tokenized again."""
+    try:
+        return _read_cache(cache_file, path, mask, max_seq_len)
+    except (SafetensorError, KeyError, TypeError, ValueError, RuntimeError) as e:
+        # (not safetensors; a key or a metadata entry missing; tensors that do not add up)
+        print(f"warning: {cache_file}: unreadable tokenization cache ({type(e).__name__}: {e}); "
+              "tokenizing again", file=sys.stderr)
+        cache_file.unlink(missing_ok=True)
+        return None
+
+
+def _read_cache(cache_file: Path, path: Path, mask: str, max_seq_len: int) -> TokenizedData:
     with safe_open(str(cache_file), framework="pt") as f:
         meta = f.metadata()
-    t = load_file(str(cache_file))
+        t = {k: f.get_tensor(k) for k in ("input_ids", "labels", "lengths", "lines", "truncated")}
     lengths = t["lengths"].tolist()
-    ids = t["input_ids"].split(lengths)
+    ids = t["input_ids"].split(lengths)  # RuntimeError unless the lengths add up to the tokens
     labels = t["labels"].split(lengths)
+    if not len(ids) == len(labels) == len(t["lines"]) == len(t["truncated"]) > 0:
+        raise ValueError("its tensors disagree on the number of examples")
     examples = [{"input_ids": i.tolist(), "labels": y.tolist(), "line": line, "truncated": bool(tr)}
                 for i, y, line, tr in zip(ids, labels, t["lines"].tolist(), t["truncated"].tolist())]
     counts = {k: int(meta[k]) for k in ("n_records", "n_truncated", "n_dropped", "n_unterminated")}

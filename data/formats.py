@@ -20,6 +20,8 @@ import io
 import json
 from pathlib import Path
 
+from model.errors import UserError
+
 TEXT_ROLE = "text"  # a plain-text record: no template, every token is trained
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
@@ -29,7 +31,7 @@ EXPECTED = ("conversation (EmoLLM) | conversations (ShareGPT) | messages (OpenAI
 SUFFIXES = (".json", ".jsonl", ".csv")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Unusable input; the message is one line naming the file (and line)."""
 
 

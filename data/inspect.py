@@ -12,8 +12,9 @@ import argparse
 import json
 import sys
 
+from model.errors import run_command
+
 from .dataset import tokenize_file, trained_count
-from .formats import DataError
 from .masking import IGNORE_INDEX, MASK_MODES
 from .templates import BUILTIN_TEMPLATES
 from .tokenizer import load_tokenizer
@@ -63,23 +64,20 @@ def show(data, tok, n: int):
     console.print(data.summary(), markup=False, highlight=False)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        from model import LoadError, resolve_model_dir
-        model_dir = resolve_model_dir(args.model)
-        tok = load_tokenizer(model_dir, args.template)
-        data = tokenize_file(args.data, tok, args.max_seq_len, args.mask, use_cache=False)
-    except (DataError, LoadError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def inspect(args):
+    from model import resolve_model_dir
+    tok = load_tokenizer(resolve_model_dir(args.model), args.template)
+    data = tokenize_file(args.data, tok, args.max_seq_len, args.mask, use_cache=False)
     if args.json:
         for e in data.examples[:args.n]:
             print(json.dumps({"input_ids": e["input_ids"], "labels": e["labels"]}))
         print(data.summary(), file=sys.stderr)
     else:
         show(data, tok, 3 if args.n is None else args.n)
-    return 0
+
+
+def main(argv=None) -> int:
+    return run_command("python -m data.inspect", inspect, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -55,13 +55,15 @@ class ChatTokenizer:
     """
 
     def __init__(self, tokenizer: Tokenizer, special_tokens: dict[str, str], chat_template: str | None,
-                 template_name: str, extra_stop_ids: list[int] = ()):
+                 template_name: str, extra_stop_ids: list[int] = (), template_origin: str | None = None):
         self.tokenizer = tokenizer
         self.special_tokens = special_tokens  # bos_token, eos_token, unk_token, pad_token (those set)
         self.bos_token = special_tokens.get("bos_token")
         self.eos_token = special_tokens.get("eos_token")
         self.chat_template = chat_template  # the Jinja source in use; None if the model has none
         self.template_name = template_name  # a BUILTIN_TEMPLATES name, or "model"
+        # Where the template came from, for its errors: the model's file, or "built-in template 'chatml'".
+        self.template_origin = template_origin or f"template {template_name!r}"
         self.bos_id = self._id(self.bos_token)
         self.eos_id = self._id(self.eos_token)
         pad_id = self._id(special_tokens.get("pad_token"))
@@ -104,8 +106,9 @@ class ChatTokenizer:
             raise DataError("the model has no chat template: pass --template "
                             + "|".join(BUILTIN_TEMPLATES))
         if self._compiled is None:
-            self._compiled = compile_template(self.chat_template)
-        return render(self._compiled, messages, add_generation_prompt, self.special_tokens)
+            self._compiled = compile_template(self.chat_template, self.template_origin)
+        return render(self._compiled, messages, add_generation_prompt, self.special_tokens,
+                      self.template_origin)
 
     def encode_rendered(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
         """(ids, character offsets) of each rendered chat, encoded in one parallel batch.
@@ -126,16 +129,20 @@ class ChatTokenizer:
         return self.encode_rendered([self.render(messages, add_generation_prompt)])[0][0]
 
 
-def _chat_template(model_dir: Path, config: dict) -> str | None:
-    """The model's template: chat_template.jinja wins over tokenizer_config.json, as in transformers."""
+def _chat_template(model_dir: Path, config: dict) -> tuple[str | None, str]:
+    """The model's template and the file it came from: chat_template.jinja wins over
+    tokenizer_config.json, as in transformers."""
     jinja_file = model_dir / "chat_template.jinja"
     if jinja_file.exists():
-        return jinja_file.read_text(encoding="utf-8")
+        try:
+            return jinja_file.read_text(encoding="utf-8"), str(jinja_file)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{jinja_file}: not valid UTF-8 ({e})") from None
     template = config.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
-    return template if isinstance(template, str) else None
+    return (template if isinstance(template, str) else None), str(model_dir / "tokenizer_config.json")
 
 
 def load_tokenizer(model_dir: str | Path, template: str | None = None) -> ChatTokenizer:
@@ -146,7 +153,10 @@ def load_tokenizer(model_dir: str | Path, template: str | None = None) -> ChatTo
         raise DataError(f"{model_dir}: no tokenizer.json (nanolora reads fast-tokenizer files only)")
     if template is not None and template not in BUILTIN_TEMPLATES:
         raise DataError(f"unknown template {template!r}; built-in: {', '.join(BUILTIN_TEMPLATES)}")
-    tokenizer = Tokenizer.from_file(str(path))
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a plain Exception for a file it cannot parse
+        raise DataError(f"{path}: not a readable tokenizer.json ({e})") from None
     config = _read_json(model_dir / "tokenizer_config.json")
     generation = _read_json(model_dir / "generation_config.json")
     model_config = _read_json(model_dir / "config.json")
@@ -158,6 +168,9 @@ def load_tokenizer(model_dir: str | Path, template: str | None = None) -> ChatTo
         if special[name] is None and ids:
             special[name] = tokenizer.id_to_token(ids[0])
     special = {k: v for k, v in special.items() if v is not None}  # unset ones stay undefined in Jinja
-    source = BUILTIN_TEMPLATES[template] if template else _chat_template(model_dir, config)
+    if template:
+        source, origin = BUILTIN_TEMPLATES[template], f"built-in template {template!r}"
+    else:
+        source, origin = _chat_template(model_dir, config)
     extra_stop = _config_ids(generation.get("eos_token_id"))
-    return ChatTokenizer(tokenizer, special, source, template or "model", extra_stop)
+    return ChatTokenizer(tokenizer, special, source, template or "model", extra_stop, origin)

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from model.errors import one_line
 from model.load import key_mismatches
 
 from .config import LoRAConfig, LoRAError
@@ -89,6 +90,9 @@ def save_adapter(model: nn.Module, cfg: LoRAConfig, out_dir, base_model_name_or_
         else:  # keep whatever else is in out_dir; replace each of our files atomically
             for name in (WEIGHTS_FILE, CONFIG_FILE):
                 os.replace(tmp / name, out_dir / name)
+    except (OSError, SafetensorError) as e:  # a full disk, say: name the adapter, not our temp dir
+        why = one_line(e)
+        raise LoRAError(f"{out_dir / WEIGHTS_FILE}: adapter not saved ({why})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

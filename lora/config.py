@@ -3,11 +3,13 @@
 import math
 from dataclasses import dataclass
 
+from model.errors import UserError
+
 # The linear layers of a Llama block: attention projections and the SwiGLU MLP.
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class LoRAError(ValueError):
+class LoRAError(UserError, ValueError):
     """An adapter or LoRA setting that cannot be used; the message is one line naming the problem."""
 
 

@@ -8,11 +8,13 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .errors import UserError
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config.json this project cannot build a model from."""
 
 

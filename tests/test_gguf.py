@@ -334,5 +334,5 @@ def test_cli_errors_in_process(tmp_path, capsys):
     (tmp_path / "full" / "keep.txt").write_text("x")
     assert main(["import", str(tmp_path / "full"), str(tmp_path / "full")]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 2 and all(line.startswith("error: ") for line in lines)
+    assert len(lines) == 2 and all(line.startswith("python -m model.gguf: error: ") for line in lines)
     assert not (tmp_path / "x.gguf").exists()

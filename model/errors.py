@@ -1,0 +1,57 @@
+"""Errors at the boundary: every nanolora command answers bad input with one line and an exit code.
+
+Bad input (a missing or corrupt file, a wrong flag, a full disk) is the user's to fix, so it must
+read as a sentence naming the file, line or flag, never as a traceback. The pieces that read or
+write files raise `UserError` (each module subclasses it: ConfigError, LoadError, DataError,
+LoRAError, ...), turning the libraries' own errors (safetensors, tokenizers, jinja2) into one
+naming the file where they open it, because only there is the file known. Each entry point then
+runs its work through `run_command`, the one place its errors become messages:
+
+    UserError, OSError     -> "PROG: error: MESSAGE", exit 2
+    KeyboardInterrupt      -> "PROG: interrupted", exit 130 (128 + SIGINT, as a shell reports it)
+
+Anything else is a bug in nanolora and keeps its traceback.
+"""
+
+import errno
+import sys
+
+
+class UserError(Exception):
+    """A problem with the user's files, flags or settings; the message names the culprit."""
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def one_line(e: Exception) -> str:
+    """An error as one line. An OSError: its file first, then what went wrong (and, for a full
+    disk, what to do); anything else: its message."""
+    if not isinstance(e, OSError):
+        return str(e)
+    what = e.strerror or str(e)
+    if e.errno in DISK_FULL:
+        what += " (free some space, or write elsewhere)"
+    files = [str(f) for f in (e.filename, e.filename2) if f is not None]
+    return f"{' -> '.join(files)}: {what}" if files else what
+
+
+def run_command(prog: str, work, *args, codes: dict | None = None) -> int:
+    """Run work(*args) and return its exit code (0 when it returns None); errors become one line.
+
+    codes maps further exception types to the exit code they end with (their message is printed)."""
+    codes = codes or {}
+    try:
+        return work(*args) or 0
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return 130
+    except tuple(codes) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return next(code for kind, code in codes.items() if isinstance(e, kind))
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        return 2
