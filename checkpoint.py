@@ -6,8 +6,10 @@
                                  read back with weights_only=True: never unpickled code)
         trainer_state.json       step, data position (epoch, next micro-batch), schedule
 
-A checkpoint is written to `step-000050.tmp` and renamed when complete, so a crash mid-save leaves
-the previous checkpoint untouched; only the newest `keep` checkpoints are kept.
+A checkpoint is written to `step-000050.tmp`, read back, and renamed when complete, so a crash or a
+full disk mid-save leaves the previous checkpoint untouched (the next run removes any `.tmp` left by
+a kill); only the newest `keep` checkpoints are kept. A checkpoint that fails to load is reported by
+path, with the previous one offered.
 
 Under torchrun every rank takes part in saving (FSDP2 shards are gathered whole) and rank 0 writes
 the same files a single process does, plus each rank's RNG state; so a checkpoint resumes with any
@@ -24,9 +26,14 @@ import torch
 
 import lora
 import parallel
+from model.errors import UserError, one_line
 
 STATE_FILE = "training_state.pt"
 TRAINER_FILE = "trainer_state.json"
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be written or read back; the message names it."""
 
 
 def checkpoint_dir(output_dir: Path, step: int) -> Path:
@@ -57,14 +64,27 @@ def save_checkpoint(output_dir, step: int, model, lora_config, base_model: str, 
     tmp = final.with_name(final.name + ".tmp")
     optimizer_state = parallel.full_optimizer_state(optimizer)  # the single-process layout
     rng = parallel.gather_objects(rng_states())  # [rank 0's, rank 1's, ...]
+    try:
+        if parallel.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        parallel.save_adapter(model, lora_config, tmp / "adapter", base_model)
+        if parallel.is_main():
+            # through a Python file: a full disk then raises OSError (ENOSPC); a path gave a bare RuntimeError
+            with open(tmp / STATE_FILE, "wb") as f:
+                torch.save({"optimizer": optimizer_state, "scaler": scaler.state_dict(), "rng": rng[0],
+                            **({"rng_ranks": rng} if len(rng) > 1 else {})}, f)
+            (tmp / TRAINER_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=2))
+            lora.read_adapter_tensors(tmp / "adapter")  # reads back whole, or names what is wrong
+    except (OSError, UserError) as e:
+        if parallel.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        kept = list_checkpoints(output_dir)
+        reason = one_line(e)
+        raise CheckpointError(f"{final}: could not be written ({reason}); "
+                              + (f"the previous checkpoint {kept[-1]} is kept" if kept else "no earlier checkpoint")
+                              ) from None
     if parallel.is_main():
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    parallel.save_adapter(model, lora_config, tmp / "adapter", base_model)
-    if parallel.is_main():
-        torch.save({"optimizer": optimizer_state, "scaler": scaler.state_dict(), "rng": rng[0],
-                    **({"rng_ranks": rng} if len(rng) > 1 else {})}, tmp / STATE_FILE)
-        (tmp / TRAINER_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=2))
         if final.exists():  # re-saving a step (a resumed run that stops where it started)
             shutil.rmtree(final)
         tmp.rename(final)
@@ -80,15 +100,43 @@ def list_checkpoints(output_dir) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
 
 
+def remove_partial_checkpoints(output_dir):
+    """Delete `.tmp` checkpoint directories a killed process left half-written."""
+    for tmp in (Path(output_dir) / "checkpoints").glob("step-*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_trainer_state(path: Path) -> dict:
+    """trainer_state.json of a checkpoint (step, data position), read before the model is built."""
+    try:
+        state = json.loads((path / TRAINER_FILE).read_text())
+        if not isinstance(state.get("step"), int):
+            raise ValueError("no step")
+        return state
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(unreadable(path, f"{TRAINER_FILE}: {e}")) from None
+
+
+def unreadable(path: Path, reason: str) -> str:
+    older = [p for p in list_checkpoints(path.parent.parent) if p.name < path.name]
+    offer = (f"the previous checkpoint is {older[-1]}: move {path.name} away to resume from it" if older
+             else "there is no earlier checkpoint: start over with --overwrite")
+    return f"checkpoint {path} does not load ({reason}); {offer}"
+
+
 def load_checkpoint(path: Path, model, optimizer, scaler) -> dict:
     """Restore adapter, optimizer, scaler and RNG from `path`; return the trainer state.
 
     Under torchrun every rank must call this (FSDP2 cuts its shards from the whole tensors)."""
-    with parallel.full_lora(model):
-        lora.load_adapter(model, path / "adapter")
-    state = torch.load(path / STATE_FILE, weights_only=True, map_location="cpu")
-    parallel.load_optimizer_state(optimizer, state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
+    trainer_state = read_trainer_state(path)
+    try:
+        with parallel.full_lora(model):
+            lora.load_adapter(model, path / "adapter")
+        state = torch.load(path / STATE_FILE, weights_only=True, map_location="cpu")
+        parallel.load_optimizer_state(optimizer, state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+    except (OSError, UserError, RuntimeError, KeyError, ValueError) as e:  # truncated, foreign or torn files
+        raise CheckpointError(unreadable(path, str(e).split("\n")[0].split(". ")[0])) from None
     per_rank = state.get("rng_ranks", [state["rng"]])
     set_rng_states(per_rank[parallel.rank()] if len(per_rank) == parallel.world_size() else state["rng"])
-    return json.loads((path / TRAINER_FILE).read_text())
+    return trainer_state

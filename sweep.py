@@ -29,16 +29,18 @@ import typing
 from dataclasses import asdict, fields
 from pathlib import Path
 
+import run_dir as run_files
 from checkpoint import list_checkpoints
+from model.errors import UserError
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
 LIST_SETTINGS = ("lora_targets", "adam_betas")  # values that are comma lists: parts joined by + in a sweep
-NOT_SWEPT = ("sweep", "sweep_samples", "output_dir", "resume")  # settings of the sweep itself
+NOT_SWEPT = ("sweep", "sweep_samples", "output_dir", "resume", "overwrite")  # settings of the sweep itself
 COLUMNS = ("run", "steps", "final loss", "best val loss", "at step", "max grad_norm", "tokens/s",
            "peak mem GiB", "wall s", "status", "reply")
 
 
-class SweepError(Exception):
+class SweepError(UserError):
     """A malformed --sweep or [sweep] table: printed as one line, exit code 2."""
 
 
@@ -131,8 +133,10 @@ def run_sweep(cfg) -> list[dict]:
                          "not torchrun")
     console = Console(stderr=True)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     combos = settings(cfg)
+    if not cfg.resume and not cfg.overwrite:
+        refuse_existing_sweep(out)
+    out.mkdir(parents=True, exist_ok=True)
     results = [{"run": run_name(s), "status": "not run"} for s in combos]
     for i, setting in enumerate(combos):
         name = run_name(setting)
@@ -161,12 +165,25 @@ def run_sweep(cfg) -> list[dict]:
     return results
 
 
+def refuse_existing_sweep(out: Path):
+    """A new sweep into a directory holding a sweep's table or runs: say what is there and what to pass."""
+    runs = sorted(d.name for d in out.iterdir() if d.is_dir() and run_files.existing_run_files(d)) if out.is_dir() else []
+    found = (["sweep.md"] if (out / "sweep.md").exists() else []) + runs
+    if found:
+        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        raise SweepError(f"--output-dir {out}: already holds a sweep ({shown}); pass --resume to continue it, "
+                         "--overwrite to replace its runs, or choose another --output-dir")
+
+
 def train_process(cfg, setting: dict, run_dir: Path, resume: bool) -> tuple[int, str]:
-    """Run train.py on one setting, its output shown and kept in train.log; -> (exit code, last line)."""
+    """Run train.py on one setting, its output shown and kept in train.log; -> (exit code, last line).
+
+    A run started afresh replaces what its directory holds: it was asked (--overwrite), or it is this
+    sweep's own run that --resume found without a checkpoint to continue from."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "summary.json").unlink(missing_ok=True)  # written again only if this run ends by itself
     run_cfg = {**asdict(cfg), **setting, "output_dir": str(run_dir), "sweep": None, "sweep_samples": 0,
-               "resume": False}
+               "resume": False, "overwrite": not resume}
     (run_dir / "settings.json").write_text(json.dumps(run_cfg, indent=2))
     cmd = [sys.executable, str(TRAIN_SCRIPT), "--config", str(run_dir / "settings.json")]
     # Its own session, so a Ctrl-C in the terminal reaches it once, forwarded from here: it then
@@ -177,7 +194,7 @@ def train_process(cfg, setting: dict, run_dir: Path, resume: bool) -> tuple[int,
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     last_line = ""
     try:
-        with open(run_dir / "train.log", "a") as log:
+        with open(run_dir / "train.log", "a" if resume else "w") as log:
             for line in proc.stdout:
                 sys.stderr.write(line)
                 log.write(line)

@@ -15,6 +15,7 @@ import argparse
 import ctypes
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -29,8 +30,11 @@ import data
 import lora
 import parallel
 import sweep
-from checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from model import DEMO_MODEL, ConfigError, LoadError, load_model, resolve_model_dir
+import run_dir
+from checkpoint import (list_checkpoints, load_checkpoint, read_trainer_state, remove_partial_checkpoints,
+                        save_checkpoint)
+from model import DEMO_MODEL, load_model, resolve_model_dir
+from model.errors import UserError, run_command
 from model.generate import generate
 
 ROOT = Path(__file__).resolve().parent
@@ -93,7 +97,8 @@ class TrainConfig:
     eval_every: int = flag(0, "evaluate every N steps (0: before and after training only)")
     save_every: int = flag(0, "checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = flag(2, "how many newest checkpoints to keep")
-    resume: bool = flag(False, "continue from the newest checkpoint in --output-dir")
+    resume: bool = flag(False, "continue from the newest checkpoint in --output-dir (the same run only)")
+    overwrite: bool = flag(False, "replace the run already in --output-dir (its metrics, checkpoints, adapter)")
     debug_grads: bool = flag(False, "per-module LoRA gradient norms and update/weight ratios, every step")
     sample_prompts: str = flag(str(DEMO_PROMPTS), "file of prompts (one per line) answered at each eval")
     sample_tokens: int = flag(48, "max new tokens of each eval sample reply")
@@ -102,7 +107,7 @@ class TrainConfig:
     sweep_samples: int = flag(0, "train only N settings of the --sweep grid, drawn with --seed (0: all)")
 
 
-class TrainError(Exception):
+class TrainError(UserError):
     """A problem with the run's settings or files: printed as one line, exit code 2."""
 
 
@@ -137,26 +142,67 @@ def read_config_file(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
         raise TrainError(f"--config {path}: no such file")
-    text = p.read_text()
     try:
+        text = p.read_text()
         if p.suffix == ".toml":
             import tomllib
             values = tomllib.loads(text)
         else:
             values = json.loads(text)
-    except ValueError as e:
+    except (ValueError, UnicodeDecodeError) as e:  # tomllib's and json's errors give line and column
         raise TrainError(f"--config {path}: {e}") from None
+    if not isinstance(values, dict):
+        raise TrainError(f"--config {path}: expected a table of settings, got {type(values).__name__}")
     values = {k.replace("-", "_"): v for k, v in values.items()}
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
+    kinds = {f.name: f.type for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - set(kinds))
     if unknown:
         raise TrainError(f"--config {path}: unknown settings {', '.join(unknown)}")
     if isinstance(values.get("sweep"), dict):  # a [sweep] table: lr = [2e-4, 1e-3]
         values["sweep"] = sweep.spec_from_table(values["sweep"])
-    return values
+    for name, value in values.items():
+        expected = type_error(value, kinds[name])
+        if expected:
+            raise TrainError(f"--config {path}: {name} = {json.dumps(value)}: expected {expected}")
+    return {k: float(v) if kinds[k] is float else v for k, v in values.items()}
+
+
+def type_error(value, kind) -> str | None:
+    """What a config file's value should have been, or None if it is of the setting's type.
+
+    Strict: "false" is not a boolean (any non-empty string would be true), true is not a number."""
+    optional = kind == (str | None)
+    if value is None and optional:
+        return None
+    checks = {bool: (lambda v: isinstance(v, bool), "true or false"),
+              int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+              float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+              str: (lambda v: isinstance(v, str), "a string")}
+    ok, text = checks[str if optional else kind]
+    return None if ok(value) else text + (" (or leave it out)" if optional else "")
+
+
+# The range of every numeric setting, as an interval: "[" includes its end, "(" excludes it.
+# Floats must also be finite (argparse and JSON accept nan and inf).
+RANGES = {
+    "max_seq_len": "[2, inf)", "micro_batch_size": "[1, inf)", "grad_accum": "[1, inf)", "lora_r": "[1, inf)",
+    "max_steps": "[0, inf)", "epochs": "(0, inf)", "lr": "(0, inf)", "warmup_steps": "[0, inf)",
+    "warmup_ratio": "[0, 1]", "min_lr_ratio": "[0, 1]", "weight_decay": "[0, inf)", "adam_eps": "(0, 1)",
+    "max_grad_norm": "[0, inf)", "lora_alpha": "(0, inf)", "lora_dropout": "[0, 1)", "val_fraction": "[0, 1)",
+    "parallel_timeout": "(0, inf)", "log_every": "[0, inf)", "eval_every": "[0, inf)", "save_every": "[0, inf)",
+    "keep_checkpoints": "[0, inf)", "sample_tokens": "[0, inf)", "sweep_samples": "[0, inf)",
+}
+
+
+def in_range(value, interval: str) -> bool:
+    low, high = (float(x) for x in interval[1:-1].split(","))
+    above = value >= low if interval[0] == "[" else value > low
+    below = value <= high if interval[-1] == "]" else value < high
+    return math.isfinite(value) and above and below
 
 
 def check_config(cfg: TrainConfig):
+    """Every setting, for type and range, before any work: the message names the flag."""
     choices = {"lr_schedule": ("cosine", "linear", "constant"), "mask": ("assistant", "last", "all"),
                "precision": ("auto", "bf16", "fp16", "fp32"), "device": ("auto", "cpu", "cuda"),
                "quantize": (None, "nf4"), "parallel": ("ddp", "fsdp")}
@@ -164,11 +210,18 @@ def check_config(cfg: TrainConfig):
         if getattr(cfg, name) not in allowed:
             raise TrainError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected one of "
                              f"{', '.join(str(a) for a in allowed if a)}")
-    for name in ("micro_batch_size", "grad_accum", "max_seq_len", "lora_r"):
-        if getattr(cfg, name) < 1:
-            raise TrainError(f"--{name.replace('_', '-')} must be at least 1")
-    if len(betas(cfg)) != 2:
-        raise TrainError(f"--adam-betas {cfg.adam_betas}: expected two numbers like 0.9,0.999")
+    for name, interval in RANGES.items():
+        if not in_range(getattr(cfg, name), interval):
+            raise TrainError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be in {interval}")
+    if len(betas(cfg)) != 2 or not all(in_range(b, "[0, 1)") for b in betas(cfg)):
+        raise TrainError(f"--adam-betas {cfg.adam_betas}: expected two numbers in [0, 1) like 0.9,0.999")
+    if cfg.resume and cfg.overwrite:
+        raise TrainError("--resume continues the run in --output-dir and --overwrite replaces it: pass one")
+    for name in ("data", "val_data"):
+        if getattr(cfg, name) and not Path(getattr(cfg, name)).is_file():
+            raise TrainError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: no such file")
+    if cfg.sample_prompts and not Path(cfg.sample_prompts).is_file():
+        raise TrainError(f"--sample-prompts {cfg.sample_prompts}: no such file (pass '' for no samples)")
     if cfg.parallel == "fsdp" and cfg.quantize:
         raise TrainError("--parallel fsdp cannot shard NF4 weights; train QLoRA with --parallel ddp")
     if cfg.parallel == "fsdp" and cfg.precision == "fp16":
@@ -360,7 +413,14 @@ def write_summary(out: Path, **figures):
 # the run
 
 def train(cfg: TrainConfig) -> dict:
-    """Run training as configured; return a summary (final loss, val losses, wall time...)."""
+    """Run training as configured; return a summary (final loss, val losses, wall time...).
+
+    One run per --output-dir at a time: rank 0 holds its lock while the run lasts."""
+    with run_dir.locked(Path(cfg.output_dir), owner=os.environ.get("RANK", "0") == "0"):
+        return run_training(cfg)
+
+
+def run_training(cfg: TrainConfig) -> dict:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from torch.utils.tensorboard import SummaryWriter
@@ -372,7 +432,10 @@ def train(cfg: TrainConfig) -> dict:
     console = Console(stderr=True, quiet=not parallel.is_main())  # rank 0 speaks for all
     t_start = time.perf_counter()
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if parallel.is_main():  # a fresh run needs a directory without another run's files (or --overwrite)
+        remove_partial_checkpoints(out)  # left by a kill mid-save
+        if not cfg.resume:
+            run_dir.claim_fresh(out, cfg.overwrite)
     torch.manual_seed(cfg.seed)
     autocast = (torch.autocast(device_type=device, dtype=dtype) if dtype != torch.float32
                 else nullcontext())
@@ -399,6 +462,26 @@ def train(cfg: TrainConfig) -> dict:
     val_parts = [parallel.rank_share(list(range(len(val_examples)))[i:i + val_step], cfg.micro_batch_size)
                  for i in range(0, len(val_examples), val_step)]
     val_batches = [batch_of(val_examples, idx, False) for idx in val_parts]
+
+    # --- the run's length, and what makes it this run; --resume checks both before the model loads
+    n_micro = len(data.micro_batches(lengths, cfg.micro_batch_size * parallel.world_size(), cfg.seed, 0,
+                                     cfg.group_by_length, cfg.pack, cfg.max_seq_len))  # global micro-batches
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * n_micro / cfg.grad_accum))
+    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
+    settings = {**asdict(cfg), "model_dir": str(model_dir), "device": device, "dtype": str(dtype),
+                "world_size": parallel.world_size(), "total_steps": total_steps, "warmup_steps": warmup,
+                "train_examples": len(train_examples), "val_examples": len(val_examples)}
+    defining = run_dir.defining_settings(cfg, model_dir, val_data, dtype, parallel.world_size())
+    step, epoch, index, changed = 0, 0, 0, {}
+    checkpoints = list_checkpoints(out) if cfg.resume else []
+    if cfg.resume and not checkpoints:
+        raise TrainError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+    if checkpoints:
+        step = read_trainer_state(checkpoints[-1])["step"]
+        if step >= total_steps:
+            raise TrainError(f"--resume: the run in {out} is at step {step} of {total_steps}: nothing left to "
+                             "train; raise --max-steps (or --epochs) to train further")
+        changed = run_dir.check_resume(out, defining, settings)
 
     # --- model: frozen base in the compute dtype, LoRA A and B in fp32
     model = load_model(model_dir, dtype=dtype, device=device)
@@ -432,25 +515,17 @@ def train(cfg: TrainConfig) -> dict:
         lr=cfg.lr, betas=betas(cfg), eps=cfg.adam_eps, amsgrad=cfg.amsgrad,
         fused=True)
     scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
-    n_micro = len(data.micro_batches(lengths, cfg.micro_batch_size * parallel.world_size(), cfg.seed, 0,
-                                     cfg.group_by_length, cfg.pack, cfg.max_seq_len))  # global micro-batches
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * n_micro / cfg.grad_accum))
-    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
 
     # --- resume: adapter, optimizer, scaler, RNG, data position and step from the newest checkpoint
-    step, epoch, index = 0, 0, 0
-    checkpoints = list_checkpoints(out) if cfg.resume else []
-    if cfg.resume and not checkpoints:
-        raise TrainError(f"--resume: no checkpoint in {out / 'checkpoints'}")
     if checkpoints:
         state = load_checkpoint(checkpoints[-1], model, optimizer, scaler)
-        step, epoch, index = state["step"], state["epoch"], state["index"]
+        epoch, index = state["epoch"], state["index"]
         console.print(f"resumed from {checkpoints[-1]} (step {step})")
     if parallel.is_main():
-        (out / "run_config.json").write_text(json.dumps(
-            {**asdict(cfg), "model_dir": str(model_dir), "device": device, "dtype": str(dtype),
-             "world_size": parallel.world_size(), "total_steps": total_steps, "warmup_steps": warmup,
-             "train_examples": len(train_examples), "val_examples": len(val_examples)}, indent=2))
+        if checkpoints:
+            run_dir.record_resume(out, step, changed)  # run_history.jsonl; metrics.jsonl cut to `step`
+        else:
+            run_dir.record_fresh(out, settings, defining)  # run_config.json
     metrics, writer = parallel.Silent(), parallel.Silent()  # only rank 0 writes them
     if parallel.is_main():
         metrics = (out / "metrics.jsonl").open("a" if checkpoints else "w")
@@ -578,21 +653,22 @@ def train(cfg: TrainConfig) -> dict:
     return summary
 
 
+def run(argv=None):
+    cfg = parse_config(argv)
+    if cfg.sweep:
+        sweep.run_sweep(cfg)  # one `python train.py` process per setting, then a table
+    else:
+        train(cfg)
+
+
 @record  # under torchrun: an uncaught exception is reported by torchrun with its rank and traceback
 def main(argv=None):
-    try:
-        cfg = parse_config(argv)
-        if cfg.sweep:
-            sweep.run_sweep(cfg)  # one `python train.py` process per setting, then a table
-        else:
-            train(cfg)
-    except FloatingPointError as e:
-        print(f"error{parallel.rank_tag()}: {e}", file=sys.stderr)
-        sys.exit(3)
-    except (TrainError, sweep.SweepError, data.DataError, lora.LoRAError, ConfigError, LoadError,
-            OSError) as e:
-        print(f"error{parallel.rank_tag()}: {e}", file=sys.stderr)
-        sys.exit(2)
+    """The boundary: bad input is one line and exit 2, a divergence exit 3, a second Ctrl-C exit 130."""
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    prog = f"train.py (rank {os.environ.get('RANK', '0')})" if several else "train.py"
+    code = run_command(prog, run, argv, codes={FloatingPointError: 3})
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

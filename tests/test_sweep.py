@@ -118,6 +118,6 @@ def test_bad_sweep_is_one_line_error(items, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         train_module.main(["--sweep", *items, "--output-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error")]
+    errors = [line for line in err.splitlines() if line.startswith("train.py: error: ")]
     assert exit_.value.code == 2 and len(errors) == 1 and message in errors[0] and "Traceback" not in err
     assert not (tmp_path / "out").exists()

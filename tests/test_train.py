@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import train as train_module
 from conftest import ROOT, save_tiny_hf
+from checkpoint import CheckpointError
 from train import TrainConfig, lr_at, train
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -134,20 +135,23 @@ def test_crash_during_save_keeps_previous_checkpoint(tiny_chat_dir, chat_data, t
     real_save = torch.save
     calls = []
 
-    def crashing_save(obj, path, *a, **kw):
-        calls.append(path)
+    def crashing_save(obj, f, *a, **kw):
+        calls.append(f)
         if len(calls) == 2:
-            raise OSError("disk full (simulated)")
-        return real_save(obj, path, *a, **kw)
+            f.write(b"PK\x03\x04 half a zip")
+            raise OSError(28, "No space left on device")  # ENOSPC, as a full disk raises it
+        return real_save(obj, f, *a, **kw)
 
     monkeypatch.setattr(torch, "save", crashing_save)
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match=r"step-000004: could not be written \(No space left on "
+                       r"device.*\); the previous checkpoint .*step-000002 is kept"):
         train(config(tiny_chat_dir, chat_data, out, max_steps=4, save_every=2))
     monkeypatch.setattr(torch, "save", real_save)
-    names = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert names == ["step-000002", "step-000004.tmp"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]  # the .tmp is gone
+    (out / "checkpoints" / "step-000004.tmp").mkdir()  # as a SIGKILL mid-save leaves it
     summary = train(config(tiny_chat_dir, chat_data, out, max_steps=4, save_every=2, resume=True))
     assert summary["steps"] == 4
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
 
 
 def test_nonfinite_gradient_names_the_module(tiny_chat_dir, chat_data, tmp_path, monkeypatch):

@@ -1,0 +1,230 @@
+"""A run's output directory: one run per directory, never replaced or mixed with another unless asked.
+
+    OUTPUT_DIR/.lock             pid and host of the process training here (one at a time)
+    OUTPUT_DIR/run_config.json   every resolved setting of the run, and fingerprints of its inputs
+    OUTPUT_DIR/run_history.jsonl one line per --resume: what changed (only settings that may change)
+
+A fresh run refuses a directory that holds another run's files unless --overwrite is passed (then
+it deletes them: those files only). `--resume` continues the run only if every setting that defines
+it is the same: the content of the data and the base model (their paths may move), the tokenizer
+and template, the LoRA shape, the batch geometry, seed, schedule, mask, length, precision and
+quantization. The rest (how long, how often to log, evaluate and save, the device, the number of
+ranks as long as the global batch stays) may change, and the change is written to the history,
+never over run_config.json. metrics.jsonl is cut back to the checkpoint's step, so no step is
+logged twice.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+from model.errors import UserError
+
+LOCK_FILE = ".lock"
+CONFIG_FILE = "run_config.json"
+HISTORY_FILE = "run_history.jsonl"
+METRICS_FILE = "metrics.jsonl"
+# What a run writes; a fresh run refuses a directory holding any of them (and --overwrite deletes them).
+RUN_FILES = (CONFIG_FILE, HISTORY_FILE, METRICS_FILE, "summary.json", "checkpoints", "adapter", "tensorboard")
+# Settings that may differ on --resume: how long, how often, on what hardware; recorded in the history.
+MAY_CHANGE = ("max_steps", "epochs", "log_every", "eval_every", "save_every", "keep_checkpoints",
+              "debug_grads", "sample_prompts", "sample_tokens", "device", "parallel", "parallel_timeout",
+              "micro_batch_size", "grad_checkpointing", "compile", "resume", "overwrite", "output_dir",
+              "sweep", "sweep_samples", "model", "data", "val_data", "precision")
+# ...where micro_batch_size may change only with the number of ranks (the global batch is compared),
+# the model and data only in where they live (their content is compared) and precision only in
+# name ("auto" on the same device: the resolved dtype is compared).
+HASH_EDGE = 1 << 20  # a safetensors file is fingerprinted by its size and its first and last MiB
+
+
+class RunDirError(UserError):
+    """An output directory that holds something else, or a resume that would mix two runs."""
+
+
+# -----------------------------------------------------------------------------
+# one run at a time
+
+@contextmanager
+def locked(out: Path, owner: bool = True):
+    """Hold OUTPUT_DIR/.lock while the run lasts. A lock whose process is gone (killed, crashed
+    machine of the same name) is stale and taken over; a live one refuses. Only `owner` (rank 0
+    under torchrun: the ranks of one job share the directory) takes it."""
+    if not owner:
+        yield
+        return
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    path, me = out / LOCK_FILE, {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(2):  # a second try after removing a stale lock
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)  # atomic: one process wins
+        except FileExistsError:
+            holder = read_lock(path)
+            if holder is not None and lock_is_live(holder):
+                raise RunDirError(f"--output-dir {out}: in use by process {holder['pid']} on {holder['host']} "
+                                  f"({path}); wait for it to end, or choose another --output-dir") from None
+            path.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(me))
+        break
+    else:
+        raise RunDirError(f"--output-dir {out}: could not take {path}")
+    try:
+        yield
+    finally:
+        if read_lock(path) == me:
+            path.unlink(missing_ok=True)
+        if created and not any(out.iterdir()):  # failed before writing anything: leave no trace
+            out.rmdir()
+
+
+def read_lock(path: Path) -> dict | None:
+    try:
+        holder = json.loads(path.read_text())
+        return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
+    except (OSError, ValueError):
+        return None  # half-written or unreadable: its writer died between open and write
+
+
+def lock_is_live(holder: dict) -> bool:
+    if holder.get("host") != socket.gethostname():
+        return True  # another machine's process (a shared file system): cannot tell, so assume live
+    try:
+        os.kill(holder["pid"], 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+# -----------------------------------------------------------------------------
+# a fresh run: an empty directory, or --overwrite
+
+def existing_run_files(out: Path) -> list[str]:
+    return [name for name in RUN_FILES if (out / name).exists()]
+
+
+def claim_fresh(out: Path, overwrite: bool):
+    """Refuse a directory that holds a run (naming what is there), or with --overwrite clear it."""
+    found = existing_run_files(out)
+    if not found:
+        return
+    if not overwrite:
+        ckpts = sorted(p.name for p in (out / "checkpoints").glob("step-*")) if (out / "checkpoints").is_dir() else []
+        shown = [f"{n}/ ({', '.join(ckpts[-2:])})" if n == "checkpoints" and ckpts else n for n in found]
+        raise RunDirError(f"--output-dir {out}: already holds a run ({', '.join(shown)}); pass --resume to "
+                          "continue it, --overwrite to replace it, or choose another --output-dir")
+    for name in found:
+        target = out / name
+        shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
+
+
+# -----------------------------------------------------------------------------
+# what defines a run, and --resume's check that it is the same one
+
+def file_sha256(path: Path, edge: int | None = None) -> str:
+    """sha256 of a file; with `edge`, of its size and its first and last `edge` bytes only."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if edge is None:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+        else:
+            size = os.fstat(f.fileno()).st_size
+            h.update(str(size).encode())
+            h.update(f.read(edge))
+            f.seek(max(size - edge, 0))
+            h.update(f.read(edge))
+    return h.hexdigest()
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """One hash of a model directory: its config and tokenizer files whole, and each safetensors file
+    by size and edges (enough to tell apart two checkpoints of the same shape without reading GBs)."""
+    h = hashlib.sha256()
+    for p in sorted(model_dir.iterdir()):
+        if p.is_file() and (p.suffix in (".json", ".jinja", ".model") or p.suffix == ".safetensors"):
+            h.update(p.name.encode())
+            h.update(file_sha256(p, HASH_EDGE if p.suffix == ".safetensors" else None).encode())
+    return h.hexdigest()
+
+
+def defining_settings(cfg, model_dir: Path, val_data, dtype, world_size: int) -> dict:
+    """The settings a resumed run must share with its checkpoint's, inputs as content hashes."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in MAY_CHANGE}
+    settings.update(data_sha256=file_sha256(Path(cfg.data)),
+                    val_data_sha256=file_sha256(Path(val_data)) if val_data else None,
+                    model_sha256=model_fingerprint(model_dir), dtype=str(dtype),
+                    global_micro_batch=cfg.micro_batch_size * world_size)
+    return settings
+
+
+def record_fresh(out: Path, settings: dict, defining: dict):
+    """run_config.json of a fresh run: every resolved setting, plus what --resume compares."""
+    (out / CONFIG_FILE).write_text(json.dumps({**settings, "defining": defining}, indent=2) + "\n")
+
+
+def check_resume(out: Path, defining: dict, settings: dict) -> dict:
+    """Refuse a resume whose defining settings differ from the run's, listing each difference;
+    return the settings that did change ({name: [before, now]}), the ones allowed to."""
+    path = out / CONFIG_FILE
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RunDirError(f"--resume: {path} is missing, so nothing says which run the checkpoints "
+                          "belong to; start over with --overwrite") from None
+    except ValueError as e:
+        raise RunDirError(f"--resume: {path}: not valid JSON ({e})") from None
+    # A run_config.json written before fingerprints existed: compare the plain settings it has.
+    before = saved.get("defining") or {k: saved[k] for k in defining if k in saved}
+    differ = [f"{k} {show(before[k])} -> {show(v)}" for k, v in defining.items() if k in before and before[k] != v]
+    if differ:
+        raise RunDirError(f"--resume: {len(differ)} setting{'s differ' if len(differ) > 1 else ' differs'} from the run in "
+                          f"{out}: {'; '.join(differ)}. A resumed run must be the same run: pass its settings "
+                          "(see run_config.json), or start a new one in another --output-dir")
+    previous = {**saved, **{k: v for entry in read_history(out) for k, (_, v) in entry["changed"].items()}}
+    return {k: [previous.get(k), v] for k, v in settings.items() if k != "resume" and previous.get(k) != v}
+
+
+def record_resume(out: Path, step: int, changed: dict):
+    """Append the resume to run_history.jsonl, and cut metrics.jsonl back to the checkpoint's step."""
+    with open(out / HISTORY_FILE, "a") as f:
+        f.write(json.dumps({"resumed_at_step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                            "changed": changed}) + "\n")
+    cut_metrics(out / METRICS_FILE, step)
+
+
+def show(value) -> str:
+    return value[:12] if isinstance(value, str) and len(value) == 64 else json.dumps(value)  # a hash: its start
+
+
+def read_history(out: Path) -> list[dict]:
+    path = out / HISTORY_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().split("\n") if line.strip()]
+
+
+def cut_metrics(path: Path, step: int):
+    """Keep the rows of steps up to `step` (the checkpoint's); drop later ones and a torn last line."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().split("\n"):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # empty, or torn by a kill mid-write
+        if isinstance(row, dict) and row.get("step", step + 1) <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)  # atomic: a crash here leaves the old file whole
