@@ -24,7 +24,8 @@ from chat import reply
 from model import load_model, resolve_model_dir
 from train import DEMO_PROMPTS, TrainConfig, train
 
-OUTPUT_DIR = Path("runs/demo")
+OUTPUT_DIR = Path("runs/make-demo")  # not train.py's default runs/demo: a user's run there is kept
+MARK = ".made-by-make-demo"  # a directory holding it is a previous demo's, replaced by the next one
 N_PROMPTS = 6
 GENERATION = Namespace(max_new_tokens=48, temperature=0.0, top_k=0, top_p=1.0,
                        repetition_penalty=1.1, seed=0)
@@ -38,6 +39,8 @@ def answers(model_dir, prompts) -> list[str]:
 
 
 def main():
+    if OUTPUT_DIR.exists() and any(OUTPUT_DIR.iterdir()) and not (OUTPUT_DIR / MARK).exists():
+        sys.exit(f"demo.py: error: {OUTPUT_DIR} holds files make demo did not write; move them away")
     console = Console()
     t0 = time.perf_counter()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -52,7 +55,9 @@ def main():
         console.print(f"[bold]{p}[/bold]\n  {a}")
 
     console.rule("3. fine-tune a LoRA (python train.py)")
-    shutil.rmtree(OUTPUT_DIR, ignore_errors=True)  # a fresh run each time
+    shutil.rmtree(OUTPUT_DIR, ignore_errors=True)  # the previous demo's (marked): a fresh run each time
+    OUTPUT_DIR.mkdir(parents=True)
+    (OUTPUT_DIR / MARK).touch()
     summary = train(TrainConfig(output_dir=str(OUTPUT_DIR)))
 
     console.rule("4. merge (python merge.py)")
