@@ -80,10 +80,8 @@ def save_checkpoint(output_dir, step: int, model, lora_config, base_model: str, 
         if parallel.is_main():
             shutil.rmtree(tmp, ignore_errors=True)
         kept = list_checkpoints(output_dir)
-        reason = one_line(e)
-        raise CheckpointError(f"{final}: could not be written ({reason}); "
-                              + (f"the previous checkpoint {kept[-1]} is kept" if kept else "no earlier checkpoint")
-                              ) from None
+        previous = f"the previous checkpoint {kept[-1]} is kept" if kept else "there is no earlier checkpoint"
+        raise CheckpointError(f"{final}: could not be written ({one_line(e)}); {previous}") from None
     if parallel.is_main():
         if final.exists():  # re-saving a step (a resumed run that stops where it started)
             shutil.rmtree(final)

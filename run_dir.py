@@ -118,7 +118,7 @@ def claim_fresh(out: Path, overwrite: bool):
     if not found:
         return
     if not overwrite:
-        ckpts = sorted(p.name for p in (out / "checkpoints").glob("step-*")) if (out / "checkpoints").is_dir() else []
+        ckpts = sorted(p.name for p in (out / "checkpoints").glob("step-*"))  # none if no such directory
         shown = [f"{n}/ ({', '.join(ckpts[-2:])})" if n == "checkpoints" and ckpts else n for n in found]
         raise RunDirError(f"--output-dir {out}: already holds a run ({', '.join(shown)}); pass --resume to "
                           "continue it, --overwrite to replace it, or choose another --output-dir")
@@ -187,9 +187,10 @@ def check_resume(out: Path, defining: dict, settings: dict) -> dict:
     before = saved.get("defining") or {k: saved[k] for k in defining if k in saved}
     differ = [f"{k} {show(before[k])} -> {show(v)}" for k, v in defining.items() if k in before and before[k] != v]
     if differ:
-        raise RunDirError(f"--resume: {len(differ)} setting{'s differ' if len(differ) > 1 else ' differs'} from the run in "
-                          f"{out}: {'; '.join(differ)}. A resumed run must be the same run: pass its settings "
-                          "(see run_config.json), or start a new one in another --output-dir")
+        verb = "settings differ" if len(differ) > 1 else "setting differs"
+        raise RunDirError(f"--resume: {len(differ)} {verb} from the run in {out}: {'; '.join(differ)}. "
+                          "A resumed run must be the same run: pass its settings (see run_config.json), "
+                          "or start a new one in another --output-dir")
     previous = {**saved, **{k: v for entry in read_history(out) for k, (_, v) in entry["changed"].items()}}
     return {k: [previous.get(k), v] for k, v in settings.items() if k != "resume" and previous.get(k) != v}
 

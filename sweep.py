@@ -167,7 +167,8 @@ def run_sweep(cfg) -> list[dict]:
 
 def refuse_existing_sweep(out: Path):
     """A new sweep into a directory holding a sweep's table or runs: say what is there and what to pass."""
-    runs = sorted(d.name for d in out.iterdir() if d.is_dir() and run_files.existing_run_files(d)) if out.is_dir() else []
+    runs = sorted(d.name for d in out.iterdir() if d.is_dir() and run_files.existing_run_files(d)) \
+        if out.is_dir() else []
     found = (["sweep.md"] if (out / "sweep.md").exists() else []) + runs
     if found:
         shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
