@@ -36,6 +36,7 @@ from checkpoint import (list_checkpoints, load_checkpoint, read_trainer_state, r
 from model import DEMO_MODEL, load_model, resolve_model_dir
 from model.errors import UserError, run_command
 from model.generate import generate
+from model.loss import trained_positions
 
 ROOT = Path(__file__).resolve().parent
 DEMO_DATA = ROOT / "examples" / "train.json"
@@ -76,6 +77,7 @@ class TrainConfig:
     adam_eps: float = flag(1e-8, "AdamW epsilon")
     amsgrad: bool = flag(False, "AMSGrad variant of AdamW")
     max_grad_norm: float = flag(1.0, "clip the global gradient norm (0: no clipping)")
+    max_skipped_steps: int = flag(10, "fp16: stop when the loss scaler skips this many steps in a row")
     # LoRA
     lora_r: int = flag(16, "rank of A and B")
     lora_alpha: float = flag(32.0, "scaling = alpha / r (alpha / sqrt(r) with --rslora)")
@@ -89,6 +91,7 @@ class TrainConfig:
     device: str = flag("auto", "cpu | cuda (auto: cuda when available)")
     grad_checkpointing: bool = flag(False, "recompute each decoder block in backward to save memory")
     compile: bool = flag(False, "torch.compile each decoder block")
+    tf32: bool = flag(True, "on CUDA, fp32 matmuls on tensor cores in TF32 (--no-tf32: full fp32)")
     parallel: str = flag("ddp", "under torchrun: ddp (a model replica per GPU) | fsdp (FSDP2: model sharded)")
     parallel_timeout: float = flag(600.0, "seconds a rank waits for the others before the job fails")
     seed: int = flag(42, "seeds data order, LoRA init and dropout")
@@ -188,7 +191,8 @@ RANGES = {
     "max_seq_len": "[2, inf)", "micro_batch_size": "[1, inf)", "grad_accum": "[1, inf)", "lora_r": "[1, inf)",
     "max_steps": "[0, inf)", "epochs": "(0, inf)", "lr": "(0, inf)", "warmup_steps": "[0, inf)",
     "warmup_ratio": "[0, 1]", "min_lr_ratio": "[0, 1]", "weight_decay": "[0, inf)", "adam_eps": "(0, 1)",
-    "max_grad_norm": "[0, inf)", "lora_alpha": "(0, inf)", "lora_dropout": "[0, 1)", "val_fraction": "[0, 1)",
+    "max_grad_norm": "[0, inf)", "max_skipped_steps": "[1, inf)", "lora_alpha": "(0, inf)",
+    "lora_dropout": "[0, 1)", "val_fraction": "[0, 1)",
     "parallel_timeout": "(0, inf)", "log_every": "[0, inf)", "eval_every": "[0, inf)", "save_every": "[0, inf)",
     "keep_checkpoints": "[0, inf)", "sample_tokens": "[0, inf)", "sweep_samples": "[0, inf)",
 }
@@ -293,7 +297,13 @@ def micro_batch_stream(lengths, cfg: TrainConfig, epoch: int, index: int):
 
 
 def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    """The batch on `device`, with what the step reads of it counted first, on the CPU (counted on
+    a GPU, each would make the host wait): n_trained and n_tokens, and trained_index, the positions
+    the loss gathers (model.loss.trained_positions)."""
+    counts = {"n_trained": int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum()),
+              "n_tokens": int(batch["attention_mask"].sum())}
+    batch = {**batch, "trained_index": trained_positions(batch["labels"])}
+    return {**{k: v.to(device, non_blocking=True) for k, v in batch.items()}, **counts}
 
 
 def forward_loss(loss_fn, batch, autocast):
@@ -337,18 +347,45 @@ def sample_replies(model, tok, prompts, max_new_tokens, autocast) -> list[str]:
     return replies
 
 
-def total_grad_norm(params) -> float:
-    """The global L2 norm of the gradients (computed before clipping, which would turn a single
-    non-finite gradient into non-finite gradients everywhere). Under FSDP the gradients are
-    shards (DTensors) and so are their norms: parallel.full combines them over the ranks."""
-    norms = torch.stack([torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None])
-    return parallel.full(torch.linalg.vector_norm(norms)).item()
+def clip_gradients(params, max_norm: float) -> torch.Tensor:
+    """Scale the gradients so that their global L2 norm is at most max_norm (0: leave them), as
+    clip_grad_norm_ does, and return the norm before clipping as a 0-dim tensor, with no host
+    sync: foreach kernels, the scale factor applied on the device.
+
+    A non-finite norm leaves the gradients as they are, so the module that made it can be named
+    (the caller stops the run, or under fp16 GradScaler skips the update). Under FSDP the
+    gradients are shards (DTensors): their norm is combined over the ranks (parallel.full) and the
+    factor applied per shard as a number, which takes one sync."""
+    grads = [p.grad for p in params if p.grad is not None]
+    sharded = any(parallel.is_shard(g) for g in grads)
+    norms = [torch.linalg.vector_norm(g) for g in grads] if sharded else torch._foreach_norm(grads)
+    norm = parallel.full(torch.linalg.vector_norm(torch.stack(norms)))
+    if max_norm > 0:
+        factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # clip_grad_norm_'s factor
+        factor = torch.where(torch.isfinite(norm), factor, torch.ones_like(factor))
+        if sharded:
+            for g in grads:
+                g.mul_(factor.item())
+        else:
+            torch._foreach_mul_(grads, factor)
+    return norm
 
 
 def nonfinite_grad_modules(model) -> list[str]:
     """Names of the parameters whose gradient holds inf or nan, in model order."""
     return [name for name, p in model.named_parameters()
             if p.grad is not None and not torch.isfinite(parallel.full(p.grad)).all()]
+
+
+def divergence_message(model, step, loss, grad_norm, skipped_in_a_row, loss_scale) -> str:
+    """Why the run stops: the step, its loss and grad norm, the first module whose gradient is not
+    finite, and under fp16 how many updates in a row GradScaler skipped and at what scale."""
+    bad = nonfinite_grad_modules(model)
+    where = f"first non-finite gradient in {bad[0]}" if bad else "gradients finite"
+    fp16 = (f"; {skipped_in_a_row} steps in a row skipped by the fp16 loss scaler, the last at scale {loss_scale:g}"
+            if skipped_in_a_row else "")
+    return (f"step {step}: loss {loss}, grad_norm {grad_norm}; {where} ({len(bad)} parameters affected)"
+            f"{fp16}. Last good checkpoint kept.")
 
 
 def grad_report(model, before: dict) -> list[tuple]:
@@ -499,6 +536,9 @@ def run_training(cfg: TrainConfig) -> dict:
         for layer in model.model.layers:
             layer.compile()
     model.train()
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
+        torch.cuda.reset_peak_memory_stats()  # max_memory_gib: the peak of training, not of loading
     # --- parallel (torchrun only): the micro-steps call train_loss_fn, evaluation calls loss_fn.
     # DDP: a replica per rank, LoRA gradients summed over ranks. FSDP2: every decoder block and the
     # rest of the model sharded over the ranks, its parameters replaced by their shards (DTensors).
@@ -546,6 +586,7 @@ def run_training(cfg: TrainConfig) -> dict:
         return row
 
     summary = {"first_val": run_eval(step) if not checkpoints else {}, "losses": []}
+    skipped_in_a_row = 0  # fp16 steps GradScaler skipped in a row (their gradients overflowed)
     if summary["first_val"]:
         metrics.write(json.dumps({"step": step, **summary["first_val"]}) + "\n")
         console.print(f"step {step}: val_loss {summary['first_val']['val_loss']:.4f}")
@@ -569,37 +610,40 @@ def run_training(cfg: TrainConfig) -> dict:
         for _ in range(cfg.grad_accum):
             epoch, index, idx = next(stream)
             batches.append(collate(idx))
-        # labels[:, 1:] are the targets; -100 marks prompt, padding and anything else not trained
-        trained_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        # Token counts were taken on the CPU (to_device): the step waits for the device once, below.
+        trained_tokens = sum(b["n_trained"] for b in batches)
+        tokens = sum(b["n_tokens"] for b in batches)
         trained_tokens, tokens = parallel.all_reduce_sum(trained_tokens, tokens)  # of all ranks
 
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per micro-batch
         for i, batch in enumerate(batches):
             # Under torchrun the gradients are summed over ranks once, after the last micro-batch.
             with parallel.gradient_sync(train_loss_fn, enabled=i == len(batches) - 1):
                 loss, _ = forward_loss(train_loss_fn, batch, autocast)
                 scaler.scale(loss / trained_tokens).backward()  # sum / step's tokens: accumulation-exact
-            loss_sum += loss.item()
-        step_loss = parallel.all_reduce_sum(loss_sum)[0] / trained_tokens
+            loss_sum += loss.detach()
 
         scaler.unscale_(optimizer)  # true gradients, before clipping and before they are logged
-        grad_norm = total_grad_norm(trainable)  # the norm clipping sees, logged as grad_norm
-        if not scaler.is_enabled() and not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
-            bad = nonfinite_grad_modules(model)
-            where = f"first non-finite gradient in {bad[0]}" if bad else "gradients finite"
-            message = (f"step {step + 1}: loss {step_loss}, grad_norm {grad_norm}; {where}"
-                       f" ({len(bad)} parameters affected). Last good checkpoint kept.")
-            write_summary(out, diverged=True, steps=step, error=message, wall_s=time.perf_counter() - t_start)
-            raise FloatingPointError(message)
-        if cfg.max_grad_norm > 0 and grad_norm > cfg.max_grad_norm:
-            for p in (p for p in trainable if p.grad is not None):
-                p.grad.mul_(cfg.max_grad_norm / (grad_norm + 1e-6))  # as clip_grad_norm_ scales
+        grad_norm = clip_gradients(trainable, cfg.max_grad_norm)  # the norm before clipping, logged
         before = ({f"{n}.{k}": parallel.full(getattr(m, f"lora_{k}").weight.detach()).clone()
                    for n, m in model.named_modules() if isinstance(m, lora.LoRALinear) for k in "AB"}
                   if cfg.debug_grads else None)
-        scaler.step(optimizer)
+        loss_scale = scaler.get_scale() if scaler.is_enabled() else None  # the scale this step used
+        scaler.step(optimizer)  # fp16: skipped if a gradient overflowed (GradScaler checks, and syncs)
         scaler.update()
+        loss_sum, grad_norm = torch.stack([loss_sum, grad_norm.float()]).tolist()  # the step's one sync
+        step_loss = parallel.all_reduce_sum(loss_sum)[0] / trained_tokens
+        # fp16: an overflowing gradient is expected now and then; GradScaler skipped that update and
+        # halved the scale. A non-finite loss (the forward itself) is never that, in any precision,
+        # and neither is a scale halved max_skipped_steps times in a row. A diverged update of A
+        # and B is never saved: the run stops here, the last good checkpoint kept.
+        skipped = scaler.is_enabled() and not math.isfinite(grad_norm)
+        skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
+        if not math.isfinite(step_loss) or (not math.isfinite(grad_norm) and (
+                not scaler.is_enabled() or skipped_in_a_row >= cfg.max_skipped_steps)):
+            message = divergence_message(model, step + 1, step_loss, grad_norm, skipped_in_a_row, loss_scale)
+            write_summary(out, diverged=True, steps=step, error=message, wall_s=time.perf_counter() - t_start)
+            raise FloatingPointError(message)
         if cfg.debug_grads:  # before zero_grad: the gradients are still there to read
             rows = grad_report(model, before)
             print_grad_table(console, step + 1, rows)
@@ -614,13 +658,15 @@ def run_training(cfg: TrainConfig) -> dict:
         row = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                "trained_tokens": trained_tokens, "tokens_per_s": tokens / dt,
                "elapsed_s": time.perf_counter() - t_start, "epoch": epoch}
+        if scaler.is_enabled():
+            row.update(loss_scale=loss_scale, skipped=skipped)  # a skipped step did not update A, B
         if device == "cuda":
             row["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if cfg.eval_every and step % cfg.eval_every == 0 or step == total_steps:
             row.update(run_eval(step))
         metrics.write(json.dumps(row) + "\n")
         metrics.flush()
-        for k in ("loss", "lr", "grad_norm", "tokens_per_s", "max_memory_gib"):
+        for k in ("loss", "lr", "grad_norm", "tokens_per_s", "max_memory_gib", "loss_scale"):
             if k in row:
                 writer.add_scalar(f"train/{k}", row[k], step)
         summary["losses"].append(step_loss)

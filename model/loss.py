@@ -62,17 +62,29 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, None, None
 
 
-def lm_loss_sum(model, input_ids, labels, position_ids=None, document_ids=None):
+def trained_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat positions b * T + t of the (B, T) grid whose next token is trained (labels[b, t+1] is
+    not -100): where the loss reads hidden states. Finding them takes a nonzero(), which on a GPU
+    makes the host wait for the device: the training loop computes them on the CPU, before the
+    batch is copied over, and passes them in."""
+    rows, cols = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+    return rows * labels.shape[1] + cols  # (N,)
+
+
+def lm_loss_sum(model, input_ids, labels, position_ids=None, document_ids=None, trained_index=None):
     """Sum of the token losses of a batch (fp32 scalar), and the number of trained tokens.
 
     Returning the sum, not the mean, lets the caller divide by the trained tokens of a whole
-    optimizer step, so gradient accumulation never changes the result.
+    optimizer step, so gradient accumulation never changes the result. `trained_index` is
+    trained_positions(labels), found here when not given.
     """
     hidden = model.hidden_states(input_ids, position_ids, document_ids)  # (B, T, C)
-    targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
-    trained = targets != IGNORE_INDEX
-    hidden = hidden[:, :-1][trained]  # (N, C): only trained positions reach lm_head
-    targets = targets[trained]  # (N,)
+    if trained_index is None:
+        trained_index = trained_positions(labels)
+    # Position t predicts token t+1; only trained positions reach lm_head. index_select with known
+    # positions, where a boolean mask would need the device to say how many there are.
+    hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, trained_index)  # (N, C)
+    targets = labels.reshape(-1).index_select(0, trained_index + 1)  # (N,): the next tokens
     weight = model.lm_head.weight  # (vocab, C)
     rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
     return LinearCrossEntropy.apply(hidden, weight, targets, rows), targets.numel()

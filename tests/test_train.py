@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import train as train_module
 from conftest import ROOT, save_tiny_hf
@@ -167,6 +168,101 @@ def test_nonfinite_gradient_names_the_module(tiny_chat_dir, chat_data, tmp_path,
     with pytest.raises(FloatingPointError, match=f"first non-finite gradient in {target}"):
         train(config(tiny_chat_dir, chat_data, tmp_path / "run", max_steps=3, save_every=1))
     assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def poison_gradient(monkeypatch, target, steps):
+    """Make `target`'s gradient inf in the given optimizer steps (1-based; None: every step)."""
+    real_inject = train_module.lora.inject_lora
+    calls = []
+
+    def inject_then_poison(model, *a, **kw):
+        names = real_inject(model, *a, **kw)
+        def hook(g):  # one backward per step here (grad_accum 1)
+            calls.append(1)
+            return g * float("inf") if steps is None or len(calls) in steps else g
+        dict(model.named_parameters())[target].register_hook(hook)
+        return names
+    monkeypatch.setattr(train_module.lora, "inject_lora", inject_then_poison)
+
+
+def test_fp16_skipped_steps_are_logged_and_the_run_goes_on(tiny_chat_dir, chat_data, tmp_path, monkeypatch):
+    poison_gradient(monkeypatch, "model.layers.0.self_attn.q_proj.lora_A.weight", steps={1})
+    out = tmp_path / "run"
+    summary = train(config(tiny_chat_dir, chat_data, out, max_steps=4, precision="fp16"))
+    rows = metrics(out)
+    assert [r["skipped"] for r in rows] == [True, False, False, False]
+    assert [r["loss_scale"] for r in rows[:2]] == [65536.0, 32768.0]  # GradScaler halves on overflow
+    assert all(math.isfinite(loss) for loss in summary["losses"])
+
+
+def test_fp16_stops_after_too_many_skipped_steps(tiny_chat_dir, chat_data, tmp_path, monkeypatch):
+    target = "model.layers.1.mlp.down_proj.lora_B.weight"
+    poison_gradient(monkeypatch, target, steps=None)
+    out = tmp_path / "run"
+    with pytest.raises(FloatingPointError, match=f"step 3: .*first non-finite gradient in {target} .*; 3 steps "
+                       "in a row skipped by the fp16 loss scaler, the last at scale 16384"):
+        train(config(tiny_chat_dir, chat_data, out, max_steps=6, precision="fp16", max_skipped_steps=3))
+    assert [r["skipped"] for r in metrics(out)] == [True, True]
+    assert json.loads((out / "summary.json").read_text())["diverged"] is True
+
+
+def test_fp16_nan_loss_stops_at_once(tiny_chat_dir, chat_data, tmp_path, monkeypatch):
+    real_load = train_module.load_model
+
+    def load_then_poison(*a, **kw):
+        model = real_load(*a, **kw)
+        model.model.norm.register_forward_hook(lambda m, i, o: o * float("nan"))
+        return model
+    monkeypatch.setattr(train_module, "load_model", load_then_poison)
+    with pytest.raises(FloatingPointError, match="step 1: loss nan"):
+        train(config(tiny_chat_dir, chat_data, tmp_path / "run", max_steps=4, precision="fp16"))
+
+
+class DeviceSyncs(TorchDispatchMode):
+    """Counts the operations that make the host wait for a GPU: reading a value (item, int, float,
+    bool: aten._local_scalar_dense), shapes that depend on values (nonzero, masked_select, boolean
+    indexing), and tolist. Ops inside `paused` (train.to_device, which counts on the CPU before
+    the copy, by design) are not counted."""
+    SYNCING = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+               torch.ops.aten.masked_select.default, torch.ops.aten.is_nonzero.default}
+
+    def __init__(self):
+        super().__init__()
+        self.count, self.paused = 0, False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        bool_index = func is torch.ops.aten.index.Tensor and any(
+            i is not None and i.dtype == torch.bool for i in args[1])
+        if not self.paused and (func in self.SYNCING or bool_index):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_one_host_sync_per_optimizer_step(tiny_chat_dir, chat_data, tmp_path, monkeypatch, precision):
+    counter = DeviceSyncs()
+    real_to_device, real_tolist = train_module.to_device, torch.Tensor.tolist
+
+    def to_device(*a, **kw):
+        counter.paused = True
+        try:
+            return real_to_device(*a, **kw)
+        finally:
+            counter.paused = False
+
+    def tolist(t):
+        counter.count += not counter.paused
+        return real_tolist(t)
+    monkeypatch.setattr(train_module, "to_device", to_device)
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    counts = {}
+    for steps in (2, 5):  # the difference is what the steps themselves cost
+        counter.count = 0
+        with counter:
+            train(config(tiny_chat_dir, chat_data, tmp_path / f"run{steps}", max_steps=steps, grad_accum=2,
+                         micro_batch_size=2, precision=precision))
+        counts[steps] = counter.count
+    assert (counts[5] - counts[2]) / 3 == 1, counts
 
 
 def test_qlora_trains_on_cpu(tiny_chat_dir, chat_data, tmp_path):
