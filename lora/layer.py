@@ -25,7 +25,8 @@ class LoRADropout(nn.Dropout):
     a CPU training step. Here one 64-bit draw gives the random bits of four elements: an element is
     dropped when its 16 bits, read as a signed integer, fall below -32768 + round(p * 2^16). So p is
     rounded to a multiple of 2^-16 (0.05 becomes 0.0500031), and kept elements are scaled by the
-    exact 1 / P(keep), which keeps E[output] = x. On other devices the mask is rand >= p.
+    exact 1 / P(keep), which keeps E[output] = x. On other devices, and under torch.compile, the
+    mask is rand >= p.
     """
 
     def forward(self, x):
@@ -38,7 +39,7 @@ class LoRADropout(nn.Dropout):
         """A fresh mask for x: (keep, gain) with dropout(x) = x * keep * gain, keep a bool tensor
         of x's shape (1 byte an element, where the masked copy would take 4) and gain = 1 / P(keep).
         """
-        if x.device.type != "cpu":
+        if x.device.type != "cpu" or torch.compiler.is_compiling():  # torch.compile cannot trace random_
             return torch.rand_like(x) >= self.p, 1 / (1 - self.p)
         threshold = min(round(self.p * 2**16), 2**16 - 1)  # elements dropped per 2^16
         words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-2**63, None)  # all 64 bits

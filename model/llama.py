@@ -176,8 +176,10 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, Hkv, S, D), S = cached + T
         # mask None means plain causal attention over T == S positions: SDPA's `is_causal` path is
-        # the fast one (flash / memory-efficient kernels, no (T, S) mask in memory).
-        is_causal = mask is None and k.shape[2] == T and T > 1
+        # the fast one (flash / memory-efficient kernels, no (T, S) mask in memory). Without a
+        # cache that is always so, whatever T: a constant, so torch.compile does not break the
+        # graph on a symbolic T > 1 when the lengths of micro-batches vary.
+        is_causal = mask is None and (kv_cache is None or (k.shape[2] == T and T > 1))
         if self.n_kv_heads != self.n_heads and not _SDPA_HAS_GQA:
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)

@@ -469,3 +469,26 @@ def test_save_is_atomic_and_keeps_other_files(tmp_path, tiny_llama_dir):
     assert sorted(p.name for p in out.iterdir()) == [
         "adapter_config.json", "adapter_model.safetensors", "notes.txt"]
     assert [p.name for p in out.parent.iterdir()] == ["adapter"]  # no temporary left behind
+
+
+def test_compiled_blocks_do_not_break_their_graphs_when_lengths_vary():
+    """--compile compiles each decoder block; micro-batches of a real run have different lengths.
+    LoRA dropout (whose CPU mask uses an in-place random_) and the causal flag of attention (a
+    symbolic T > 1) used to break every block's graph once per new length (41 breaks here)."""
+    from torch._dynamo.utils import counters
+    from model.config import LlamaConfig
+    from model.llama import Llama
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16))
+    lora.inject_lora(model, lora.LoRAConfig(r=4, alpha=8, dropout=0.1, targets=lora.LLAMA_LINEARS))
+    model.train()
+    torch._dynamo.reset()
+    counters.clear()
+    for layer in model.model.layers:
+        layer.compile(backend="eager")  # graph breaks are dynamo's; no code generation needed
+    for T in (17, 33, 50):
+        model(torch.randint(0, 128, (2, T))).sum().backward()
+    assert sum(counters["graph_break"].values()) == 0, list(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] >= 1  # it did compile
+    torch._dynamo.reset()
