@@ -521,7 +521,12 @@ def run_training(cfg: TrainConfig) -> dict:
         changed = run_dir.check_resume(out, defining, settings)
 
     # --- model: frozen base in the compute dtype, LoRA A and B in fp32
-    model = load_model(model_dir, dtype=dtype, device=device)
+    # QLoRA: each linear becomes NF4 as it is read, so the full-precision model never exists whole.
+    replace_linear = None
+    if cfg.quantize:
+        from lora.quant import nf4_loader
+        replace_linear = nf4_loader(dtype)
+    model = load_model(model_dir, dtype=dtype, device=device, replace_linear=replace_linear)
     lora_cfg = lora.LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                targets=cfg.lora_targets if cfg.lora_targets == "all-linear"
                                else [t.strip() for t in cfg.lora_targets.split(",") if t.strip()],

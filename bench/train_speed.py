@@ -93,7 +93,11 @@ def nanolora_step_fn(path: Path, case: dict, compile: bool = False):
     device, dtype = case["device"], DTYPES[case["dtype"]]
     if device == "cpu":
         keep_freed_memory()  # as train.py does on the CPU
-    model = load_model(path, dtype=dtype, device=device)
+    replace_linear = None
+    if case["quantize"]:  # as train.py: each linear quantized as it is read
+        from lora.quant import nf4_loader
+        replace_linear = nf4_loader(dtype)
+    model = load_model(path, dtype=dtype, device=device, replace_linear=replace_linear)
     lora_cfg = lora.LoRAConfig(r=16, alpha=32, dropout=case.get("dropout", 0.0), targets="all-linear")
     lora.inject_lora(model, lora_cfg, quantize=case["quantize"], compute_dtype=dtype)
     params = [p for p in model.parameters() if p.requires_grad]

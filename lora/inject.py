@@ -55,25 +55,31 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig, quantize: str | None = None,
     quantize="nf4" is QLoRA: every linear layer but lm_head is stored as bitsandbytes NF4 (double
     quantization, matmuls in `compute_dtype`), targeted or not, as in the QLoRA paper; lm_head
     (often tied to the embeddings) and the embeddings and norms stay as they are. A and B stay in
-    float32. Quantization happens on each weight's device, one layer at a time, so the peak is
-    the unquantized model plus one layer. Load the checkpoint first: the quantized base has
-    bitsandbytes' state-dict layout, and only the adapter is ever saved.
+    float32. Quantization happens on each weight's device, one layer at a time. Best, the model
+    was loaded with `load_model(..., replace_linear=quant.nf4_loader(dtype))`, which quantizes each
+    layer as it is read (the peak: the NF4 model plus one layer); its NF4Linears are kept as they
+    are. Otherwise they are quantized here, after a full-precision load (the peak: that model).
+    Load the checkpoint first either way: the quantized base has bitsandbytes' state-dict layout,
+    and only the adapter is ever saved.
     """
     if quantize not in (None, "nf4"):
         raise LoRAError(f"quantize {quantize!r} is not supported (only nf4)")
     if lora_modules(model):
         raise LoRAError("the model already has LoRA layers")
+    kinds = (nn.Linear,)
+    if quantize:
+        from .quant import NF4Linear, check_nf4
+        kinds = (nn.Linear, NF4Linear)  # NF4Linear: already quantized as loaded (quant.nf4_loader)
     # Names only, not modules: holding every old nn.Linear would keep the unquantized weights alive.
-    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linears = [name for name, m in model.named_modules() if isinstance(m, kinds)]
     chosen = [name for name in linears if is_target(name, cfg.targets)]
     _check_targets(model, cfg, linears, chosen)
     if quantize:
-        from .quant import NF4Linear, check_nf4
         check_nf4(model, [name for name in linears if name != "lm_head"])
     model.requires_grad_(False)  # everything frozen; LoRALinear then creates trainable A and B
     for name in linears:
         layer = model.get_submodule(name)
-        if quantize and name != "lm_head":
+        if quantize and name != "lm_head" and not isinstance(layer, NF4Linear):
             layer = NF4Linear(layer, compute_dtype)
         if name in chosen:
             layer = LoRALinear(layer, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora)

@@ -24,6 +24,17 @@ from .config import LoRAError  # noqa: E402
 BLOCKSIZE = 64  # weights per absmax: bitsandbytes' 4-bit default, the QLoRA paper's choice
 
 
+def nf4_loader(compute_dtype: torch.dtype):
+    """The `replace_linear` of model.load.load_model for QLoRA: every linear but lm_head becomes an
+    NF4Linear as soon as its weights are read, so the full-precision model never exists whole."""
+    def replace(name: str, linear: nn.Linear) -> nn.Module:
+        if name == "lm_head":
+            return linear
+        check_nf4_layer(name, linear)
+        return NF4Linear(linear, compute_dtype)
+    return replace
+
+
 def check_nf4(model: nn.Module, names: list[str]):
     """Refuse layers bitsandbytes cannot hold in NF4 correctly, before any is quantized.
 
@@ -32,11 +43,14 @@ def check_nf4(model: nn.Module, names: list[str]):
     Llama-family widths are multiples of 64; the CUDA kernels have no such limit.
     """
     for name in names:
-        layer = model.get_submodule(name)
-        if layer.weight.device.type == "cpu" and layer.in_features % BLOCKSIZE:
-            raise LoRAError(f"{name}: NF4 on the CPU needs in_features divisible by {BLOCKSIZE} "
-                            f"(it has {layer.in_features}; bitsandbytes {bnb.__version__} "
-                            "dequantizes such rows wrongly there)")
+        check_nf4_layer(name, model.get_submodule(name))
+
+
+def check_nf4_layer(name: str, layer: nn.Module):
+    if layer.weight.device.type == "cpu" and layer.in_features % BLOCKSIZE:
+        raise LoRAError(f"{name}: NF4 on the CPU needs in_features divisible by {BLOCKSIZE} "
+                        f"(it has {layer.in_features}; bitsandbytes {bnb.__version__} "
+                        "dequantizes such rows wrongly there)")
 
 
 class NF4Linear(nn.Module):

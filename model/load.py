@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 
 from .config import LlamaConfig
@@ -125,21 +126,58 @@ def _few(items: list[str], n: int = 3, sep: str = ", ") -> str:
     return sep.join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
 
 
-def load_model(path_or_id, dtype: torch.dtype = torch.float32, device="cpu") -> Llama:
-    """A `Llama` with the checkpoint's weights, in `dtype` on `device`, ready for `model(input_ids)`."""
+def load_model(path_or_id, dtype: torch.dtype = torch.float32, device="cpu", replace_linear=None) -> Llama:
+    """A `Llama` with the checkpoint's weights, in `dtype` on `device`, ready for `model(input_ids)`.
+
+    replace_linear(name, linear) -> module, when given, is called for each nn.Linear as soon as its
+    weights are read (a real nn.Linear in `dtype` on `device`), and what it returns takes the
+    linear's place: QLoRA quantizes there, so the peak is the quantized model plus one layer, never
+    the whole model in `dtype`. lm_head, when tied to the embeddings, is not passed to it.
+    """
     model_dir = resolve_model_dir(path_or_id)
     config = LlamaConfig.from_file(model_dir / "config.json")
     files = safetensors_files(model_dir)
     with torch.device("meta"):
         model = Llama(config)
     check_keys(files, expected_shapes(model))
-    model = model.to(dtype).to_empty(device=device)  # storage allocated here, once
+    model = model.to(dtype)  # still on meta: no memory
+    streamed = {} if replace_linear is None else {  # linears that stay on meta until their weights are read
+        name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)
+        and not (name == "lm_head" and config.tie_word_embeddings)}
+    for name, m in model.named_modules():
+        if name not in streamed:
+            m.to_empty(device=device, recurse=False)  # storage allocated here, once
     model.tie_weights()  # to_empty gives each module its own tensor; share again
     model.rope_inv_freq = rope_frequencies(config).to(device)  # float32; to_empty left it empty
-    params = model.state_dict()
+    params = {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[0] not in streamed}
+    pending = {}  # name -> {"weight": tensor, "bias": tensor} of a streamed linear, until complete
     for f in files:
         with read_safetensors(f) as sf:
-            for key in sf.keys():
-                params[key].copy_(sf.get_tensor(key))  # one tensor at a time; copy_ casts dtype
+            keys = list(sf.keys())
+        for key in keys:
+            # Reopened for each tensor: closing unmaps the file, so the pages already read do not
+            # stay in this process's memory (a whole shard of them, on top of the model, otherwise).
+            with read_safetensors(f) as sf:
+                t = sf.get_tensor(key)
+            name, kind = key.rsplit(".", 1)
+            if name not in streamed:
+                params[key].copy_(t)  # one tensor at a time; copy_ casts dtype
+                continue
+            pending.setdefault(name, {})[kind] = t
+            meta = streamed[name]
+            if len(pending[name]) == 1 + (meta.bias is not None):
+                parent, attr = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+                setattr(parent, attr, replace_linear(name, _real_linear(meta, pending.pop(name), device)))
+            del t
     model.source_dir = model_dir  # where tokenizer and chat template live
     return model.eval()
+
+
+def _real_linear(meta: nn.Linear, tensors: dict, device) -> nn.Linear:
+    """The nn.Linear `meta` stands for, with the checkpoint's tensors (cast to its dtype) on `device`."""
+    linear = nn.Linear(meta.in_features, meta.out_features, bias=meta.bias is not None, device=device,
+                       dtype=meta.weight.dtype)
+    with torch.no_grad():
+        for kind, t in tensors.items():
+            getattr(linear, kind).copy_(t)
+    return linear.requires_grad_(meta.weight.requires_grad)

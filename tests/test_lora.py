@@ -402,6 +402,35 @@ def test_qlora_bf16_compute(nf4_llama_dir):
     assert all(g is not None and g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qlora_quantized_while_loading_equals_quantized_after(nf4_llama_dir, dtype):
+    """load_model(replace_linear=nf4_loader) quantizes each linear as its weights are read; the
+    model is the one a full load quantized afterwards gives, NF4 codes and logits bit for bit. While
+    it loads, no other full-precision linear exists: the peak is the NF4 model plus one layer."""
+    import weakref
+    from lora.quant import dequantize, nf4_loader
+    replace, passed, alive_then = nf4_loader(dtype), [], []
+
+    def watching(name, linear):  # how many full-precision linears handed over before still exist
+        alive_then.append(sum(ref() is not None for n, ref in passed if n != "lm_head"))
+        passed.append((name, weakref.ref(linear)))
+        return replace(name, linear)
+    a = load_model(nf4_llama_dir, dtype, replace_linear=watching)
+    b = load_model(nf4_llama_dir, dtype)
+    cfg = lora.LoRAConfig(r=4, alpha=8)
+    torch.manual_seed(0)
+    lora.inject_lora(a, cfg, quantize="nf4", compute_dtype=dtype)
+    torch.manual_seed(0)
+    lora.inject_lora(b, cfg, quantize="nf4", compute_dtype=dtype)
+    assert len(passed) == 15 and alive_then == [0] * 15  # 14 quantized, lm_head kept as it is
+    qa, qb = lora.lora_modules(a), lora.lora_modules(b)
+    assert qa.keys() == qb.keys() and len(qa) == 14 and all(m.is_quantized for m in qa.values())
+    for n in qa:  # the packed 4-bit codes, and what they dequantize to (absmaxes included)
+        assert torch.equal(qa[n].weight.data, qb[n].weight.data), n
+        assert torch.equal(dequantize(qa[n].weight), dequantize(qb[n].weight)), n
+    assert torch.equal(a(IDS), b(IDS))
+
+
 # ----------------------------------------------------------------------------- errors, table
 
 def test_table_counts(tiny_llama_dir):

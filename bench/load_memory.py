@@ -1,0 +1,69 @@
+"""Peak memory of loading a model: bf16, QLoRA quantized after the load, QLoRA quantized while loading.
+
+    python bench/load_memory.py                      # random weights in Llama-3.2-1B's shape, CPU
+    python bench/load_memory.py --case llama-3.1-8b --device cuda
+
+The checkpoint (random weights in a public model's shape, bf16 safetensors) is written once under
+--scratch. Each way of loading runs in its own process, so its peak is its own: on the CPU the
+process's peak resident set (VmHWM) minus what it held before loading (torch and bitsandbytes
+imported), on CUDA torch.cuda.max_memory_allocated. "nf4 after load" is load_model, then
+inject_lora(quantize="nf4"): the whole bf16 model exists first. "nf4 while loading" is
+load_model(replace_linear=nf4_loader): each linear is quantized as it is read.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODES = ("bf16", "nf4 after load", "nf4 while loading")
+
+CHILD = r"""
+import json, sys, torch
+sys.path.insert(0, {root!r})
+import lora, lora.quant
+from bench.load_memory import rss_mib
+from model import load_model
+mode, path, device = {mode!r}, {path!r}, {device!r}
+before = rss_mib("VmRSS")
+replace = lora.quant.nf4_loader(torch.bfloat16) if mode == "nf4 while loading" else None
+model = load_model(path, torch.bfloat16, device=device, replace_linear=replace)
+if mode != "bf16":
+    lora.inject_lora(model, lora.LoRAConfig(r=16, alpha=32), quantize="nf4", compute_dtype=torch.bfloat16)
+peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else rss_mib("VmHWM") - before
+print(json.dumps({{"peak_mib": peak}}))
+"""
+
+
+def rss_mib(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of this process, in MiB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main():
+    from bench.train_speed import SHAPES, model_dir
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--case", default="llama-3.2-1b", choices=list(SHAPES))
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--scratch", type=Path, default=Path.home() / ".cache" / "nanolora" / "bench")
+    args = p.parse_args()
+    path = model_dir({"model": args.case, "dtype": "bf16"}, args.scratch)
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**20
+    print(f"{args.case}: {size:,.0f} MiB of bf16 safetensors in {path}")
+    print(f"| load ({args.device}) | peak MiB | x bf16 file |\n|---|---|---|")
+    for mode in MODES:
+        code = CHILD.format(root=str(ROOT), mode=mode, path=str(path), device=args.device)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        peak = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+        print(f"| {mode} | {peak:,.0f} | {peak / size:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
