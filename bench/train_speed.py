@@ -55,6 +55,8 @@ CASES = {
     # The same with train.py's default LoRA dropout (0.05), as fine-tuning walkthroughs use it.
     "cpu-smollm2-dropout": dict(model="demo", batch=4, seq=256, dtype="fp32", quantize=None, ckpt=False,
                                 device="cpu", dropout=0.05),
+    # bf16 on the CPU (autocast, LoRA A and B fp32): reported, no target; GPUs are where bf16 pays.
+    "cpu-smollm2-bf16": dict(model="demo", batch=4, seq=256, dtype="bf16", quantize=None, ckpt=False, device="cpu"),
     "llama-3.2-1b": dict(model="llama-3.2-1b", batch=4, seq=2048, dtype="bf16", quantize=None, ckpt=False, device="cuda"),
     "llama-3.1-8b-qlora": dict(model="llama-3.1-8b", batch=2, seq=2048, dtype="bf16", quantize="nf4", ckpt=True, device="cuda"),
     "deepseek-llm-7b": dict(model="deepseek-llm-7b", batch=2, seq=1024, dtype="bf16", quantize=None, ckpt=True, device="cuda"),
