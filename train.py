@@ -300,9 +300,8 @@ def to_device(batch: dict, device) -> dict:
     """The batch on `device`, with what the step reads of it counted first, on the CPU (counted on
     a GPU, each would make the host wait): n_trained and n_tokens, and trained_index, the positions
     the loss gathers (model.loss.trained_positions)."""
-    counts = {"n_trained": int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum()),
-              "n_tokens": int(batch["attention_mask"].sum())}
     batch = {**batch, "trained_index": trained_positions(batch["labels"])}
+    counts = {"n_trained": batch["trained_index"].numel(), "n_tokens": int(batch["attention_mask"].sum())}
     return {**{k: v.to(device, non_blocking=True) for k, v in batch.items()}, **counts}
 
 
