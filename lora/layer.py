@@ -60,8 +60,9 @@ class LoRALinear(nn.Module):
     with its `quant_state` (block absmaxes), and the matmul runs in `compute_dtype`.
 
     Two ways to compute the same thing: `forward_ops` writes the formula op by op and lets autograd
-    derive the backward; `LoRAGroup` has the backward written out and is what runs whenever the
-    base, x, A and B share one dtype outside autocast (float32 training on any device).
+    derive the backward; `LoRAGroup` has the backward written out and is what runs for dense bases
+    under autocast (bf16 and fp16 training) and where x, the base, A and B share one dtype (float32
+    training). NF4 bases, and a bf16 base without autocast (chat, merge checks), take forward_ops.
     """
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
@@ -116,7 +117,10 @@ class LoRALinear(nn.Module):
         gain = 1.0
         if down is None:
             keep, gain = self.dropout_mask(x2d)
-            x_lora = x2d.to(self.lora_A.weight.dtype)
+            # A's dtype (float32) for a bf16 x outside autocast, so the update is formed in float32;
+            # under autocast x stays as it is: autocast casts it to its dtype for the matmul anyway.
+            autocast = torch.is_autocast_enabled(x2d.device.type)
+            x_lora = x2d if autocast else x2d.to(self.lora_A.weight.dtype)
             down = self.lora_A(x_lora if keep is None else x_lora * keep)  # (N, r)
         return self.add_update(self.base_forward(x2d), down, gain)
 
@@ -146,21 +150,23 @@ class LoRALinear(nn.Module):
         so one matmul with the stacked A computes them all: a (N, 3r)-wide matmul runs nearer the
         machine's peak than three (N, r)-wide ones, and backward gets one input-gradient matmul
         instead of three. Without dropout, that is: with it each layer draws its own mask (as
-        PEFT's do). LoRAGroup does all this with its backward written out, where it runs (one dtype,
-        no autocast); otherwise autograd derives the backward from the ops (`forward_ops`). When
-        not every layer is a LoRALinear, the layers run one by one.
+        PEFT's do). LoRAGroup does all this with its backward written out, where it runs (see
+        `LoRAGroup.dtype_for`); otherwise autograd derives the backward from the ops
+        (`forward_ops`). When not every layer is a LoRALinear, the layers run one by one.
         """
         if not all(isinstance(m, LoRALinear) for m in layers):
             return [m(x) for m in layers]
         x2d = x.reshape(-1, x.shape[-1])  # (N, in): every matmul below is one 2-D BLAS call
-        if LoRAGroup.runs(x2d, layers):
+        dtype = LoRAGroup.dtype_for(x2d, layers)
+        if dtype is not None:
             keeps, gains = zip(*(m.dropout_mask(x2d) for m in layers))
             alphas = [m.scaling * gain for m, gain in zip(layers, gains)]
             weights = [t for m in layers for t in (m.weight, m.bias, m.lora_A.weight, m.lora_B.weight)]
-            outs = LoRAGroup.apply(x2d, alphas, keeps, *weights)
+            outs = LoRAGroup.apply(x2d, dtype, alphas, keeps, *weights)
         elif len(layers) > 1 and not any(m.draws_dropout for m in layers):
             A = torch.cat([m.lora_A.weight for m in layers])  # (sum of r, in)
-            downs = F.linear(x2d.to(A.dtype), A).split([m.lora_A.out_features for m in layers], dim=-1)
+            x_lora = x2d if torch.is_autocast_enabled(x2d.device.type) else x2d.to(A.dtype)
+            downs = F.linear(x_lora, A).split([m.lora_A.out_features for m in layers], dim=-1)
             outs = [m.forward_ops(x2d, down) for m, down in zip(layers, downs)]
         else:
             outs = [m.forward_ops(x2d) for m in layers]
@@ -188,17 +194,32 @@ class LoRAGroup(torch.autograd.Function):
     dropout the A are stacked, so the down-projections, the A gradients and their dx term are one
     matmul each. With dropout it keeps x and the bool masks, not each layer's masked copy of x, and
     forms x * keep_i again in backward: 3 bytes an element less per layer, for one pass.
+
+    Every matmul runs in one compute dtype, `dtype`: under autocast the autocast dtype (bf16 or
+    fp16), so x, W and b are cast to it as autocast would cast them (a no-op for a bf16 model) and
+    the float32 masters A and B are cast once a step; dA and dB are formed in it, as autocast's
+    matmuls form them, and land in float32 (the scaling alpha_i applied there, not rounded to bf16
+    first). The op-by-op path under autocast instead casts x to float32 for the LoRA branch and
+    autocast casts it back, a round trip of every activation.
     """
 
     @staticmethod
-    def runs(x, layers) -> bool:
-        """Whether the group can run here: dense bases, and x, W, A, B of one dtype, no autocast."""
-        return not torch.is_autocast_enabled(x.device.type) and all(
-            not m.is_quantized and m.weight.dtype == m.lora_A.weight.dtype == m.lora_B.weight.dtype == x.dtype
-            for m in layers)
+    def dtype_for(x, layers) -> torch.dtype | None:
+        """The dtype the group computes in for x and these layers, or None where it does not run
+        (NF4 bases; float64 under autocast, which autocast leaves alone; mixed dtypes without it)."""
+        if any(m.is_quantized for m in layers):
+            return None
+        tensors = [x] + [t for m in layers for t in (m.weight, m.lora_A.weight, m.lora_B.weight)]
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            return dtype if all(t.dtype in (dtype, torch.float32) for t in tensors) else None
+        return x.dtype if all(t.dtype == x.dtype for t in tensors) else None
 
     @staticmethod
-    def forward(ctx, x, alphas, keeps, *weights):  # weights: W_1, b_1, A_1, B_1, W_2, ...
+    def forward(ctx, x, dtype, alphas, keeps, *weights):  # weights: W_1, b_1, A_1, B_1, W_2, ...
+        ctx.x_dtype = x.dtype  # dx, dA and dB go back in their inputs' dtypes
+        ctx.A_dtypes, ctx.B_dtypes = [A.dtype for A in weights[2::4]], [B.dtype for B in weights[3::4]]
+        x, *weights = [None if t is None else t.to(dtype) for t in (x, *weights)]  # no-ops in one dtype
         Ws, bs, As, Bs = weights[0::4], weights[1::4], weights[2::4], weights[3::4]
         ranks = [A.shape[0] for A in As]
         if all(keep is None for keep in keeps):
@@ -212,7 +233,7 @@ class LoRAGroup(torch.autograd.Function):
         for out, W in zip(outs, Ws):
             out.addmm_(x, W.t())
         ctx.alphas, ctx.ranks = alphas, ranks
-        ctx.save_for_backward(x, *keeps, *Ws, *As, *Bs, *downs)
+        ctx.save_for_backward(x, *keeps, *Ws, *As, *Bs, *downs)  # x, W, A, B in the compute dtype
         return tuple(outs)
 
     @staticmethod
@@ -220,12 +241,14 @@ class LoRAGroup(torch.autograd.Function):
         n, saved = len(gs), ctx.saved_tensors  # read once: checkpointing allows no second unpack
         x, keeps = saved[0], saved[1:1 + n]
         Ws, As, Bs, downs = [saved[1 + n * k:1 + n * (k + 1)] for k in range(1, 5)]
-        needs_x, needs = ctx.needs_input_grad[0], ctx.needs_input_grad[3:]
+        gs = [g.to(x.dtype) for g in gs]
+        needs_x, needs = ctx.needs_input_grad[0], ctx.needs_input_grad[4:]
         needs_A, needs_B = any(needs[2::4]), any(needs[3::4])
         dAs, dBs, dx = [None] * n, [None] * n, None
         if needs_B:
             # down^T g is (r, out): the layout BLAS runs fastest; B's gradient is its transpose.
-            dBs = [torch.mm(down.t(), g).mul_(alpha).t() for down, g, alpha in zip(downs, gs, ctx.alphas)]
+            dBs = [torch.mm(down.t(), g).to(dtype).mul_(alpha).t()
+                   for down, g, alpha, dtype in zip(downs, gs, ctx.alphas, ctx.B_dtypes)]
         if needs_A or needs_x:
             d_downs = [torch.mm(g, B).mul_(alpha) for g, B, alpha in zip(gs, Bs, ctx.alphas)]  # (N, r_i)
             if all(keep is None for keep in keeps):
@@ -244,11 +267,14 @@ class LoRAGroup(torch.autograd.Function):
                             dx.addmm_(d, A)
                         else:
                             dx.addcmul_(torch.mm(d, A), keep)
+            if needs_A:
+                dAs = [dA.to(dtype) for dA, dtype in zip(dAs, ctx.A_dtypes)]
         if needs_x:  # the base layers' terms, accumulated by the big matmuls as they run (beta = 1)
             for g, W in zip(gs, Ws):
                 dx.addmm_(g, W)
+            dx = dx.to(ctx.x_dtype)
         per_layer = [(None, None, dA, dB) for dA, dB in zip(dAs, dBs)]
-        return dx, None, None, *[grad for grads in per_layer for grad in grads]
+        return dx, None, None, None, *[grad for grads in per_layer for grad in grads]
 
 
 def cat(tensors, dim=0):

@@ -10,6 +10,7 @@ backward on the CPU, trains only A and B and equals the model with NF4-rounded w
 move between nanolora and peft in both directions; bad targets and adapters fail with one line.
 """
 
+import copy
 import json
 
 import pytest
@@ -90,16 +91,19 @@ def test_step_moves_only_A_and_B(tiny_llama_dir):
     assert all(p.grad is None for n, p in model.named_parameters() if ".lora_" not in n)
 
 
-@pytest.mark.parametrize("lora_dtype", [torch.float64, torch.float32])
-def test_gradient_checkpointing_recomputes_the_same_dropout_masks(tiny_llama_dir, lora_dtype):
+@pytest.mark.parametrize("precision", ["float64", "float32", "bf16-autocast"])
+def test_gradient_checkpointing_recomputes_the_same_dropout_masks(tiny_llama_dir, precision):
     """With LoRA dropout, recomputing each block in backward (grad_checkpointing) draws the same masks
     again (the RNG state is restored), so the gradients equal those of the run that kept its
     activations; the masks do matter (eval mode gives other gradients). A and B in float64 with the
-    float64 base take LoRAGroup's path; float32 A and B on it, the op-by-op one."""
-    model = load_model(tiny_llama_dir, dtype=torch.float64)
+    float64 base take LoRAGroup's path; float32 A and B on it, the op-by-op one; a bf16 base under
+    autocast, LoRAGroup's path in bf16 (the recomputation runs under autocast too)."""
+    dtype = {"float64": torch.float64, "float32": torch.float64, "bf16-autocast": torch.bfloat16}[precision]
+    model = load_model(tiny_llama_dir, dtype=dtype)
     lora.inject_lora(model, lora.LoRAConfig(r=4, dropout=0.3, targets="all-linear"))
-    if lora_dtype == torch.float64:
+    if precision == "float64":
         model.double()  # A and B too: one dtype throughout, so LoRAGroup runs
+    lora_dtype = torch.float64 if precision == "float64" else torch.float32
     assert {m.lora_A.weight.dtype for m in lora.lora_modules(model).values()} == {lora_dtype}
     randomize_lora(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -108,7 +112,9 @@ def test_gradient_checkpointing_recomputes_the_same_dropout_masks(tiny_llama_dir
         model.grad_checkpointing = checkpointing
         model.train(train)
         torch.manual_seed(0)
-        return torch.autograd.grad(loss_of(model(IDS), IDS), params)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-autocast"):
+            loss = loss_of(model(IDS).float(), IDS)
+        return torch.autograd.grad(loss, params)
 
     kept = grads(False)
     for a, b in zip(grads(True), kept, strict=True):
@@ -141,7 +147,7 @@ def test_shared_input_group_matches_the_textbook_formula(dropout, path, monkeypa
     bf16, autocast and NF4 take. Also with frozen A, and with x not requiring a gradient either
     (the first layer's input), which skip parts of the backward."""
     if path == "op-by-op":
-        monkeypatch.setattr(lora.layer.LoRAGroup, "runs", staticmethod(lambda x, layers: False))
+        monkeypatch.setattr(lora.layer.LoRAGroup, "dtype_for", staticmethod(lambda x, layers: None))
     layers = group_of_three(dropout)
     x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
     for x_trains, A_trains in [(True, True), (True, False), (False, False)]:
@@ -176,8 +182,70 @@ def test_lora_group_gradcheck():
         keeps = [m.dropout_mask(x)[0] for m in layers]
         alphas = [m.scaling * (2 if dropout else 1) for m in layers]
         weights = [t for m in layers for t in (m.weight, m.bias, m.lora_A.weight, m.lora_B.weight)]
-        f = lambda x, *w: lora.layer.LoRAGroup.apply(x, alphas, keeps, *w)
+        f = lambda x, *w: lora.layer.LoRAGroup.apply(x, torch.float64, alphas, keeps, *w)
         assert torch.autograd.gradcheck(f, (x, *weights))
+
+
+# Unit roundoff-sized steps of the autocast dtypes (machine epsilon: 2^-8 for bf16, 2^-11 for fp16).
+EPS = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_group_under_autocast_matches_the_textbook_formula(dtype, dropout):
+    """Mixed precision as train.py runs it (a bf16 or fp16 base, float32 A and B, autocast on):
+    forward_shared takes LoRAGroup's written-out path, its outputs and dx come in the compute dtype
+    and dA, dB in float32, and against the same formula evaluated in float64 on the same values
+    (and masks) it is as accurate as the textbook formula run op by op under autocast, and within
+    two epsilons of it. Why two: the inputs are exact, every matmul rounds its output once (half an
+    epsilon), and each gradient passes through at most one rounded intermediate (d down = g B) before
+    its own rounding; the measured errors are about one epsilon, the textbook's alike."""
+    torch.manual_seed(0)
+    shapes = [(96, 8, False), (32, 8, True), (32, 4, False)]  # q/k/v-like: (out, r, bias)
+    layers = [lora.LoRALinear(nn.Linear(64, out, bias=bias, dtype=dtype), r=r, alpha=2 * r, dropout=dropout)
+              for out, r, bias in shapes]
+    for m in layers:
+        nn.init.normal_(m.lora_B.weight, std=0.1)
+    x = torch.randn(2, 40, 64, dtype=dtype, requires_grad=True)
+    cotangents = [torch.randn(2, 40, m.out_features) for m in layers]
+
+    def run(layers, x, forward, autocast=True):
+        params = [x, *[p for m in layers for p in (m.lora_A.weight, m.lora_B.weight)]]
+        torch.manual_seed(1)  # the same dropout masks in every run
+        with torch.autocast("cpu", dtype=dtype, enabled=autocast):
+            outs = forward(layers, x)
+        loss = sum((o.to(c.dtype) * c).sum() for o, c in zip(outs, cotangents))
+        return [*outs, *torch.autograd.grad(loss, params)]
+
+    ours = run(layers, x, lambda layers, x: lora.LoRALinear.forward_shared(x, layers))
+    assert ours[0].grad_fn.next_functions[0][0].name() == "LoRAGroupBackward"
+    assert [t.dtype for t in ours] == [dtype] * 4 + [torch.float32] * 6  # outs, dx, then dA, dB
+    reference = run(layers, x, lambda layers, x: [textbook(m, x) for m in layers])
+    layers64 = [copy.deepcopy(m).double() for m in layers]
+    cotangents[:] = [c.double() for c in cotangents]
+    exact = run(layers64, x.detach().double().requires_grad_(), lambda layers, x: [textbook(m, x) for m in layers],
+                autocast=False)
+    for a, b, truth in zip(ours, reference, exact, strict=True):
+        err_ours, err_reference = frobenius_rel(a.double(), truth), frobenius_rel(b.double(), truth)
+        assert err_ours <= 1.1 * err_reference, (err_ours, err_reference)
+        assert frobenius_rel(a.double(), b.double()) <= 2 * EPS[dtype]
+
+
+def test_group_dtype():
+    """Where the written-out path runs: one dtype outside autocast (float32, float64); under autocast
+    its dtype, for float32 or autocast-dtype tensors; not for float64 under autocast (autocast leaves
+    float64 alone), nor a bf16 base with float32 A and B outside autocast (the update is formed in
+    float32 there, op by op)."""
+    def group(dtype, lora_dtype=torch.float32):
+        return [lora.LoRALinear(nn.Linear(8, 4, dtype=dtype), r=2, alpha=4).to(lora_dtype)]
+    dtype_for = lora.layer.LoRAGroup.dtype_for
+    assert dtype_for(torch.zeros(3, 8), group(torch.float32)) == torch.float32
+    assert dtype_for(torch.zeros(3, 8, dtype=torch.float64), group(torch.float64, torch.float64)) == torch.float64
+    assert dtype_for(torch.zeros(3, 8, dtype=torch.bfloat16), group(torch.bfloat16)) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert dtype_for(torch.zeros(3, 8, dtype=torch.bfloat16), group(torch.bfloat16)) == torch.bfloat16
+        assert dtype_for(torch.zeros(3, 8), group(torch.float32)) == torch.bfloat16
+        assert dtype_for(torch.zeros(3, 8, dtype=torch.float64), group(torch.float64, torch.float64)) is None
 
 
 def test_cpu_dropout_mask():
@@ -500,10 +568,12 @@ def test_save_is_atomic_and_keeps_other_files(tmp_path, tiny_llama_dir):
     assert [p.name for p in out.parent.iterdir()] == ["adapter"]  # no temporary left behind
 
 
-def test_compiled_blocks_do_not_break_their_graphs_when_lengths_vary():
+@pytest.mark.parametrize("autocast", [False, True])
+def test_compiled_blocks_do_not_break_their_graphs_when_lengths_vary(autocast):
     """--compile compiles each decoder block; micro-batches of a real run have different lengths.
     LoRA dropout (whose CPU mask uses an in-place random_) and the causal flag of attention (a
-    symbolic T > 1) used to break every block's graph once per new length (41 breaks here)."""
+    symbolic T > 1) used to break every block's graph once per new length (41 breaks here). Also
+    under bf16 autocast, where LoRAGroup runs in bf16."""
     from torch._dynamo.utils import counters
     from model.config import LlamaConfig
     from model.llama import Llama
@@ -516,8 +586,13 @@ def test_compiled_blocks_do_not_break_their_graphs_when_lengths_vary():
     counters.clear()
     for layer in model.model.layers:
         layer.compile(backend="eager")  # graph breaks are dynamo's; no code generation needed
+    if autocast:
+        model.to(torch.bfloat16)
+        for m in lora.lora_modules(model).values():
+            m.lora_A.float(), m.lora_B.float()
     for T in (17, 33, 50):
-        model(torch.randint(0, 128, (2, T))).sum().backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            model(torch.randint(0, 128, (2, T))).float().sum().backward()
     assert sum(counters["graph_break"].values()) == 0, list(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] >= 1  # it did compile
     torch._dynamo.reset()
