@@ -198,7 +198,7 @@ class LossSum(nn.Module):
 
     def forward(self, batch: dict):
         return lm_loss_sum(self.model, batch["input_ids"], batch["labels"], batch.get("position_ids"),
-                           batch.get("document_ids"), batch.get("trained_index"))
+                           batch.get("document_ids"), batch.get("trained_index"), batch.get("documents"))
 
 
 def _allreduce_sum_hook(process_group, bucket):

@@ -36,6 +36,7 @@ from checkpoint import (list_checkpoints, load_checkpoint, read_trainer_state, r
 from model import DEMO_MODEL, load_model, resolve_model_dir
 from model.errors import UserError, run_command
 from model.generate import generate
+from model.llama import packed_documents
 from model.loss import trained_positions
 
 ROOT = Path(__file__).resolve().parent
@@ -298,9 +299,12 @@ def micro_batch_stream(lengths, cfg: TrainConfig, epoch: int, index: int):
 
 def to_device(batch: dict, device) -> dict:
     """The batch on `device`, with what the step reads of it counted first, on the CPU (counted on
-    a GPU, each would make the host wait): n_trained and n_tokens, and trained_index, the positions
-    the loss gathers (model.loss.trained_positions)."""
+    a GPU, each would make the host wait): n_trained and n_tokens, trained_index, the positions
+    the loss gathers (model.loss.trained_positions), and for packed rows the documents' bounds
+    that varlen attention reads (model.llama.packed_documents)."""
     batch = {**batch, "trained_index": trained_positions(batch["labels"])}
+    if "document_ids" in batch:
+        batch["documents"] = packed_documents(batch["document_ids"])
     counts = {"n_trained": batch["trained_index"].numel(), "n_tokens": int(batch["attention_mask"].sum())}
     return {**{k: v.to(device, non_blocking=True) for k, v in batch.items()}, **counts}
 

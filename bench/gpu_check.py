@@ -8,7 +8,9 @@ Checks, each a row (PASS / FAIL with the measured figure and the bound it was he
               step's loss and every LoRA gradient
   nf4         NF4 logits on the device against the CPU's (bitsandbytes' kernels on both)
   checkpoint  LoRA gradients with gradient checkpointing on and off
-  packing     a packed row's loss against the same examples unpacked
+  packing     a packed row's loss against the same examples unpacked (fp32: SDPA with the
+              block-diagonal mask); in bf16, packed rows through FlashAttention's varlen kernel
+              against the same rows through the mask
   torchrun    train.py under `torchrun --nproc-per-node 1` (nccl; gloo in the dry run) with DDP
               and FSDP, and a DDP run stopped at step 2 and resumed, against one run of 4 steps
   speed       bench/train_speed.py's GPU cases against transformers+PEFT (CUDA only: the dry
@@ -147,12 +149,16 @@ def check_checkpointing(model_dir, device):
     return max(rel(ckpt[k], plain[k]) for k in plain), BOUNDS["fp32"], "LoRA gradients, checkpointing on vs off"
 
 
+def packing_examples():
+    g = torch.Generator().manual_seed(2)
+    return [{"input_ids": ids, "labels": [-100] * 5 + ids[5:]}
+            for ids in (torch.randint(0, 256, (n,), generator=g).tolist() for n in (40, 97, 23))]
+
+
 def check_packing(model_dir, device):
     import data
     from model.loss import lm_loss_sum
-    g = torch.Generator().manual_seed(2)
-    examples = [{"input_ids": ids, "labels": [-100] * 5 + ids[5:]}
-                for ids in (torch.randint(0, 256, (n,), generator=g).tolist() for n in (40, 97, 23))]
+    examples = packing_examples()
     model = lora_model(model_dir, torch.float32, device).eval()
     losses = []
     with torch.no_grad():
@@ -162,6 +168,34 @@ def check_packing(model_dir, device):
                                       b.get("document_ids"))[0].item())
     unpacked, packed = losses
     return abs(packed - unpacked) / abs(unpacked), BOUNDS["fp32"], f"loss sum packed {packed:.4f} vs unpacked {unpacked:.4f}"
+
+
+def check_varlen(model_dir, device):
+    """bf16 packed rows (two of them, so documents cross rows) through varlen attention and through
+    the mask: the loss and every LoRA gradient."""
+    import data
+    import model.llama as llama
+    from model.loss import lm_loss_sum
+    examples = packing_examples()
+    b = {k: v.to(device) for k, v in data.collate([examples[:2], examples[2:]], 0, pack=True).items()}
+    model = lora_model(model_dir, torch.bfloat16, device)
+    runs = llama.varlen_runs
+    results = []
+    for varlen in (True, False):
+        llama.varlen_runs = runs if varlen else (lambda x, config: False)
+        try:
+            model.zero_grad(set_to_none=True)
+            with torch.autocast(device, dtype=torch.bfloat16):
+                loss, n = lm_loss_sum(model, b["input_ids"], b["labels"], b["position_ids"], b["document_ids"])
+            (loss / n).backward()
+            results.append((loss.item() / n, {k: p.grad.float().cpu() for k, p in model.named_parameters()
+                                              if p.grad is not None}))
+        finally:
+            llama.varlen_runs = runs
+    (loss, grads), (ref_loss, ref) = results
+    kernel = "varlen" if runs(b["input_ids"].new_zeros(1, dtype=torch.bfloat16), model.config) else "mask (no varlen here)"
+    figure = max(abs(loss - ref_loss) / abs(ref_loss), max(rel(grads[k], ref[k]) for k in ref))
+    return figure, BOUNDS["bf16"], f"bf16 loss {loss:.5f} ({kernel}) vs {ref_loss:.5f} (mask) and LoRA gradients"
 
 
 def train_cli(args, log: Path):
@@ -226,6 +260,7 @@ def main():
               ("nf4 device vs cpu", lambda: check_nf4(model_dir, device)),
               ("grad checkpointing", lambda: check_checkpointing(model_dir, device)),
               ("packed vs unpacked", lambda: check_packing(model_dir, device)),
+              ("packed varlen vs mask", lambda: check_varlen(model_dir, device)),
               ("torchrun ddp", lambda: check_torchrun(model_dir, device, work, "ddp")),
               ("torchrun fsdp", lambda: check_torchrun(model_dir, device, work, "fsdp")),
               ("torchrun ddp resume", lambda: check_torchrun(model_dir, device, work, "resume"))]

@@ -7,7 +7,9 @@ q_proj.weight`, ...), and RoPE rotates halves of each head as transformers does,
 load with no key map and no q/k permutation, and LoRA adapters carry the names PEFT uses.
 """
 
+import inspect
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -18,6 +20,12 @@ from .config import LlamaConfig
 
 # `enable_gqa` lets SDPA share each K/V head between its query heads without copying (torch >= 2.5).
 _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+try:  # FlashAttention over packed documents (CUDA); the form with windows and GQA (torch >= 2.10)
+    from torch.nn.attention.varlen import varlen_attn
+    _VARLEN = {"window_size", "enable_gqa"} <= set(inspect.signature(varlen_attn).parameters)
+except ImportError:
+    varlen_attn, _VARLEN = None, False
 
 
 class RMSNorm(nn.Module):
@@ -154,6 +162,38 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
+class PackedDocuments(NamedTuple):
+    """Packed rows as variable-length attention reads them: the (B, T) rows flattened into one
+    sequence of B*T tokens, document k being tokens cu_seqlens[k] up to cu_seqlens[k + 1]."""
+    cu_seqlens: torch.Tensor  # (documents + 1,) int32, 0 first and B*T last
+    max_len: int  # the longest document's length
+
+    def to(self, device, non_blocking: bool = False) -> "PackedDocuments":
+        return self._replace(cu_seqlens=self.cu_seqlens.to(device, non_blocking=non_blocking))
+
+
+def packed_documents(document_ids: torch.Tensor) -> PackedDocuments:
+    """PackedDocuments of document_ids (B, T), whose documents are runs of one id within a row
+    (data.collate's; its padding is a document of its own). It takes a nonzero() and a max(), which
+    on a GPU make the host wait: train.py computes it on the CPU, before the batch moves."""
+    B, T = document_ids.shape
+    starts = torch.ones((B, T), dtype=torch.bool, device=document_ids.device)  # every row starts one
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    cu = torch.cat([starts.flatten().nonzero().flatten(), torch.tensor([B * T], device=starts.device)])
+    return PackedDocuments(cu.to(torch.int32), int((cu[1:] - cu[:-1]).max()))
+
+
+def varlen_runs(x: torch.Tensor, config: LlamaConfig) -> bool:
+    """Whether packed rows take FlashAttention's variable-length kernel for activations like x: a
+    CUDA device of compute capability 8.0 or more, bf16 or fp16 (under autocast, its dtype), a head
+    size FlashAttention takes, and a torch that has the kernel. Elsewhere (the CPU, fp32) SDPA reads
+    the block-diagonal mask."""
+    if not (_VARLEN and x.is_cuda and config.head_dim % 8 == 0 and config.head_dim <= 256):
+        return False
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+    return dtype in (torch.bfloat16, torch.float16) and torch.cuda.get_device_capability(x.device) >= (8, 0)
+
+
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -165,14 +205,18 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, kv_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(config.hidden_size, kv_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(q_dim, config.hidden_size, bias=config.o_bias)
+        self.sliding_window = config.sliding_window
 
     def forward(self, x, cos, sin, mask, kv_cache: KVCache | None = None, layer: int = 0):
+        """mask: None (causal), a bool (B|1, 1, T, S) mask, or PackedDocuments (varlen attention)."""
         B, T, _ = x.shape
         q, k, v = shared_input(x, self.q_proj, self.k_proj, self.v_proj)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if isinstance(mask, PackedDocuments):
+            return self.o_proj(self.packed_attention(q, k, v, mask).view(B, T, self.n_heads * self.head_dim))
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, Hkv, S, D), S = cached + T
         # mask None means plain causal attention over T == S positions: SDPA's `is_causal` path is
@@ -186,6 +230,19 @@ class Attention(nn.Module):
         gqa = {"enable_gqa": self.n_kv_heads != self.n_heads} if _SDPA_HAS_GQA else {}
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, **gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def packed_attention(self, q, k, v, documents: "PackedDocuments"):
+        """Causal attention within each packed document, by FlashAttention's variable-length kernel:
+        the B rows are one sequence of B*T tokens cut at documents.cu_seqlens. It computes what SDPA
+        with the block-diagonal mask computes (the mask path is its twin), without the (B, 1, T, T)
+        mask that keeps SDPA off its flash kernel. q (B, H, T, D), k, v (B, Hkv, T, D) ->
+        (B*T, H, D)."""
+        tokens = lambda t: t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3])  # (B*T, heads, D)
+        cu, n = documents.cu_seqlens, documents.max_len
+        # (left, right) keys beside the query's own: all earlier ones, or window - 1 of them
+        window = (-1, 0) if self.sliding_window is None else (self.sliding_window - 1, 0)
+        return varlen_attn(tokens(q), tokens(k), tokens(v), cu, cu, n, n, window_size=window,
+                           enable_gqa=self.n_kv_heads != self.n_heads)
 
 
 class MLP(nn.Module):
@@ -269,15 +326,23 @@ class Llama(nn.Module):
             mask = mask & same_doc[:, None]
         return mask
 
-    def hidden_states(self, input_ids, position_ids=None, document_ids=None, kv_cache=None):
-        """The final-normed hidden states (B, T, hidden_size): everything but lm_head."""
+    def hidden_states(self, input_ids, position_ids=None, document_ids=None, kv_cache=None, documents=None):
+        """The final-normed hidden states (B, T, hidden_size): everything but lm_head.
+
+        Packed rows (document_ids) attend within their documents: through varlen attention where
+        it runs (`varlen_runs`), reading `documents` (packed_documents(document_ids), found here
+        when not given), else through a block-diagonal mask.
+        """
         B, T = input_ids.shape
         start = kv_cache.length if kv_cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(start, start + T, device=input_ids.device)[None]
         x = self.model.embed_tokens(input_ids)  # (B, T, hidden_size)
         cos, sin = self.rope(position_ids, x.dtype)
-        mask = self.attention_mask(T, start, document_ids)
+        if document_ids is not None and kv_cache is None and varlen_runs(x, self.config):
+            mask = (documents if documents is not None else packed_documents(document_ids)).to(x.device)
+        else:
+            mask = self.attention_mask(T, start, document_ids)
         for i, layer in enumerate(self.model.layers):
             if self.grad_checkpointing and self.training:
                 # Non-reentrant: works although the embedding output does not require grad.
@@ -288,6 +353,6 @@ class Llama(nn.Module):
             kv_cache.length += T
         return self.model.norm(x)
 
-    def forward(self, input_ids, position_ids=None, document_ids=None, kv_cache=None):
+    def forward(self, input_ids, position_ids=None, document_ids=None, kv_cache=None, documents=None):
         """input_ids (B, T) -> logits (B, T, vocab_size)."""
-        return self.lm_head(self.hidden_states(input_ids, position_ids, document_ids, kv_cache))
+        return self.lm_head(self.hidden_states(input_ids, position_ids, document_ids, kv_cache, documents))

@@ -71,14 +71,16 @@ def trained_positions(labels: torch.Tensor) -> torch.Tensor:
     return rows * labels.shape[1] + cols  # (N,)
 
 
-def lm_loss_sum(model, input_ids, labels, position_ids=None, document_ids=None, trained_index=None):
+def lm_loss_sum(model, input_ids, labels, position_ids=None, document_ids=None, trained_index=None,
+                documents=None):
     """Sum of the token losses of a batch (fp32 scalar), and the number of trained tokens.
 
     Returning the sum, not the mean, lets the caller divide by the trained tokens of a whole
     optimizer step, so gradient accumulation never changes the result. `trained_index` is
-    trained_positions(labels), found here when not given.
+    trained_positions(labels), found here when not given; `documents`, packed_documents(document_ids)
+    for varlen attention (model.llama), likewise.
     """
-    hidden = model.hidden_states(input_ids, position_ids, document_ids)  # (B, T, C)
+    hidden = model.hidden_states(input_ids, position_ids, document_ids, documents=documents)  # (B, T, C)
     if trained_index is None:
         trained_index = trained_positions(labels)
     # Position t predicts token t+1; only trained positions reach lm_head. index_select with known

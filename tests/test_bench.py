@@ -73,6 +73,6 @@ def test_gpu_check_dry_run(tmp_path):
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:4]
             for line in (tmp_path / "gpu_check.md").read_text().splitlines() if line.startswith("| ")}
     checks = [name for name in rows if name not in ("check", "---")]
-    assert len(checks) == 8 and all(rows[name][0] == "PASS" for name in checks), rows
+    assert len(checks) == 9 and all(rows[name][0] == "PASS" for name in checks), rows
     assert 0 < float(rows["precision bf16"][1]) <= float(rows["precision bf16"][2])
     assert 0 < float(rows["precision fp16"][1]) < float(rows["precision bf16"][1])  # fp16 keeps more bits

@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import assert_logits_match, break_model, fp32_logits_bound, rel, save_tiny_hf
 from model import ConfigError, KVCache, LoadError, load_model
@@ -110,6 +111,92 @@ def test_document_ids_match_separate_sequences(tiny_llama_dir):
         out = model(packed, position_ids=pos, document_ids=docs)
         assert_logits_match(out[:, :9], model(a), n_layers=2, what="packed, first document")
         assert_logits_match(out[:, 9:], model(b), n_layers=2, what="packed, second document")
+
+
+def varlen_by_documents(q, k, v, cu_q, cu_k, max_q, max_k, window_size, enable_gqa):
+    """What torch's varlen_attn computes, written per document with SDPA and an explicit mask: q
+    (tokens, H, D), k, v (tokens, Hkv, D); document i is tokens cu[i]..cu[i+1]; each query sees the
+    keys of its own document at or before it, at most window_size[0] before it (-1: all)."""
+    assert torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32 and window_size[1] == 0
+    assert max_q == max_k == int((cu_q[1:] - cu_q[:-1]).max())
+    assert enable_gqa == (k.shape[1] != q.shape[1])
+    outs = []
+    for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        i, j = torch.arange(b - a)[:, None], torch.arange(b - a)[None, :]
+        allowed = (j <= i) & ((j >= i - window_size[0]) if window_size[0] >= 0 else True)
+        qd, kd, vd = (t[a:b].transpose(0, 1) for t in (q, k, v))  # (heads, n, D)
+        kd, vd = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=0) for t in (kd, vd))
+        outs.append(F.scaled_dot_product_attention(qd, kd, vd, attn_mask=allowed).transpose(0, 1))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"arch": "mistral", "sliding_window": 6}, {"num_key_value_heads": 4}])
+def test_packed_rows_through_varlen_attention_equal_the_mask(tmp_path, monkeypatch, overrides):
+    """On CUDA in bf16/fp16, packed rows go to FlashAttention's variable-length kernel instead of
+    SDPA with a block-diagonal mask. The kernel is CUDA-only; here torch's varlen_attn is replaced
+    by its definition, written per document (varlen_by_documents), so that what this test proves
+    is the rest: the documents' bounds (packed_documents), the flattening of (B, H, T, D) to
+    tokens and back, GQA and the sliding window, in float64, loss and every gradient equal to the
+    mask path's. test_varlen_kernel_on_cuda checks the kernel itself where there is one."""
+    import data
+    import model.llama as llama
+    from model.loss import lm_loss_sum
+    path = save_tiny_hf(tmp_path / "m", **{"arch": "llama", **overrides})
+    model = load_model(path, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    rows = [[{"input_ids": ids, "labels": ids} for ids in (torch.randint(0, 128, (n,), generator=g).tolist()
+             for n in lengths)] for lengths in ((9, 7, 4), (13,), (3, 5))]  # a full row; two padded
+    batch = data.collate(rows, pad_id=0, pack=True)
+    documents = llama.packed_documents(batch["document_ids"])
+    T = batch["input_ids"].shape[1]
+    assert documents.cu_seqlens.tolist() == [0, 9, 16, T, T + 13, 2 * T, 2 * T + 3, 2 * T + 8, 3 * T]  # pads: one each
+    assert T == 20 and documents.max_len == 13
+
+    def loss_and_grads(varlen):
+        calls = []
+        monkeypatch.setattr(llama, "varlen_runs", lambda x, config: varlen)
+        monkeypatch.setattr(llama, "varlen_attn", lambda *a, **kw: calls.append(1) or varlen_by_documents(*a, **kw))
+        loss, _ = lm_loss_sum(model, batch["input_ids"], batch["labels"], batch["position_ids"],
+                              batch["document_ids"], documents=documents if varlen else None)
+        assert len(calls) == (model.config.num_hidden_layers if varlen else 0)
+        return [loss, *torch.autograd.grad(loss, [p for p in model.parameters()])]
+
+    for a, b in zip(loss_and_grads(True), loss_and_grads(False), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)  # float64: the same sums, reordered
+
+
+def test_varlen_runs_only_where_the_kernel_is():
+    import model.llama as llama
+    from model.config import LlamaConfig
+    config = LlamaConfig(vocab_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert not llama.varlen_runs(torch.zeros(1, dtype=dtype), config)  # the CPU keeps the mask
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention's varlen kernel needs CUDA")
+def test_varlen_kernel_on_cuda(tiny_llama_dir):
+    """The real kernel: packed rows' bf16 loss through varlen attention against the mask path, on
+    the GPU. Bound: bf16 rounding (8 bits) over two layers, as bench/gpu_check.py's."""
+    import data
+    import model.llama as llama
+    from model.loss import lm_loss_sum
+    model = load_model(tiny_llama_dir, dtype=torch.bfloat16, device="cuda")
+    if not llama.varlen_runs(torch.zeros(1, dtype=torch.bfloat16, device="cuda"), model.config):
+        pytest.skip("this torch or GPU has no varlen FlashAttention")
+    rows = [[{"input_ids": list(range(1, n + 1)), "labels": list(range(1, n + 1))} for n in lengths]
+            for lengths in ((30, 17), (40,))]
+    batch = {k: v.cuda() for k, v in data.collate(rows, pad_id=0, pack=True).items()}
+    losses = []
+    for varlen in (True, False):
+        llama_runs = llama.varlen_runs
+        llama.varlen_runs = (lambda x, c: llama_runs(x, c)) if varlen else (lambda x, c: False)
+        try:
+            losses.append(lm_loss_sum(model, batch["input_ids"], batch["labels"], batch["position_ids"],
+                                      batch["document_ids"])[0].item())
+        finally:
+            llama.varlen_runs = llama_runs
+    assert abs(losses[0] - losses[1]) <= 3e-2 * abs(losses[1]), losses
 
 
 def test_kv_cache_equals_full_recompute(tiny_llama_dir):
