@@ -21,7 +21,7 @@ from .config import LlamaConfig
 # `enable_gqa` lets SDPA share each K/V head between its query heads without copying (torch >= 2.5).
 _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
-try:  # FlashAttention over packed documents (CUDA); the form with windows and GQA (torch >= 2.10)
+try:  # FlashAttention over packed documents (CUDA), in the form with windows and GQA (torch 2.12 has it)
     from torch.nn.attention.varlen import varlen_attn
     _VARLEN = {"window_size", "enable_gqa"} <= set(inspect.signature(varlen_attn).parameters)
 except ImportError:
