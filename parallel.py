@@ -16,7 +16,10 @@ Every rank runs the same loop of train.py; this file holds what differs from one
     FSDP2     `fully_shard` on every decoder block (frozen base and LoRA alike) and on the rest of
               the model (embeddings, final norm, lm_head): each rank stores 1/world of everything
               and gathers one block at a time, so a model bigger than one GPU trains; the LoRA
-              gradients are reduce-scattered and the optimizer state stays sharded
+              gradients are reduce-scattered and the optimizer state stays sharded. The model is
+              built on the meta device and sharded before it has weights; each rank then reads
+              only its own rows of each tensor from the files (`load_shards`), so no rank ever
+              holds the whole model, in memory or on the GPU
     saving    LoRA weights and optimizer state are gathered whole on every rank and rank 0 writes
               the files a single process writes, so checkpoints move freely between the two
     failures  collectives time out after --parallel-timeout seconds; a rank that raises prints
@@ -38,6 +41,8 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 import lora
+from model.llama import rope_frequencies
+from model.load import checkpoint_tensors, read_tensor
 from model.loss import IGNORE_INDEX, lm_loss_sum
 
 # -----------------------------------------------------------------------------
@@ -164,6 +169,11 @@ def fsdp2_available() -> bool:
     return all(hasattr(FSDPModule, m) for m in ("set_gradient_divide_factor", "set_force_sum_reduction_for_comms"))
 
 
+def shards_model(mode: str) -> bool:
+    """Whether this run shards its model with FSDP2 (--parallel fsdp, under torchrun)."""
+    return mode == "fsdp" and dist.is_initialized()
+
+
 def is_fsdp(module) -> bool:
     if not dist.is_initialized():
         return False
@@ -209,12 +219,13 @@ def _allreduce_sum_hook(process_group, bucket):
     return work.get_future().then(lambda fut: fut.value()[0])
 
 
-def wrap(loss_fn: LossSum, mode: str) -> nn.Module:
+def wrap(loss_fn: LossSum, mode: str, device: str = "cpu") -> nn.Module:
     """The module the training micro-steps call: `loss_fn` itself in one process; under torchrun
     DDP(loss_fn), or `loss_fn` with its model sharded in place by FSDP2 (mode "fsdp").
 
     Call after LoRA is injected and before the optimizer is built: FSDP2 replaces every parameter
-    of the model by its shard (a DTensor).
+    of the model by its shard (a DTensor). A model on the meta device (model.load.meta_model, as
+    train.py builds it for FSDP) gets its weights here, after sharding: `load_shards`.
     """
     if not dist.is_initialized():
         return loss_fn
@@ -239,7 +250,47 @@ def wrap(loss_fn: LossSum, mode: str) -> nn.Module:
         if is_fsdp(module):  # sum the ranks' gradients, as with DDP above, with a
             module.set_gradient_divide_factor(1.0)  # plain SUM reduce-scatter (gloo has no other)
             module.set_force_sum_reduction_for_comms(True)
+    if model.lm_head.weight.is_meta:
+        load_shards(model, device)
     return loss_fn
+
+
+def shard_rows(p) -> tuple[int, int]:
+    """The rows [start, end) of the whole tensor that this rank's shard of `p` holds. FSDP2 shards
+    dim 0 as torch.chunk does: ceil(rows / world) each, the last ranks fewer (or none)."""
+    n, local = p.shape[0], p.to_local().shape[0]
+    per_rank = -(-n // world_size())
+    start = min(rank() * per_rank, n)
+    if local != min(per_rank, n - start):
+        raise RuntimeError(f"FSDP2 placed {local} of {n} rows on rank {rank()}; expected torch.chunk's layout")
+    return start, start + local
+
+
+@torch.no_grad()
+def load_shards(model: nn.Module, device: str):
+    """Fill a model that FSDP2 sharded while it was on the meta device. Each parameter gets storage
+    for its shard alone; each rank reads from the checkpoint files only the rows its shards hold
+    (safetensors reads slices from disk); LoRA's A and B are initialised as one process does it,
+    the same draws in the same order (every rank draws each whole A, small, and keeps its rows),
+    so a run under FSDP starts where a single-process run with the same seed starts."""
+    model.to_empty(device=device)
+    model.tie_weights()  # to_empty gave lm_head its own tensor; share the embeddings' again
+    model.rope_inv_freq = rope_frequencies(model.config).to(device)
+    params = dict(model.named_parameters())
+    for key, f in checkpoint_tensors(model.source_dir):
+        p = params[key]
+        if is_shard(p):
+            start, end = shard_rows(p)
+            p.to_local().copy_(read_tensor(f, key, (start, end)))  # copy_ casts to p's dtype
+        else:
+            p.copy_(read_tensor(f, key))
+    for m in lora.lora_modules(model).values():
+        A, B = m.lora_A.weight, m.lora_B.weight
+        A_whole, B_whole = torch.empty(A.shape, device=device), torch.empty(B.shape, device=device)
+        lora.init_lora_weights(A_whole, B_whole)
+        for p, whole in ((A, A_whole), (B, B_whole)):
+            local = p.to_local() if is_shard(p) else p
+            local.copy_(whole[slice(*shard_rows(p))] if is_shard(p) else whole)
 
 
 def gradient_sync(module: nn.Module, enabled: bool):

@@ -34,6 +34,7 @@ import run_dir
 from checkpoint import (list_checkpoints, load_checkpoint, read_trainer_state, remove_partial_checkpoints,
                         save_checkpoint)
 from model import DEMO_MODEL, load_model, resolve_model_dir
+from model.load import meta_model
 from model.errors import UserError, run_command
 from model.generate import generate
 from model.llama import packed_documents
@@ -529,7 +530,10 @@ def run_training(cfg: TrainConfig) -> dict:
     if cfg.quantize:
         from lora.quant import nf4_loader
         replace_linear = nf4_loader(dtype)
-    model = load_model(model_dir, dtype=dtype, device=device, replace_linear=replace_linear)
+    if parallel.shards_model(cfg.parallel):
+        model = meta_model(model_dir, dtype)  # weights come after sharding: each rank reads its own
+    else:
+        model = load_model(model_dir, dtype=dtype, device=device, replace_linear=replace_linear)
     lora_cfg = lora.LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                targets=cfg.lora_targets if cfg.lora_targets == "all-linear"
                                else [t.strip() for t in cfg.lora_targets.split(",") if t.strip()],
@@ -544,15 +548,16 @@ def run_training(cfg: TrainConfig) -> dict:
         for layer in model.model.layers:
             layer.compile()
     model.train()
+    # --- parallel (torchrun only): the micro-steps call train_loss_fn, evaluation calls loss_fn.
+    # DDP: a replica per rank, LoRA gradients summed over ranks. FSDP2: every decoder block and the
+    # rest of the model sharded over the ranks, its parameters replaced by their shards (DTensors),
+    # then each rank's shards read from the files.
+    loss_fn = parallel.LossSum(model)  # forward(batch) -> (sum of token losses, trained tokens)
+    train_loss_fn = parallel.wrap(loss_fn, cfg.parallel, device)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # again: FSDP2 swapped them
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
         torch.cuda.reset_peak_memory_stats()  # max_memory_gib: the peak of training, not of loading
-    # --- parallel (torchrun only): the micro-steps call train_loss_fn, evaluation calls loss_fn.
-    # DDP: a replica per rank, LoRA gradients summed over ranks. FSDP2: every decoder block and the
-    # rest of the model sharded over the ranks, its parameters replaced by their shards (DTensors).
-    loss_fn = parallel.LossSum(model)  # forward(batch) -> (sum of token losses, trained tokens)
-    train_loss_fn = parallel.wrap(loss_fn, cfg.parallel)
-    trainable = [p for p in model.parameters() if p.requires_grad]  # again: FSDP2 swapped them
 
     # --- optimizer: AdamW on the trainable parameters only; no weight decay on biases and norms.
     # Fused: one kernel for all parameters (transformers' Trainer default too); on the CPU it takes

@@ -1,4 +1,5 @@
-"""Peak memory of loading a model: bf16, QLoRA quantized after the load, QLoRA quantized while loading.
+"""Peak memory of loading a model: bf16, QLoRA quantized after the load, QLoRA quantized while
+loading, and FSDP2 over 2 and 4 ranks (per rank).
 
     python bench/load_memory.py                      # random weights in Llama-3.2-1B's shape, CPU
     python bench/load_memory.py --case llama-3.1-8b --device cuda
@@ -8,11 +9,15 @@ The checkpoint (random weights in a public model's shape, bf16 safetensors) is w
 process's peak resident set (VmHWM) minus what it held before loading (torch and bitsandbytes
 imported), on CUDA torch.cuda.max_memory_allocated. "nf4 after load" is load_model, then
 inject_lora(quantize="nf4"): the whole bf16 model exists first. "nf4 while loading" is
-load_model(replace_linear=nf4_loader): each linear is quantized as it is read.
+load_model(replace_linear=nf4_loader): each linear is quantized as it is read. "fsdp N ranks" is
+what train.py --parallel fsdp does under torchrun (gloo on the CPU, nccl on CUDA): meta_model, LoRA,
+parallel.wrap, which shards the model and has each rank read its own rows; the figure is the
+largest rank's peak.
 """
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MODES = ("bf16", "nf4 after load", "nf4 while loading")
+MODES = ("bf16", "nf4 after load", "nf4 while loading", "fsdp 2 ranks", "fsdp 4 ranks")
 
 CHILD = r"""
 import json, sys, torch
@@ -37,6 +42,40 @@ if mode != "bf16":
 peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else rss_mib("VmHWM") - before
 print(json.dumps({{"peak_mib": peak}}))
 """
+
+FSDP_CHILD = r"""
+import json, sys, torch
+sys.path.insert(0, {root!r})
+import lora, parallel
+from bench.load_memory import rss_mib
+from model.load import meta_model
+path, device = {path!r}, {device!r}
+parallel.init(device, 600)
+before = rss_mib("VmRSS")
+model = meta_model(path, torch.bfloat16)
+lora.inject_lora(model, lora.LoRAConfig(r=16, alpha=32))
+parallel.wrap(parallel.LossSum(model), "fsdp", device)
+peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else rss_mib("VmHWM") - before
+print(json.dumps({{"rank": parallel.rank(), "peak_mib": peak}}), flush=True)
+parallel.shutdown()
+"""
+
+
+def peak_of(mode: str, path: Path, device: str, scratch: Path) -> float:
+    """The peak of one way of loading, in its own process(es); for FSDP the largest rank's."""
+    if not mode.startswith("fsdp"):
+        code = CHILD.format(root=str(ROOT), mode=mode, path=str(path), device=device)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+    script = scratch / "fsdp_load.py"
+    script.write_text(FSDP_CHILD.format(root=str(ROOT), path=str(path), device=device))
+    ranks = mode.split()[1]
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                          ranks, str(script)], capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == int(ranks), out.stdout + out.stderr
+    return max(r["peak_mib"] for r in rows)
 
 
 def rss_mib(field: str) -> float:
@@ -59,9 +98,7 @@ def main():
     print(f"{args.case}: {size:,.0f} MiB of bf16 safetensors in {path}")
     print(f"| load ({args.device}) | peak MiB | x bf16 file |\n|---|---|---|")
     for mode in MODES:
-        code = CHILD.format(root=str(ROOT), mode=mode, path=str(path), device=args.device)
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        peak = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+        peak = peak_of(mode, path, args.device, args.scratch)
         print(f"| {mode} | {peak:,.0f} | {peak / size:.2f} |", flush=True)
 
 

@@ -75,18 +75,18 @@ class LoRALinear(nn.Module):
                 p.requires_grad_(False)
         self.compute_dtype = getattr(base, "compute_dtype", None)  # NF4 only: dtype of the matmul
         device = base.weight.device
-        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
-        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
+        # skip_init: no draws for nn.Linear's own init, which reset_lora_parameters replaces; the
+        # layer's random numbers are then A's alone (FSDP, initialising shards, draws the same).
+        linear = lambda n_in, n_out: nn.utils.skip_init(nn.Linear, n_in, n_out, bias=False, device=device,
+                                                        dtype=torch.float32)
+        self.lora_A, self.lora_B = linear(self.in_features, r), linear(r, self.out_features)
         # Identity when p = 0: no mask drawn, no copy of x made.
         self.lora_dropout = LoRADropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self):
-        # kaiming_uniform(a=sqrt(5)) is nn.Linear's own init (U(-1/sqrt(in), 1/sqrt(in))); PEFT and
-        # the LoRA reference code use it for A. B = 0 makes B A = 0 at the start of training.
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
+        init_lora_weights(self.lora_A.weight, self.lora_B.weight)
 
     @property
     def is_quantized(self) -> bool:
@@ -275,6 +275,15 @@ class LoRAGroup(torch.autograd.Function):
             dx = dx.to(ctx.x_dtype)
         per_layer = [(None, None, dA, dB) for dA, dB in zip(dAs, dBs)]
         return dx, None, None, None, *[grad for grads in per_layer for grad in grads]
+
+
+def init_lora_weights(A: torch.Tensor, B: torch.Tensor):
+    """LoRA's initialisation, in place: A (r, in) kaiming-uniform(a=sqrt(5)), which is nn.Linear's
+    own init, U(-1/sqrt(in), 1/sqrt(in)), as PEFT and the LoRA reference code use for A; B (out, r)
+    zeros, so that B A = 0 at the start of training."""
+    with torch.no_grad():
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        nn.init.zeros_(B)
 
 
 def cat(tensors, dim=0):

@@ -2,7 +2,8 @@
 
 The model is built on the meta device (no memory), given uninitialised storage once in the target
 dtype and device, and each checkpoint tensor is then copied into its parameter: at no point is there
-a second copy of the weights. Keys and shapes must match exactly.
+a second copy of the weights. Keys and shapes must match exactly. Under FSDP each rank allocates
+only its shard of each parameter and reads only those rows from the files (`read_tensor`'s rows).
 """
 
 import json
@@ -126,13 +127,12 @@ def _few(items: list[str], n: int = 3, sep: str = ", ") -> str:
     return sep.join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
 
 
-def load_model(path_or_id, dtype: torch.dtype = torch.float32, device="cpu", replace_linear=None) -> Llama:
-    """A `Llama` with the checkpoint's weights, in `dtype` on `device`, ready for `model(input_ids)`.
+def meta_model(path_or_id, dtype: torch.dtype = torch.float32) -> Llama:
+    """The checkpoint's `Llama` on the meta device, in `dtype`: its structure, no memory, no weights.
 
-    replace_linear(name, linear) -> module, when given, is called for each nn.Linear as soon as its
-    weights are read (a real nn.Linear in `dtype` on `device`), and what it returns takes the
-    linear's place: QLoRA quantizes there, so the peak is the quantized model plus one layer, never
-    the whole model in `dtype`. lm_head, when tied to the embeddings, is not passed to it.
+    The checkpoint's keys and shapes are checked against it here, so a model that does not fit its
+    files fails before anything is allocated. `load_model` fills one in; under FSDP each rank
+    shards it first and reads only its own rows (`read_rows`, via parallel.load_shards).
     """
     model_dir = resolve_model_dir(path_or_id)
     config = LlamaConfig.from_file(model_dir / "config.json")
@@ -141,6 +141,39 @@ def load_model(path_or_id, dtype: torch.dtype = torch.float32, device="cpu", rep
         model = Llama(config)
     check_keys(files, expected_shapes(model))
     model = model.to(dtype)  # still on meta: no memory
+    model.source_dir = model_dir  # where the weights, the tokenizer and chat template live
+    return model
+
+
+def checkpoint_tensors(model_dir: Path):
+    """(key, file) for every tensor of the checkpoint, file by file."""
+    for f in safetensors_files(model_dir):
+        with read_safetensors(f) as sf:
+            keys = list(sf.keys())
+        yield from ((key, f) for key in keys)
+
+
+def read_tensor(f: Path, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """One tensor of a safetensors file, or only its rows [start, end) (dim 0), read from disk.
+
+    The file is reopened for each tensor: closing unmaps it, so the pages already read do not stay
+    in this process's memory (a whole shard of them, on top of the model, otherwise)."""
+    with read_safetensors(f) as sf:
+        if rows is None:
+            return sf.get_tensor(key)
+        return sf.get_slice(key)[rows[0]:rows[1]]
+
+
+def load_model(path_or_id, dtype: torch.dtype = torch.float32, device="cpu", replace_linear=None) -> Llama:
+    """A `Llama` with the checkpoint's weights, in `dtype` on `device`, ready for `model(input_ids)`.
+
+    replace_linear(name, linear) -> module, when given, is called for each nn.Linear as soon as its
+    weights are read (a real nn.Linear in `dtype` on `device`), and what it returns takes the
+    linear's place: QLoRA quantizes there, so the peak is the quantized model plus one layer, never
+    the whole model in `dtype`. lm_head, when tied to the embeddings, is not passed to it.
+    """
+    model = meta_model(path_or_id, dtype)
+    config = model.config
     streamed = {} if replace_linear is None else {  # linears that stay on meta until their weights are read
         name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)
         and not (name == "lm_head" and config.tie_word_embeddings)}
@@ -151,25 +184,18 @@ def load_model(path_or_id, dtype: torch.dtype = torch.float32, device="cpu", rep
     model.rope_inv_freq = rope_frequencies(config).to(device)  # float32; to_empty left it empty
     params = {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[0] not in streamed}
     pending = {}  # name -> {"weight": tensor, "bias": tensor} of a streamed linear, until complete
-    for f in files:
-        with read_safetensors(f) as sf:
-            keys = list(sf.keys())
-        for key in keys:
-            # Reopened for each tensor: closing unmaps the file, so the pages already read do not
-            # stay in this process's memory (a whole shard of them, on top of the model, otherwise).
-            with read_safetensors(f) as sf:
-                t = sf.get_tensor(key)
-            name, kind = key.rsplit(".", 1)
-            if name not in streamed:
-                params[key].copy_(t)  # one tensor at a time; copy_ casts dtype
-                continue
-            pending.setdefault(name, {})[kind] = t
-            meta = streamed[name]
-            if len(pending[name]) == 1 + (meta.bias is not None):
-                parent, attr = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
-                setattr(parent, attr, replace_linear(name, _real_linear(meta, pending.pop(name), device)))
-            del t
-    model.source_dir = model_dir  # where tokenizer and chat template live
+    for key, f in checkpoint_tensors(model.source_dir):
+        t = read_tensor(f, key)
+        name, kind = key.rsplit(".", 1)
+        if name not in streamed:
+            params[key].copy_(t)  # one tensor at a time; copy_ casts dtype
+            continue
+        pending.setdefault(name, {})[kind] = t
+        meta = streamed[name]
+        if len(pending[name]) == 1 + (meta.bias is not None):
+            parent, attr = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+            setattr(parent, attr, replace_linear(name, _real_linear(meta, pending.pop(name), device)))
+        del t
     return model.eval()
 
 

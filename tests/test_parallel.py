@@ -150,6 +150,29 @@ def test_one_process_checkpoint_resumes_under_fsdp(tiny_chat_dir, chat_data, sin
     assert_same_run(cut, single)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_fsdp_ranks_read_only_their_rows(tmp_path, tied):
+    """Under FSDP2 the model is built on meta and sharded before it has weights; each rank then
+    reads only its rows of each tensor (here 66 and 65 of the 131-row embeddings: an uneven split)
+    and LoRA's A draws what one process draws. Gathered, every parameter equals load_model +
+    inject_lora with the same seed, exactly; with tied embeddings lm_head stays tied."""
+    from conftest import save_tiny_hf
+    path = save_tiny_hf(tmp_path / "m", vocab_size=131, tie_word_embeddings=tied)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(ROOT / "tests" / "fsdp_load_ranks.py"), str(path), str(tmp_path / "result")]
+    result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"result.rank{r}").read_text()) for r in (0, 1)]
+    for r, got in enumerate(ranks):
+        assert got["tied"] == tied
+        assert got["diffs"] and max(got["diffs"].values()) == 0.0, got["diffs"]
+        assert got["lora_A_sum"] > 0  # initialised, not left as to_empty's garbage or zeros
+        rows = got["reads"]["model.embed_tokens.weight"]
+        assert rows == ([[0, 66], [66, 64]] if r == 0 else [[66, 131], [65, 64]])
+        assert all(read[0] is not None for read in got["reads"].values())  # no tensor read whole
+
+
 def test_ddp_resume_reproduces_uninterrupted_run(tiny_chat_dir, chat_data, tmp_path):
     kw = dict(RUN, micro_batch_size=2, parallel="ddp", lora_dropout=0.1)  # each rank's dropout RNG
     full, cut = tmp_path / "full", tmp_path / "cut"

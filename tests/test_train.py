@@ -74,12 +74,15 @@ def test_accumulation_equals_big_batch(tiny_chat_dir, chat_data, tmp_path):
     assert big_m[0]["grad_norm"] == pytest.approx(small_m[0]["grad_norm"], rel=1e-6)
     # After 4 AdamW steps at lr 1e-2 the adapters carry that rounding as Adam amplifies it (it
     # divides by sqrt(v)): about 2e-7 here, as large as the difference between the fused and the
-    # unrolled AdamW on identical gradients (1.3e-7). Micro-batches weighted by their own tokens
-    # instead of the step's move them by ~2e-2.
+    # unrolled AdamW on identical gradients (1.3e-7). At an element whose gradient nearly cancels,
+    # Adam's update follows the rounding itself, up to a fraction of lr: one element of the 6,912
+    # differs by 3.3e-5 here. Micro-batches weighted by their own tokens instead of the step's
+    # move the adapters by ~2e-2.
     a, b = adapter(tmp_path / "big"), adapter(tmp_path / "small")
     assert a.keys() == b.keys() and len(a) > 0
-    for k in a:
-        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=5e-7), k
+    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    beyond_rounding = torch.cat([((a[k] - b[k]).abs() > 5e-7 + 1e-5 * b[k].abs()).flatten() for k in a])
+    assert diff.max() <= 1e-4 and beyond_rounding.float().mean() <= 1e-3, (diff.max(), beyond_rounding.sum())
 
 
 def test_resume_reproduces_uninterrupted_run(tiny_chat_dir, chat_data, tmp_path):
