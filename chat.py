@@ -21,6 +21,7 @@ import data
 import lora
 from model import DEMO_MODEL, load_model, resolve_model_dir
 from model.errors import UserError, run_command
+from model.fused import reference_path
 from model.generate import generate
 
 STDIN_CLOSED = "stdin is closed; pass --prompt TEXT for a one-shot reply"
@@ -46,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
+    p.add_argument("--reference", action="store_true",
+                   help="run the textbook twins of the fast pieces (model/fused.py): same replies, slower")
     args = p.parse_args(argv)
     if args.compare and not args.adapter:
         p.error("--compare needs --adapter")
@@ -180,7 +183,7 @@ def chat(args):
     if args.prompt is None and sys.stdin is None:  # before the minutes a large model takes to load
         raise ChatError(STDIN_CLOSED)
     model, tok = load(args)
-    with torch.no_grad():
+    with torch.no_grad(), reference_path(args.reference):
         if args.prompt is not None:
             one_shot(model, tok, args)
         else:

@@ -37,6 +37,7 @@ from model import DEMO_MODEL, load_model, resolve_model_dir
 from model.load import meta_model
 from model.errors import UserError, run_command
 from model.generate import generate
+from model.fused import reference_path
 from model.llama import packed_documents
 from model.loss import trained_positions
 
@@ -93,6 +94,8 @@ class TrainConfig:
     device: str = flag("auto", "cpu | cuda (auto: cuda when available)")
     grad_checkpointing: bool = flag(False, "recompute each decoder block in backward to save memory")
     compile: bool = flag(False, "torch.compile each decoder block")
+    reference: bool = flag(False, "run the textbook twins of the fast pieces (model/fused.py): the same "
+                                  "results, slower, every intermediate tensor hookable")
     tf32: bool = flag(True, "on CUDA, fp32 matmuls on tensor cores in TF32 (--no-tf32: full fp32)")
     parallel: str = flag("ddp", "under torchrun: ddp (a model replica per GPU) | fsdp (FSDP2: model sharded)")
     parallel_timeout: float = flag(600.0, "seconds a rank waits for the others before the job fails")
@@ -457,7 +460,8 @@ def train(cfg: TrainConfig) -> dict:
     """Run training as configured; return a summary (final loss, val losses, wall time...).
 
     One run per --output-dir at a time: rank 0 holds its lock while the run lasts."""
-    with run_dir.locked(Path(cfg.output_dir), owner=os.environ.get("RANK", "0") == "0"):
+    with run_dir.locked(Path(cfg.output_dir), owner=os.environ.get("RANK", "0") == "0"), \
+            reference_path(cfg.reference):
         return run_training(cfg)
 
 

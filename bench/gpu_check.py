@@ -2,6 +2,7 @@
 
     python bench/gpu_check.py                  # on a CUDA machine; table and logs under $OUT (or --out)
     python bench/gpu_check.py --dry-run        # on the CPU: every check but the CUDA kernels, tiny shapes
+    python bench/gpu_check.py --skip torchrun  # without the checks named so
 
 Checks, each a row (PASS / FAIL with the measured figure and the bound it was held to):
   precision   bf16 and fp16 (autocast, LoRA A and B fp32) against fp32 on the same device: the
@@ -245,6 +246,8 @@ def check_speed(work: Path):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dry-run", action="store_true", help="on the CPU, tiny shapes, no CUDA kernels")
+    p.add_argument("--skip", nargs="*", default=[], metavar="CHECK",
+                   help="leave out the checks whose names start with these words (e.g. torchrun)")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "runs" / "gpu-check")))
     args = p.parse_args()
     if not args.dry_run and not torch.cuda.is_available():
@@ -264,6 +267,7 @@ def main():
               ("torchrun ddp", lambda: check_torchrun(model_dir, device, work, "ddp")),
               ("torchrun fsdp", lambda: check_torchrun(model_dir, device, work, "fsdp")),
               ("torchrun ddp resume", lambda: check_torchrun(model_dir, device, work, "resume"))]
+    checks = [(name, run) for name, run in checks if not any(name.startswith(w) for w in args.skip)]
     rows = []
     for name, run in checks:
         t = time.perf_counter()

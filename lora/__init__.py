@@ -2,6 +2,8 @@
 
     config.py   LoRAConfig (r, alpha, dropout, targets, rslora) and LoRAError
     layer.py    LoRALinear: frozen W0 (maybe NF4) + scaling * B A; merge_weight, the pure merge
+    fused.py    LoRAGroup: layers that read one input, backward written out (the fast twin of
+                LoRALinear.textbook; model.fused.reference_path() switches to the textbook)
     inject.py   inject_lora (module swap + freeze), merge_lora_, trainable_table
     adapter.py  save_adapter / load_adapter in PEFT's on-disk format
     quant.py    NF4 storage via bitsandbytes (imported only when asked for)

@@ -16,6 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model import fused as model_fused
+
+from .fused import LoRAGroup
+
 
 class LoRADropout(nn.Dropout):
     """nn.Dropout whose mask LoRALinear can keep as a bool tensor, with a cheaper mask on the CPU.
@@ -109,7 +113,19 @@ class LoRALinear(nn.Module):
         return nf4_linear(x, self.weight, self.bias, self.compute_dtype)
 
     def forward(self, x):
+        if not model_fused.enabled():
+            return self.textbook(x)
         return self.forward_shared(x, [self])[0]
+
+    def textbook(self, x):
+        """h = W0 x + b + (alpha / r) B A dropout(x) (Hu et al. 2021, eq. 3), module by module, autograd
+        deriving the backward: what runs under model.fused.reference_path(). A hook on
+        `self.lora_A` sees A dropout(x). A and B are float32: outside autocast x is cast to it, and
+        the sum is rounded to the base's dtype once."""
+        x_lora = x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.weight.dtype)
+        update = self.lora_B(self.lora_A(self.lora_dropout(x_lora))) * self.scaling
+        base = self.base_forward(x)
+        return (base.to(update.dtype) + update).to(base.dtype)
 
     def forward_ops(self, x2d, down=None):
         """The layer op by op, on x2d (N, in), with autograd deriving the backward: base(x) +
@@ -178,105 +194,6 @@ class LoRALinear(nn.Module):
                 + (", base=nf4" if self.is_quantized else ""))
 
 
-class LoRAGroup(torch.autograd.Function):
-    """Forward and backward, written out, of LoRA layers i = 1..n that read the same x (N, in):
-
-        out_i = x W_i^T + b_i + alpha_i (x_i A_i^T) B_i^T,   x_i = x * keep_i (dropout) or x,
-        alpha_i = scaling_i / P(keep)
-
-    backward, with g_i the gradient of out_i and down_i = x_i A_i^T:
-
-        d down_i = alpha_i g_i B_i          dB_i = alpha_i g_i^T down_i      dA_i = d down_i^T x_i
-        dx = sum_i g_i W_i + sum_i (d down_i A_i) * keep_i
-
-    Autograd, running the layers op by op, forms each term of dx as its own (N, in) tensor and adds
-    them in separate passes; here BLAS accumulates them into one buffer (addmm_, beta = 1). Without
-    dropout the A are stacked, so the down-projections, the A gradients and their dx term are one
-    matmul each. With dropout it keeps x and the bool masks, not each layer's masked copy of x, and
-    forms x * keep_i again in backward: 3 bytes an element less per layer, for one pass.
-
-    Every matmul runs in one compute dtype, `dtype`: under autocast the autocast dtype (bf16 or
-    fp16), so x, W and b are cast to it as autocast would cast them (a no-op for a bf16 model) and
-    the float32 masters A and B are cast once a step; dA and dB are formed in it, as autocast's
-    matmuls form them, and land in float32 (the scaling alpha_i applied there, not rounded to bf16
-    first). The op-by-op path under autocast instead casts x to float32 for the LoRA branch and
-    autocast casts it back, a round trip of every activation.
-    """
-
-    @staticmethod
-    def dtype_for(x, layers) -> torch.dtype | None:
-        """The dtype the group computes in for x and these layers, or None where it does not run
-        (NF4 bases; float64 under autocast, which autocast leaves alone; mixed dtypes without it)."""
-        if any(m.is_quantized for m in layers):
-            return None
-        tensors = [x] + [t for m in layers for t in (m.weight, m.lora_A.weight, m.lora_B.weight)]
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-            return dtype if all(t.dtype in (dtype, torch.float32) for t in tensors) else None
-        return x.dtype if all(t.dtype == x.dtype for t in tensors) else None
-
-    @staticmethod
-    def forward(ctx, x, dtype, alphas, keeps, *weights):  # weights: W_1, b_1, A_1, B_1, W_2, ...
-        ctx.x_dtype = x.dtype  # dx, dA and dB go back in their inputs' dtypes
-        ctx.A_dtypes, ctx.B_dtypes = [A.dtype for A in weights[2::4]], [B.dtype for B in weights[3::4]]
-        x, *weights = [None if t is None else t.to(dtype) for t in (x, *weights)]  # no-ops in one dtype
-        Ws, bs, As, Bs = weights[0::4], weights[1::4], weights[2::4], weights[3::4]
-        ranks = [A.shape[0] for A in As]
-        if all(keep is None for keep in keeps):
-            downs = torch.mm(x, cat(As).t()).split(ranks, dim=1)  # (N, r_i) each
-        else:
-            downs = [torch.mm(x if keep is None else x * keep, A.t()) for keep, A in zip(keeps, As)]
-        # The LoRA term first, into a fresh buffer; the base matmul then adds onto it (beta = 1)
-        # while it computes, instead of the thin LoRA matmul reading and writing all of it again.
-        outs = [torch.mm(down, B.t() * alpha) if b is None else torch.addmm(b, down, B.t(), alpha=alpha)
-                for down, B, b, alpha in zip(downs, Bs, bs, alphas)]
-        for out, W in zip(outs, Ws):
-            out.addmm_(x, W.t())
-        ctx.alphas, ctx.ranks = alphas, ranks
-        ctx.save_for_backward(x, *keeps, *Ws, *As, *Bs, *downs)  # x, W, A, B in the compute dtype
-        return tuple(outs)
-
-    @staticmethod
-    def backward(ctx, *gs):
-        n, saved = len(gs), ctx.saved_tensors  # read once: checkpointing allows no second unpack
-        x, keeps = saved[0], saved[1:1 + n]
-        Ws, As, Bs, downs = [saved[1 + n * k:1 + n * (k + 1)] for k in range(1, 5)]
-        gs = [g.to(x.dtype) for g in gs]
-        needs_x, needs = ctx.needs_input_grad[0], ctx.needs_input_grad[4:]
-        needs_A, needs_B = any(needs[2::4]), any(needs[3::4])
-        dAs, dBs, dx = [None] * n, [None] * n, None
-        if needs_B:
-            # down^T g is (r, out): the layout BLAS runs fastest; B's gradient is its transpose.
-            dBs = [torch.mm(down.t(), g).to(dtype).mul_(alpha).t()
-                   for down, g, alpha, dtype in zip(downs, gs, ctx.alphas, ctx.B_dtypes)]
-        if needs_A or needs_x:
-            d_downs = [torch.mm(g, B).mul_(alpha) for g, B, alpha in zip(gs, Bs, ctx.alphas)]  # (N, r_i)
-            if all(keep is None for keep in keeps):
-                d_down = cat(d_downs, dim=1)  # (N, sum of r)
-                if needs_A:
-                    dAs = torch.mm(d_down.t(), x).split(ctx.ranks)
-                if needs_x:
-                    dx = torch.mm(d_down, cat(As))
-            else:
-                if needs_A:
-                    dAs = [torch.mm(d.t(), x if keep is None else x * keep) for d, keep in zip(d_downs, keeps)]
-                if needs_x:  # sum_i (d down_i A_i) * keep_i
-                    dx = torch.zeros_like(x)
-                    for d, A, keep in zip(d_downs, As, keeps):
-                        if keep is None:
-                            dx.addmm_(d, A)
-                        else:
-                            dx.addcmul_(torch.mm(d, A), keep)
-            if needs_A:
-                dAs = [dA.to(dtype) for dA, dtype in zip(dAs, ctx.A_dtypes)]
-        if needs_x:  # the base layers' terms, accumulated by the big matmuls as they run (beta = 1)
-            for g, W in zip(gs, Ws):
-                dx.addmm_(g, W)
-            dx = dx.to(ctx.x_dtype)
-        per_layer = [(None, None, dA, dB) for dA, dB in zip(dAs, dBs)]
-        return dx, None, None, None, *[grad for grads in per_layer for grad in grads]
-
-
 def init_lora_weights(A: torch.Tensor, B: torch.Tensor):
     """LoRA's initialisation, in place: A (r, in) kaiming-uniform(a=sqrt(5)), which is nn.Linear's
     own init, U(-1/sqrt(in), 1/sqrt(in)), as PEFT and the LoRA reference code use for A; B (out, r)
@@ -284,11 +201,6 @@ def init_lora_weights(A: torch.Tensor, B: torch.Tensor):
     with torch.no_grad():
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         nn.init.zeros_(B)
-
-
-def cat(tensors, dim=0):
-    """torch.cat, without the copy when there is one tensor."""
-    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
 
 
 def merge_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:

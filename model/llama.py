@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from . import fused
 from .config import LlamaConfig
 
 # `enable_gqa` lets SDPA share each K/V head between its query heads without copying (torch >= 2.5).
@@ -35,40 +36,42 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return RMSNormFunction.apply(x, self.weight, self.eps)
+        if fused.enabled():
+            return fused.RMSNormFunction.apply(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
 
-class RMSNormFunction(torch.autograd.Function):
-    """weight * y, y = x / sqrt(mean(x^2) + eps), with its gradient written out.
+def rms_norm(x, weight, eps: float):
+    """RMSNorm (Zhang & Sennrich 2019, eq. 4): x / RMS(x) * weight, RMS(x) = sqrt(mean(x^2) + eps),
+    over the last dimension. Normalised in float32 (or wider), cast back, then scaled: the order
+    transformers uses. The textbook twin of fused.RMSNormFunction."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
-    The forward normalises in float32 (or wider), casts back, then scales: the order transformers
-    uses, which matters for agreement in bf16/fp16. With r = 1 / sqrt(mean(x^2) + eps) and the
-    incoming gradient g, the gradient of x over the C features of a row is
 
-        dy = g * weight,    dx = r * dy - x * r^3 * mean(dy * x)
+def rope_rotate(x, cos, sin):
+    """Rotary position embedding (Su et al. 2021, eq. 34, with transformers' half rotation):
+    x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1) for the halves x1, x2 of each head.
+    x (B, heads, T, head_dim); cos, sin (B, 1, T, head_dim). The textbook twin of fused.RoPE."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
-    four passes over the activations where autograd, through pow, mean, rsqrt and two products,
-    takes about eight. Only x and r (one number a row) are kept for backward.
-    """
 
-    @staticmethod
-    def forward(ctx, x, weight, eps: float):
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16/fp16 -> fp32; fp64 stays
-        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
-        ctx.save_for_backward(x, weight, r)
-        return weight * (xf * r).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, g):
-        x, weight, r = ctx.saved_tensors
-        xf = x.to(r.dtype)
-        dy = (g * weight).to(x.dtype).to(r.dtype)  # rounded to x's dtype, as autograd would
-        coef = (dy * xf).mean(-1, keepdim=True) * r.pow(3)  # (..., 1)
-        dx = (dy * r).addcmul_(xf, coef, value=-1).to(x.dtype)
-        dweight = None
-        if ctx.needs_input_grad[1]:
-            dweight = (g * (xf * r).to(x.dtype)).sum(tuple(range(g.dim() - 1))).to(weight.dtype)
-        return dx, dweight, None
+def attention(q, k, v, mask=None, is_causal=False):
+    """Scaled dot-product attention (Vaswani et al. 2017, eq. 1): softmax(q k^T / sqrt(d)) v, with
+    each query seeing only the keys `mask` allows (or, is_causal, those at or before it). q (B, H,
+    T, D); k, v (B, Hkv, S, D), each K/V head shared by H / Hkv query heads (GQA). What SDPA's
+    kernels compute, op by op: the (B, H, T, S) scores exist."""
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, H, S, D)
+    v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, T, S)
+    if is_causal:
+        T, S = scores.shape[-2:]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = scores.to(torch.promote_types(scores.dtype, torch.float32)).softmax(dim=-1)  # fp32 or wider
+    return weights.to(q.dtype) @ v  # (B, H, T, D)
 
 
 def rope_frequencies(config: LlamaConfig) -> torch.Tensor:
@@ -102,40 +105,6 @@ def shared_input(x, *layers):
     return forward_shared(x, layers) if forward_shared else [layer(x) for layer in layers]
 
 
-class RoPE(torch.autograd.Function):
-    """Rotary embedding: x * cos + rotate_half(x) * sin, where rotate_half(x) = cat(-x2, x1) for the
-    halves x1, x2 of each head (as transformers rotates). x (B, n_heads, T, head_dim); cos, sin
-    (B, 1, T, head_dim).
-
-    Written out per half, the output is  (x1 cos1 - x2 sin1, x2 cos2 + x1 sin2):  one multiplication
-    and two in-place multiply-adds, with no rotated copy of x, no negated copy, no sum of two full
-    products. The rotation is linear in x, so its gradient is the transposed rotation:
-    dx = (g1 cos1 + g2 sin2, g2 cos2 - g1 sin1). Only cos and sin are kept for backward.
-    """
-
-    @staticmethod
-    def forward(ctx, x, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        h = x.shape[-1] // 2
-        return rotate(x, cos, sin[..., :h], sin[..., h:], sign=1)
-
-    @staticmethod
-    def backward(ctx, g):
-        cos, sin = ctx.saved_tensors
-        h = g.shape[-1] // 2
-        return rotate(g, cos, sin[..., h:], sin[..., :h], sign=-1), None, None
-
-
-def rotate(x, cos, sin_a, sin_b, sign: int):
-    """(x1 cos1 - sign x2 sin_a, x2 cos2 + sign x1 sin_b) for the halves x1, x2 of the last dimension."""
-    h = x.shape[-1] // 2
-    out = x * cos
-    out[..., :h].addcmul_(x[..., h:], sin_a, value=-sign)
-    out[..., h:].addcmul_(x[..., :h], sin_b, value=sign)
-    return out
-
-
-apply_rope = RoPE.apply
 
 
 class KVCache:
@@ -210,11 +179,15 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, kv_cache: KVCache | None = None, layer: int = 0):
         """mask: None (causal), a bool (B|1, 1, T, S) mask, or PackedDocuments (varlen attention)."""
         B, T, _ = x.shape
-        q, k, v = shared_input(x, self.q_proj, self.k_proj, self.v_proj)
+        if fused.enabled():  # LoRA layers compute q, k, v together (lora/fused.py)
+            q, k, v = shared_input(x, self.q_proj, self.k_proj, self.v_proj)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rope = fused.apply_rope if fused.enabled() else rope_rotate
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
         if isinstance(mask, PackedDocuments):
             return self.o_proj(self.packed_attention(q, k, v, mask).view(B, T, self.n_heads * self.head_dim))
         if kv_cache is not None:
@@ -224,6 +197,9 @@ class Attention(nn.Module):
         # cache that is always so, whatever T: a constant, so torch.compile does not break the
         # graph on a symbolic T > 1 when the lengths of micro-batches vary.
         is_causal = mask is None and (kv_cache is None or (k.shape[2] == T and T > 1))
+        if not fused.enabled():
+            y = attention(q, k, v, mask, is_causal)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         if self.n_kv_heads != self.n_heads and not _SDPA_HAS_GQA:
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
@@ -256,7 +232,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=bias)
 
     def forward(self, x):
-        gate, up = shared_input(x, self.gate_proj, self.up_proj)
+        if fused.enabled():
+            gate, up = shared_input(x, self.gate_proj, self.up_proj)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -339,7 +318,7 @@ class Llama(nn.Module):
             position_ids = torch.arange(start, start + T, device=input_ids.device)[None]
         x = self.model.embed_tokens(input_ids)  # (B, T, hidden_size)
         cos, sin = self.rope(position_ids, x.dtype)
-        if document_ids is not None and kv_cache is None and varlen_runs(x, self.config):
+        if document_ids is not None and kv_cache is None and fused.enabled() and varlen_runs(x, self.config):
             mask = (documents if documents is not None else packed_documents(document_ids)).to(x.device)
         else:
             mask = self.attention_mask(T, start, document_ids)

@@ -5,61 +5,16 @@ labels[t + 1], and positions labelled -100 carry no loss. Only the trained posit
 lm_head at all, and they go in chunks of at most CHUNK_ELEMENTS fp32 logits, so (B, T, vocab)
 logits never exist.
 
-Cross entropy of logits z = h W^T against target y is  loss = logsumexp(z) - z_y,  and its gradient
-is  d loss / d z = softmax(z) - onehot(y).  Since the loss is the last thing computed in a step,
-LinearCrossEntropy forms that gradient in the forward pass, in place in the chunk's logits buffer,
-and multiplies it into d loss / d h = (softmax(z) - onehot(y)) W  straight away. Each chunk of logits
-is then dropped: backward only scales the stored (N, C) gradient by the incoming scalar. This costs
-the same two matmuls as autograd would, without saving the logits for backward, recomputing them,
-or running log_softmax's backward over them.
+The fast loss (model/fused.py: LinearCrossEntropy) never forms the logits; its twin
+(`reference_loss_sum`) does, as a textbook writes it: lm_head, then cross-entropy.
 """
 
 import torch
 import torch.nn.functional as F
 
+from . import fused
+
 IGNORE_INDEX = -100
-CHUNK_ELEMENTS = 2**26  # 64M logits, 256 MB in fp32, per chunk
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """sum_i cross_entropy(hidden_i @ weight^T, targets_i), with its gradients formed chunk by chunk."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, rows: int):
-        # hidden (N, C), weight (vocab, C), targets (N,) -> fp32 scalar
-        need_h, need_w = ctx.needs_input_grad[:2]
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, hidden.shape[0], rows):
-            h, y = hidden[start:start + rows], targets[start:start + rows]  # (n, C), (n,)
-            logits = F.linear(h, weight).float()  # (n, vocab): the loss is always taken in fp32
-            target_logit = logits.gather(1, y[:, None]).squeeze(1)  # (n,)
-            # logsumexp, in place: z - max, exp, sum (the buffer ends up holding exp(z - max))
-            peak = logits.amax(dim=-1, keepdim=True)  # (n, 1)
-            sum_exp = logits.sub_(peak).exp_().sum(dim=-1, keepdim=True)  # (n, 1)
-            lse = peak.squeeze(1) + sum_exp.squeeze(1).log()  # (n,)
-            total += (lse - target_logit).sum()
-            if need_h or need_w:
-                grad = logits.div_(sum_exp)  # softmax(z), in place
-                grad[torch.arange(len(y), device=y.device), y] -= 1  # - onehot(y)
-                grad = grad.to(h.dtype)  # the dtype autograd's matmul would see
-                if need_h:
-                    grad_h[start:start + rows] = grad @ weight  # (n, C)
-                if need_w:
-                    grad_w += (grad.t() @ h).float()  # (vocab, C)
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.weight_dtype = weight.dtype
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        grad_h, grad_w = ctx.saved_tensors
-        if grad_h is not None:
-            grad_h = grad_h * grad_total.to(grad_h.dtype)
-        if grad_w is not None:
-            grad_w = (grad_w * grad_total).to(ctx.weight_dtype)
-        return grad_h, grad_w, None, None
 
 
 def trained_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -81,6 +36,8 @@ def lm_loss_sum(model, input_ids, labels, position_ids=None, document_ids=None, 
     for varlen attention (model.llama), likewise.
     """
     hidden = model.hidden_states(input_ids, position_ids, document_ids, documents=documents)  # (B, T, C)
+    if not fused.enabled():
+        return reference_loss_sum(model.lm_head(hidden), labels)
     if trained_index is None:
         trained_index = trained_positions(labels)
     # Position t predicts token t+1; only trained positions reach lm_head. index_select with known
@@ -88,5 +45,15 @@ def lm_loss_sum(model, input_ids, labels, position_ids=None, document_ids=None, 
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, trained_index)  # (N, C)
     targets = labels.reshape(-1).index_select(0, trained_index + 1)  # (N,): the next tokens
     weight = model.lm_head.weight  # (vocab, C)
-    rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
-    return LinearCrossEntropy.apply(hidden, weight, targets, rows), targets.numel()
+    rows = max(1, fused.CHUNK_ELEMENTS // weight.shape[0])
+    return fused.LinearCrossEntropy.apply(hidden, weight, targets, rows), targets.numel()
+
+
+def reference_loss_sum(logits, labels):
+    """The textbook twin of fused.LinearCrossEntropy: logits (B, T, vocab) at position t predict
+    labels[t + 1]; the sum of the cross-entropies, in float32 (or wider), over the labels that are
+    not -100, and their number."""
+    targets = labels[:, 1:].reshape(-1)  # (B * (T - 1),)
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).to(torch.promote_types(logits.dtype, torch.float32)), targets,
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, int((targets != IGNORE_INDEX).sum())

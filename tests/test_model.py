@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from conftest import assert_logits_match, break_model, fp32_logits_bound, rel, save_tiny_hf
 from model import ConfigError, KVCache, LoadError, load_model
-from model.llama import RMSNormFunction, RoPE
+from model.fused import RMSNormFunction, RoPE, reference_path
+from model.llama import rms_norm, rope_rotate
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
@@ -63,20 +64,11 @@ def test_logits_bound_catches_real_bugs(tmp_path, bug):
     assert moved > 10 * fp32_logits_bound(2)
 
 
-def plain_rope(x, cos, sin):
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
-def plain_rms_norm(x, weight, eps):
-    xf = x.to(torch.promote_types(x.dtype, torch.float32))
-    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
 def test_rope_and_rms_norm_gradients_are_autograds():
-    """The hand-written backwards of RoPE and RMSNorm: float64 gradcheck, and the same values and
-    gradients as autograd through the plain formulas. cos and sin get different halves, so a mixed
-    up half in the rotation shows (Llama's halves are equal)."""
+    """The hand-written backwards of RoPE and RMSNorm (model/fused.py): float64 gradcheck, and the
+    same values and gradients as autograd through their textbook twins (model/llama.py: rope_rotate,
+    rms_norm) in float64, float32 and bf16. cos and sin get different halves, so a mixed up half in
+    the rotation shows (Llama's halves are equal)."""
     g = torch.Generator().manual_seed(0)
     angles = torch.randn(2, 1, 5, 8, generator=g, dtype=torch.float64)  # (B, 1, T, head_dim)
     x = torch.randn(2, 5, 3, 8, generator=g, dtype=torch.float64).transpose(1, 2)  # (B, H, T, D) view
@@ -84,13 +76,13 @@ def test_rope_and_rms_norm_gradients_are_autograds():
     assert torch.autograd.gradcheck(RoPE.apply, (x, angles.cos(), angles.sin()))
     weight = torch.randn(8, generator=g, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(RMSNormFunction.apply, (x, weight, 1e-5))
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
         xd = x.detach().to(dtype).requires_grad_()
         wd = weight.detach().to(dtype).requires_grad_()
         cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
         ulp = torch.finfo(dtype).eps
-        for ours, plain, args, inputs in [(RoPE.apply, plain_rope, (xd, cos, sin), [xd]),
-                                          (RMSNormFunction.apply, plain_rms_norm, (xd, wd, 1e-5), [xd, wd])]:
+        for ours, plain, args, inputs in [(RoPE.apply, rope_rotate, (xd, cos, sin), [xd]),
+                                          (RMSNormFunction.apply, rms_norm, (xd, wd, 1e-5), [xd, wd])]:
             y, y_ref = ours(*args), plain(*args)
             torch.testing.assert_close(y, y_ref, rtol=2 * ulp, atol=2 * ulp)
             cotangent = torch.randn(y.shape, generator=g).to(dtype)
@@ -197,6 +189,75 @@ def test_varlen_kernel_on_cuda(tiny_llama_dir):
         finally:
             llama.varlen_runs = llama_runs
     assert abs(losses[0] - losses[1]) <= 3e-2 * abs(losses[1]), losses
+
+
+@pytest.mark.parametrize("overrides", [{}, {"arch": "qwen2", "tie_word_embeddings": True},
+                                       {"arch": "mistral", "sliding_window": 6}])
+def test_reference_path_equals_the_fast_one(tmp_path, overrides):
+    """The whole model with LoRA on every projection, through the fast pieces and through their
+    textbook twins (model.fused.reference_path: RMSNorm, RoPE, attention written out, q/k/v and
+    gate/up one by one, LoRA's formula, the loss over full logits): the same loss and the same
+    gradient of every LoRA weight, in float64, on unpacked and packed rows (the mask path, and a
+    KV-cached decode). float64: the same sums, in other orders."""
+    import data
+    import lora
+    from model.loss import lm_loss_sum
+    path = save_tiny_hf(tmp_path / "m", **{"arch": "llama", **overrides})
+    model = load_model(path, dtype=torch.float64)
+    lora.inject_lora(model, lora.LoRAConfig(r=4, alpha=8, dropout=0.25, targets="all-linear"))
+    model.double().train()
+    for m in lora.lora_modules(model).values():
+        torch.nn.init.normal_(m.lora_B.weight, std=0.1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(0)
+    rows = [[{"input_ids": ids, "labels": ids} for ids in (torch.randint(0, 128, (n,), generator=g).tolist()
+             for n in lengths)] for lengths in ((9, 7), (12,))]
+    unpacked = data.collate([e for row in rows for e in row], pad_id=0)
+    packed = data.collate(rows, pad_id=0, pack=True)
+
+    def loss_and_grads(batch):
+        torch.manual_seed(3)  # the same dropout masks on both paths
+        loss, n = lm_loss_sum(model, batch["input_ids"], batch["labels"], batch.get("position_ids"),
+                              batch.get("document_ids"))
+        return [loss, torch.tensor(float(n)), *torch.autograd.grad(loss, params)]
+
+    for batch in (unpacked, packed):
+        fast = loss_and_grads(batch)
+        with reference_path():
+            textbook = loss_and_grads(batch)
+        for a, b in zip(fast, textbook, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    model.eval()
+    with torch.no_grad():
+        ids = unpacked["input_ids"][:1, :9]
+        outs = []
+        for reference in (False, True):
+            with reference_path(reference):
+                cache = KVCache(model.config, 1, 16, torch.float64, "cpu")
+                outs.append(torch.cat([model(ids[:, :5], kv_cache=cache)] +
+                                      [model(ids[:, t:t + 1], kv_cache=cache) for t in range(5, 9)], dim=1))
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-12)
+
+
+def test_reference_path_switch_is_scoped():
+    """reference_path() turns the twins on for its block and restores the previous choice, also on
+    an exception; use_reference sets it until changed."""
+    from model import fused
+    assert fused.enabled()
+    with pytest.raises(ZeroDivisionError):
+        with reference_path():
+            assert not fused.enabled()
+            1 / 0
+    assert fused.enabled()
+    fused.use_reference()
+    try:
+        assert not fused.enabled()
+        with reference_path(False):
+            assert fused.enabled()
+        assert not fused.enabled()
+    finally:
+        fused.use_reference(False)
+    assert fused.enabled()
 
 
 def test_kv_cache_equals_full_recompute(tiny_llama_dir):

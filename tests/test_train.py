@@ -85,6 +85,24 @@ def test_accumulation_equals_big_batch(tiny_chat_dir, chat_data, tmp_path):
     assert diff.max() <= 1e-4 and beyond_rounding.float().mean() <= 1e-3, (diff.max(), beyond_rounding.sum())
 
 
+def test_reference_run_equals_the_default_one(tiny_chat_dir, chat_data, tmp_path):
+    """train.py --reference (every fast piece replaced by its textbook twin, model/fused.py) trains
+    the run the default one does, with dropout: the same loss and gradient norm at every step, to
+    float32 rounding of sums taken in other orders, and the same adapter, up to that rounding as
+    Adam amplifies it (see test_accumulation_equals_big_batch)."""
+    kw = dict(max_steps=3, lora_dropout=0.1, micro_batch_size=2, grad_accum=2)
+    fast, textbook = tmp_path / "fast", tmp_path / "textbook"
+    train(config(tiny_chat_dir, chat_data, fast, **kw))
+    train(config(tiny_chat_dir, chat_data, textbook, reference=True, **kw))
+    assert json.loads((textbook / "run_config.json").read_text())["reference"] is True
+    for m, n in zip(metrics(fast), metrics(textbook), strict=True):
+        assert m["loss"] == pytest.approx(n["loss"], rel=1e-5) and m["grad_norm"] == pytest.approx(n["grad_norm"], rel=1e-5)
+    a, b = adapter(fast), adapter(textbook)
+    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    beyond_rounding = torch.cat([((a[k] - b[k]).abs() > 5e-7 + 1e-5 * b[k].abs()).flatten() for k in a])
+    assert diff.max() <= 1e-4 and beyond_rounding.float().mean() <= 1e-3, (diff.max(), beyond_rounding.sum())
+
+
 def test_resume_reproduces_uninterrupted_run(tiny_chat_dir, chat_data, tmp_path):
     kw = dict(max_steps=8, save_every=3, keep_checkpoints=5, lora_dropout=0.1, micro_batch_size=2,
               grad_accum=2)

@@ -1,0 +1,165 @@
+"""The fast pieces of the model, each with its gradient written out, and the switch to their twins.
+
+Every piece here has a textbook twin in model/llama.py or model/loss.py, written op by op with
+autograd deriving its gradient; tests/test_model.py and tests/test_loss.py prove each pair equal in
+float64, forward and backward. The fast pieces run by default. Inside `reference_path()` (or after
+`use_reference()`, or with train.py / chat.py --reference) the model, the LoRA layers
+(lora/fused.py holds their fast piece) and the loss run on the twins instead, so a learner reads,
+and a debugger hooks, every intermediate tensor.
+
+    RMSNormFunction      RMSNorm with a four-pass backward                twin: llama.rms_norm
+    RoPE / apply_rope    rotary embedding without a rotated copy of x     twin: llama.rope_rotate
+    LinearCrossEntropy   lm_head and cross-entropy in chunks, no logits   twin: loss.reference_loss_sum
+    varlen attention     packed rows without a mask (model/llama.py)      twin: SDPA with the mask
+
+Cross entropy of logits z = h W^T against target y is  loss = logsumexp(z) - z_y,  and its gradient
+is  d loss / d z = softmax(z) - onehot(y).  Since the loss is the last thing computed in a step,
+LinearCrossEntropy forms that gradient in the forward pass, in place in the chunk's logits buffer,
+and multiplies it into d loss / d h = (softmax(z) - onehot(y)) W  straight away. Each chunk of logits
+is then dropped: backward only scales the stored (N, C) gradient by the incoming scalar. This costs
+the same two matmuls as autograd would, without saving the logits for backward, recomputing them,
+or running log_softmax's backward over them.
+"""
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+CHUNK_ELEMENTS = 2**26  # logits per chunk of LinearCrossEntropy (256 MiB in fp32)
+
+_FAST = True
+
+
+def enabled() -> bool:
+    """Whether the fast pieces run (the default), rather than their textbook twins."""
+    return _FAST
+
+
+def use_reference(on: bool = True):
+    """From now on run the textbook twins (on=True) or the fast pieces (on=False)."""
+    global _FAST
+    _FAST = not on
+
+
+@contextmanager
+def reference_path(on: bool = True):
+    """Inside the block the model, its LoRA layers and the loss run their textbook twins (on=False:
+    the fast pieces); the previous choice comes back after."""
+    global _FAST
+    before, _FAST = _FAST, not on
+    try:
+        yield
+    finally:
+        _FAST = before
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """weight * y, y = x / sqrt(mean(x^2) + eps), with its gradient written out.
+
+    The forward normalises in float32 (or wider), casts back, then scales: the order transformers
+    uses, which matters for agreement in bf16/fp16. With r = 1 / sqrt(mean(x^2) + eps) and the
+    incoming gradient g, the gradient of x over the C features of a row is
+
+        dy = g * weight,    dx = r * dy - x * r^3 * mean(dy * x)
+
+    four passes over the activations where autograd, through pow, mean, rsqrt and two products,
+    takes about eight. Only x and r (one number a row) are kept for backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16/fp16 -> fp32; fp64 stays
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        ctx.save_for_backward(x, weight, r)
+        return weight * (xf * r).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, r = ctx.saved_tensors
+        xf = x.to(r.dtype)
+        dy = (g * weight).to(x.dtype).to(r.dtype)  # rounded to x's dtype, as autograd would
+        coef = (dy * xf).mean(-1, keepdim=True) * r.pow(3)  # (..., 1)
+        dx = (dy * r).addcmul_(xf, coef, value=-1).to(x.dtype)
+        dweight = None
+        if ctx.needs_input_grad[1]:
+            dweight = (g * (xf * r).to(x.dtype)).sum(tuple(range(g.dim() - 1))).to(weight.dtype)
+        return dx, dweight, None
+
+
+class RoPE(torch.autograd.Function):
+    """Rotary embedding: x * cos + rotate_half(x) * sin, where rotate_half(x) = cat(-x2, x1) for the
+    halves x1, x2 of each head (as transformers rotates). x (B, n_heads, T, head_dim); cos, sin
+    (B, 1, T, head_dim).
+
+    Written out per half, the output is  (x1 cos1 - x2 sin1, x2 cos2 + x1 sin2):  one multiplication
+    and two in-place multiply-adds, with no rotated copy of x, no negated copy, no sum of two full
+    products. The rotation is linear in x, so its gradient is the transposed rotation:
+    dx = (g1 cos1 + g2 sin2, g2 cos2 - g1 sin1). Only cos and sin are kept for backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        h = x.shape[-1] // 2
+        return rotate(x, cos, sin[..., :h], sin[..., h:], sign=1)
+
+    @staticmethod
+    def backward(ctx, g):
+        cos, sin = ctx.saved_tensors
+        h = g.shape[-1] // 2
+        return rotate(g, cos, sin[..., h:], sin[..., :h], sign=-1), None, None
+
+
+def rotate(x, cos, sin_a, sin_b, sign: int):
+    """(x1 cos1 - sign x2 sin_a, x2 cos2 + sign x1 sin_b) for the halves x1, x2 of the last dimension."""
+    h = x.shape[-1] // 2
+    out = x * cos
+    out[..., :h].addcmul_(x[..., h:], sin_a, value=-sign)
+    out[..., h:].addcmul_(x[..., :h], sin_b, value=sign)
+    return out
+
+
+apply_rope = RoPE.apply
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_i cross_entropy(hidden_i @ weight^T, targets_i), with its gradients formed chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, rows: int):
+        # hidden (N, C), weight (vocab, C), targets (N,) -> fp32 scalar (fp64 for fp64 inputs)
+        need_h, need_w = ctx.needs_input_grad[:2]
+        wide = torch.promote_types(hidden.dtype, torch.float32)  # the loss is taken in fp32 or wider
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=wide) if need_w else None
+        total = hidden.new_zeros((), dtype=wide)
+        for start in range(0, hidden.shape[0], rows):
+            h, y = hidden[start:start + rows], targets[start:start + rows]  # (n, C), (n,)
+            logits = F.linear(h, weight).to(wide)  # (n, vocab)
+            target_logit = logits.gather(1, y[:, None]).squeeze(1)  # (n,)
+            # logsumexp, in place: z - max, exp, sum (the buffer ends up holding exp(z - max))
+            peak = logits.amax(dim=-1, keepdim=True)  # (n, 1)
+            sum_exp = logits.sub_(peak).exp_().sum(dim=-1, keepdim=True)  # (n, 1)
+            lse = peak.squeeze(1) + sum_exp.squeeze(1).log()  # (n,)
+            total += (lse - target_logit).sum()
+            if need_h or need_w:
+                grad = logits.div_(sum_exp)  # softmax(z), in place
+                grad[torch.arange(len(y), device=y.device), y] -= 1  # - onehot(y)
+                grad = grad.to(h.dtype)  # the dtype autograd's matmul would see
+                if need_h:
+                    grad_h[start:start + rows] = grad @ weight  # (n, C)
+                if need_w:
+                    grad_w += (grad.t() @ h).to(wide)  # (vocab, C)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_h, grad_w = ctx.saved_tensors
+        if grad_h is not None:
+            grad_h = grad_h * grad_total.to(grad_h.dtype)
+        if grad_w is not None:
+            grad_w = (grad_w * grad_total).to(ctx.weight_dtype)
+        return grad_h, grad_w, None, None
