@@ -289,8 +289,7 @@ def load_shards(model: nn.Module, device: str):
         A_whole, B_whole = torch.empty(A.shape, device=device), torch.empty(B.shape, device=device)
         lora.init_lora_weights(A_whole, B_whole)
         for p, whole in ((A, A_whole), (B, B_whole)):
-            local = p.to_local() if is_shard(p) else p
-            local.copy_(whole[slice(*shard_rows(p))] if is_shard(p) else whole)
+            p.copy_(shard_like(whole, p) if is_shard(p) else whole)
 
 
 def gradient_sync(module: nn.Module, enabled: bool):

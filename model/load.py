@@ -132,7 +132,7 @@ def meta_model(path_or_id, dtype: torch.dtype = torch.float32) -> Llama:
 
     The checkpoint's keys and shapes are checked against it here, so a model that does not fit its
     files fails before anything is allocated. `load_model` fills one in; under FSDP each rank
-    shards it first and reads only its own rows (`read_rows`, via parallel.load_shards).
+    shards it first and reads only its own rows (`read_tensor`, via parallel.load_shards).
     """
     model_dir = resolve_model_dir(path_or_id)
     config = LlamaConfig.from_file(model_dir / "config.json")
