@@ -23,6 +23,7 @@ from model import DEMO_MODEL, load_model, resolve_model_dir
 from model.errors import UserError, run_command
 from model.fused import reference_path
 from model.generate import generate
+from model.runtime import choose_device, choose_dtype
 
 STDIN_CLOSED = "stdin is closed; pass --prompt TEXT for a one-shot reply"
 
@@ -57,11 +58,8 @@ def parse_args(argv=None):
 
 def load(args):
     """The model (with the adapter applied, unmerged) and its chat tokenizer."""
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    precision = args.precision
-    if precision == "auto":
-        precision = "bf16" if device == "cuda" else "fp32"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    device = choose_device(args.device)
+    dtype = choose_dtype(args.precision, device)
     model_dir = resolve_model_dir(args.model)
     model = load_model(model_dir, dtype=dtype, device=device)
     if args.adapter:

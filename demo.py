@@ -22,7 +22,8 @@ from rich.table import Table
 import data
 from chat import reply
 from model import load_model, resolve_model_dir
-from train import DEMO_PROMPTS, TrainConfig, train
+from settings import DEMO_PROMPTS, TrainConfig
+from train import train
 
 OUTPUT_DIR = Path("runs/make-demo")  # not train.py's default runs/demo: a user's run there is kept
 MARK = ".made-by-make-demo"  # a directory holding it is a previous demo's, replaced by the next one

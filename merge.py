@@ -36,10 +36,10 @@ from lora.adapter import PEFT_PREFIX, QUANT_KEY, WEIGHTS_FILE
 from model.config import LlamaConfig
 from model.errors import UserError, one_line, run_command
 from model.llama import Llama
-from model.load import (PICKLE_SUFFIXES, check_keys, expected_shapes, load_model, read_safetensors,
-                        resolve_model_dir, safetensors_files)
+from model.runtime import DTYPES, peak_memory_gib
+from model.files import PICKLE_SUFFIXES, check_keys, expected_shapes, read_safetensors, safetensors_files
+from model.load import load_model, resolve_model_dir
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 INDEX_FILE = "model.safetensors.index.json"
 NOT_COPIED = (".safetensors", ".gguf") + PICKLE_SUFFIXES  # weights are written, never copied
 CHECK_MAX_PARAMS = 2e9  # the probe check loads the model (in fp32): automatic only below this
@@ -217,24 +217,6 @@ def probe_check(plan: dict, adapter_dir, merged_dir: Path, dtype: torch.dtype | 
     return (adapted - base).abs().max().item(), (merged - adapted).abs().max().item()
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process, in MB (NaN where unknown).
-
-    Linux: VmHWM, the high-water mark of this program's own memory (ru_maxrss would also count
-    what the parent process held when it forked us). Elsewhere ru_maxrss (macOS reports bytes)."""
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    try:
-        import resource
-    except ImportError:  # Windows
-        return float("nan")
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
-
-
 def merge(args):
     check_destinations(args)
     plan = plan_merge(args)
@@ -276,7 +258,7 @@ def merge(args):
     print(f"merged model: {out}")
     if args.gguf is not None:
         write_gguf(out, args.gguf, args.gguf_type)
-    print(f"peak memory (max RSS): {peak_rss_mb():.0f} MB")
+    print(f"peak memory (max RSS): {peak_memory_gib() * 1024:.0f} MiB")
 
 
 def write_gguf(out: Path, gguf_path: Path, gguf_type: str):

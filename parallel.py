@@ -42,8 +42,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 import lora
 from model.llama import rope_frequencies
-from model.load import checkpoint_tensors, read_tensor
-from model.loss import IGNORE_INDEX, lm_loss_sum
+from model.files import checkpoint_tensors, read_tensor
+from model.loss import IGNORE_INDEX, LanguageModelLoss
 
 # -----------------------------------------------------------------------------
 # the process group
@@ -195,22 +195,6 @@ def shard_like(whole: torch.Tensor, shard) -> torch.Tensor:
 # -----------------------------------------------------------------------------
 # the model under DDP or FSDP2
 
-class LossSum(nn.Module):
-    """The model with lm_loss_sum as its forward: forward(batch) -> (sum of token losses, trained tokens).
-
-    DDP can only hook a module's forward, so this is what it wraps. It holds no parameters of its
-    own: `self.model` is the Llama, whose names and state dict stay unchanged.
-    """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch: dict):
-        return lm_loss_sum(self.model, batch["input_ids"], batch["labels"], batch.get("position_ids"),
-                           batch.get("document_ids"), batch.get("trained_index"), batch.get("documents"))
-
-
 def _allreduce_sum_hook(process_group, bucket):
     """DDP comm hook: sum the ranks' gradients instead of averaging them, because each rank's loss
     is already divided by the trained tokens of the whole global step (all ranks)."""
@@ -219,9 +203,9 @@ def _allreduce_sum_hook(process_group, bucket):
     return work.get_future().then(lambda fut: fut.value()[0])
 
 
-def wrap(loss_fn: LossSum, mode: str, device: str = "cpu") -> nn.Module:
-    """The module the training micro-steps call: `loss_fn` itself in one process; under torchrun
-    DDP(loss_fn), or `loss_fn` with its model sharded in place by FSDP2 (mode "fsdp").
+def wrap(loss_fn: LanguageModelLoss, mode: str, device: str = "cpu") -> nn.Module:
+    """The module the training micro-steps call under torchrun: DDP(loss_fn), or `loss_fn` with its
+    model sharded in place by FSDP2 (mode "fsdp"); `loss_fn` itself when no process group is up.
 
     Call after LoRA is injected and before the optimizer is built: FSDP2 replaces every parameter
     of the model by its shard (a DTensor). A model on the meta device (model.load.meta_model, as

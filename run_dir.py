@@ -3,6 +3,8 @@
     OUTPUT_DIR/.lock             pid and host of the process training here (one at a time)
     OUTPUT_DIR/run_config.json   every resolved setting of the run, and fingerprints of its inputs
     OUTPUT_DIR/run_history.jsonl one line per --resume: what changed (only settings that may change)
+    OUTPUT_DIR/metrics.jsonl     one line per step (and per evaluation): RunLog, with TensorBoard
+    OUTPUT_DIR/summary.json      how the run ended, finished or diverged (write_summary)
 
 A fresh run refuses a directory that holds another run's files unless --overwrite is passed (then
 it deletes them: those files only). `--resume` continues the run only if every setting that defines
@@ -24,14 +26,17 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
+import parallel
 from model.errors import UserError
+from model.runtime import peak_memory_gib
 
 LOCK_FILE = ".lock"
 CONFIG_FILE = "run_config.json"
 HISTORY_FILE = "run_history.jsonl"
 METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
 # What a run writes; a fresh run refuses a directory holding any of them (and --overwrite deletes them).
-RUN_FILES = (CONFIG_FILE, HISTORY_FILE, METRICS_FILE, "summary.json", "checkpoints", "adapter", "tensorboard")
+RUN_FILES = (CONFIG_FILE, HISTORY_FILE, METRICS_FILE, SUMMARY_FILE, "checkpoints", "adapter", "tensorboard")
 # Settings that may differ on --resume: how long, how often, on what hardware; recorded in the history.
 MAY_CHANGE = ("max_steps", "epochs", "log_every", "eval_every", "save_every", "keep_checkpoints",
               "debug_grads", "sample_prompts", "sample_tokens", "device", "parallel", "parallel_timeout",
@@ -229,3 +234,87 @@ def cut_metrics(path: Path, step: int):
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(kept))
     os.replace(tmp, path)  # atomic: a crash here leaves the old file whole
+
+
+# -----------------------------------------------------------------------------
+# what the run writes as it goes
+
+class RunLog:
+    """What rank 0 writes as a run goes: run_config.json (resumed: run_history.jsonl, with
+    metrics.jsonl cut back to the checkpoint's step), metrics.jsonl, TensorBoard, log lines; on
+    the other ranks, nothing. `resumed` is the checkpoint's step, or None for a fresh run."""
+
+    def __init__(self, out: Path, console, total_steps: int, log_every: int, resumed: int | None,
+                 settings: dict, defining: dict, changed: dict):
+        self.console, self.total_steps, self.log_every = console, total_steps, log_every
+        self.replies = {}  # prompt -> the newest sample reply; the final ones go into summary.json
+        self.metrics = self.writer = parallel.Silent()
+        if parallel.is_main():
+            from torch.utils.tensorboard import SummaryWriter
+            if resumed is not None:
+                record_resume(out, resumed, changed)
+            else:
+                record_fresh(out, settings, defining)
+            self.metrics = (out / METRICS_FILE).open("a" if resumed is not None else "w")
+            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=resumed)
+
+    def eval(self, step: int, row: dict, replies: dict) -> dict:
+        for k, v in row.items():
+            self.writer.add_scalar(f"eval/{k}", v, step)
+        for prompt, reply in replies.items():
+            self.writer.add_text(f"samples/{prompt[:40]}", reply, step)
+        self.replies = replies
+        return row
+
+    def first_eval(self, step: int, row: dict, replies: dict) -> dict:
+        """The evaluation before training: its own line of metrics.jsonl."""
+        self.eval(step, row, replies)
+        if row:
+            self.write({"step": step, **row})
+            self.console.print(f"step {step}: val_loss {row['val_loss']:.4f}")
+        return row
+
+    def step(self, row: dict):
+        self.write(row)
+        for k in ("loss", "lr", "grad_norm", "tokens_per_s", "max_memory_gib", "loss_scale"):
+            if k in row:
+                self.writer.add_scalar(f"train/{k}", row[k], row["step"])
+        if self.log_every and row["step"] % self.log_every == 0 and not self.console.is_terminal:
+            self.console.print(f"step {row['step']}/{self.total_steps}  {step_info(row)}" +
+                               (f"  val_loss {row['val_loss']:.4f}" if "val_loss" in row else ""))
+
+    def grads(self, step: int, rows: list[tuple]):
+        print_grad_table(self.console, step, rows)
+        for name, ga, gb, ra, rb in rows:
+            self.writer.add_scalars(f"grads/{name}", {"grad_A": ga, "grad_B": gb, "update_A": ra,
+                                                      "update_B": rb}, step)
+
+    def write(self, row: dict):
+        self.metrics.write(json.dumps(row) + "\n")
+        self.metrics.flush()
+
+    def close(self):
+        self.writer.close()
+        self.metrics.close()
+
+
+def step_info(row: dict) -> str:
+    return (f"loss {row['loss']:.4f}  lr {row['lr']:.2e}  grad {row['grad_norm']:.3f}  "
+            f"{row['tokens_per_s']:.0f} tok/s")
+
+
+def print_grad_table(console, step, rows):
+    from rich.table import Table
+    table = Table(title=f"LoRA gradients, step {step}", show_lines=False)
+    for col in ("module", "|grad A|", "|grad B|", "|dA|/|A|", "|dB|/|B|"):
+        table.add_column(col, justify="left" if col == "module" else "right", overflow="fold")
+    for name, *values in rows:
+        table.add_row(name, *(f"{v:.3e}" for v in values))
+    console.print(table)
+
+
+def write_summary(out: Path, **figures):
+    """summary.json: how a run ended, finished or diverged (an interrupted run has none; a sweep reads it)."""
+    if parallel.is_main():
+        figures["peak_memory_gib"] = peak_memory_gib()
+        (out / SUMMARY_FILE).write_text(json.dumps(figures, indent=2))

@@ -9,18 +9,21 @@ The update, per optimizer step, is that of Hu et al. (2021): only the low-rank A
 target linear layer train (h = W0 x + (alpha / r) B A x), the base model stays frozen. The loss of a
 step is the sum of the token losses of all its micro-batches divided by the number of trained
 tokens in the whole step, so micro-batch 4 x accumulation 1 gives the same update as 1 x 4.
+
+The file reads in the order a run happens. The settings (settings.py: TrainConfig, checked before
+any work) go through named phases, each a function below: `start_run` (device, dtype, output
+directory), `load_data`, `plan_steps` (how many steps; with --resume, where to continue), `build_model`
+(the frozen base, LoRA injected), `build_optimizer`. Then `run_training`'s loop: per optimizer step,
+`train_step` (micro-batches, backward, clip, update), logging, `evaluate`, `save_checkpoint`.
 """
 
-import argparse
-import ctypes
-import json
 import math
 import os
 import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -29,254 +32,388 @@ from torch.distributed.elastic.multiprocessing.errors import record
 import data
 import lora
 import parallel
-import sweep
 import run_dir
+import sweep
 from checkpoint import (list_checkpoints, load_checkpoint, read_trainer_state, remove_partial_checkpoints,
                         save_checkpoint)
-from model import DEMO_MODEL, load_model, resolve_model_dir
-from model.load import meta_model
-from model.errors import UserError, run_command
-from model.generate import generate
+from model import load_model, resolve_model_dir
+from model.errors import run_command
 from model.fused import reference_path
+from model.generate import generate
 from model.llama import packed_documents
-from model.loss import trained_positions
-
-ROOT = Path(__file__).resolve().parent
-DEMO_DATA = ROOT / "examples" / "train.json"
-DEMO_VAL_DATA = ROOT / "examples" / "val.json"
-DEMO_PROMPTS = ROOT / "examples" / "prompts.txt"
-
-
-def flag(default, help):
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class TrainConfig:
-    # what to train on
-    model: str = flag(DEMO_MODEL, "model directory or hub id ('demo': the offline SmolLM2-135M-Instruct)")
-    data: str = flag(str(DEMO_DATA), "training data (.json, .jsonl, .csv)")
-    val_data: str | None = flag(None, "validation data (default: --val-fraction of --data; the demo data has its own)")
-    val_fraction: float = flag(0.1, "share of --data held out for validation when there is no --val-data")
-    output_dir: str = flag("runs/demo", "where metrics, TensorBoard logs, checkpoints and the adapter go")
-    max_seq_len: int = flag(512, "longer examples are truncated")
-    mask: str = flag("assistant", "which tokens train: assistant | last | all")
-    template: str | None = flag(None, "built-in chat template instead of the model's own")
-    pack: bool = flag(False, "pack several examples per row (block-diagonal attention)")
-    group_by_length: bool = flag(False, "batch examples of similar length together")
-    # how long and how big
-    max_steps: int = flag(0, "optimizer steps (0: from --epochs)")
-    epochs: float = flag(3.0, "passes over the training data when --max-steps is 0")
-    micro_batch_size: int = flag(4, "examples per forward/backward")
-    grad_accum: int = flag(2, "micro-batches per optimizer step")
-    # optimizer and schedule
-    lr: float = flag(1e-3, "peak learning rate")
-    lr_schedule: str = flag("cosine", "cosine | linear | constant, after warmup")
-    warmup_steps: int = flag(0, "linear warmup steps (overrides --warmup-ratio)")
-    warmup_ratio: float = flag(0.1, "warmup as a share of all steps")
-    min_lr_ratio: float = flag(0.0, "the schedule decays to lr * min_lr_ratio")
-    weight_decay: float = flag(0.0, "AdamW weight decay (never on biases and norms)")
-    adam_betas: str = flag("0.9,0.999", "AdamW betas")
-    adam_eps: float = flag(1e-8, "AdamW epsilon")
-    amsgrad: bool = flag(False, "AMSGrad variant of AdamW")
-    max_grad_norm: float = flag(1.0, "clip the global gradient norm (0: no clipping)")
-    max_skipped_steps: int = flag(10, "fp16: stop when the loss scaler skips this many steps in a row")
-    # LoRA
-    lora_r: int = flag(16, "rank of A and B")
-    lora_alpha: float = flag(32.0, "scaling = alpha / r (alpha / sqrt(r) with --rslora)")
-    lora_dropout: float = flag(0.05, "dropout on the LoRA path")
-    lora_targets: str = flag("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-                             "comma-separated module names, or all-linear")
-    rslora: bool = flag(False, "rank-stabilised scaling alpha / sqrt(r)")
-    quantize: str | None = flag(None, "nf4: QLoRA, the frozen base in 4-bit NF4")
-    # hardware
-    precision: str = flag("auto", "bf16 | fp16 | fp32 (auto: bf16 on CUDA when supported, else fp32)")
-    device: str = flag("auto", "cpu | cuda (auto: cuda when available)")
-    grad_checkpointing: bool = flag(False, "recompute each decoder block in backward to save memory")
-    compile: bool = flag(False, "torch.compile each decoder block")
-    reference: bool = flag(False, "run the textbook twins of the fast pieces (model/fused.py): the same "
-                                  "results, slower, every intermediate tensor hookable")
-    tf32: bool = flag(True, "on CUDA, fp32 matmuls on tensor cores in TF32 (--no-tf32: full fp32)")
-    parallel: str = flag("ddp", "under torchrun: ddp (a model replica per GPU) | fsdp (FSDP2: model sharded)")
-    parallel_timeout: float = flag(600.0, "seconds a rank waits for the others before the job fails")
-    seed: int = flag(42, "seeds data order, LoRA init and dropout")
-    # bookkeeping
-    log_every: int = flag(1, "print a log line every N steps")
-    eval_every: int = flag(0, "evaluate every N steps (0: before and after training only)")
-    save_every: int = flag(0, "checkpoint every N steps (0: only at the end)")
-    keep_checkpoints: int = flag(2, "how many newest checkpoints to keep")
-    resume: bool = flag(False, "continue from the newest checkpoint in --output-dir (the same run only)")
-    overwrite: bool = flag(False, "replace the run already in --output-dir (its metrics, checkpoints, adapter)")
-    debug_grads: bool = flag(False, "per-module LoRA gradient norms and update/weight ratios, every step")
-    sample_prompts: str = flag(str(DEMO_PROMPTS), "file of prompts (one per line) answered at each eval")
-    sample_tokens: int = flag(48, "max new tokens of each eval sample reply")
-    # sweeps (sweep.py)
-    sweep: str | None = flag(None, "train once per setting of a grid, e.g. --sweep lr=2e-4,1e-3 lora_r=8,64")
-    sweep_samples: int = flag(0, "train only N settings of the --sweep grid, drawn with --seed (0: all)")
-
-
-class TrainError(UserError):
-    """A problem with the run's settings or files: printed as one line, exit code 2."""
+from model.load import meta_model
+from model.loss import LanguageModelLoss, trained_positions
+from model.runtime import choose_device, choose_dtype, keep_freed_memory, peak_memory_gib, reset_peak_memory
+from settings import DEMO_DATA, DEMO_VAL_DATA, TrainConfig, TrainError, betas, parse_config
 
 
 # -----------------------------------------------------------------------------
-# settings: dataclass defaults < --config file < command-line flags
+# the run: its phases, then the loop
 
-def parse_config(argv=None) -> TrainConfig:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     argument_default=argparse.SUPPRESS)
-    parser.add_argument("--config", help="TOML or JSON file of settings (flags win)")
-    for f in fields(TrainConfig):
-        name = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
-        elif f.name == "sweep":  # --sweep lr=2e-4,1e-3 lora_r=8,64: several items, kept as one string
-            parser.add_argument(name, nargs="+", help=f.metadata["help"])
-        else:
-            kind = {int: int, float: float}.get(f.type, str)
-            parser.add_argument(name, type=kind, help=f.metadata["help"])
-    flags = vars(parser.parse_args(argv))
-    if "sweep" in flags:
-        flags["sweep"] = " ".join(flags["sweep"])
-    from_file = read_config_file(flags.pop("config")) if "config" in flags else {}
-    cfg = TrainConfig(**{**from_file, **flags})
-    check_config(cfg)
-    for setting in sweep.settings(cfg) if cfg.sweep else []:  # every run of a sweep, before the first
-        check_config(replace(cfg, **setting))
-    return cfg
+def train(cfg: TrainConfig) -> dict:
+    """Run training as configured; return a summary (final loss, val losses, wall time...).
+
+    One run per --output-dir at a time: rank 0 holds its lock while the run lasts."""
+    with run_dir.locked(Path(cfg.output_dir), owner=os.environ.get("RANK", "0") == "0"), \
+            reference_path(cfg.reference):
+        return run_training(cfg)
 
 
-def read_config_file(path: str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise TrainError(f"--config {path}: no such file")
-    try:
-        text = p.read_text()
-        if p.suffix == ".toml":
-            import tomllib
-            values = tomllib.loads(text)
-        else:
-            values = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as e:  # tomllib's and json's errors give line and column
-        raise TrainError(f"--config {path}: {e}") from None
-    if not isinstance(values, dict):
-        raise TrainError(f"--config {path}: expected a table of settings, got {type(values).__name__}")
-    values = {k.replace("-", "_"): v for k, v in values.items()}
-    kinds = {f.name: f.type for f in fields(TrainConfig)}
-    unknown = sorted(set(values) - set(kinds))
-    if unknown:
-        raise TrainError(f"--config {path}: unknown settings {', '.join(unknown)}")
-    if isinstance(values.get("sweep"), dict):  # a [sweep] table: lr = [2e-4, 1e-3]
-        values["sweep"] = sweep.spec_from_table(values["sweep"])
-    for name, value in values.items():
-        expected = type_error(value, kinds[name])
-        if expected:
-            raise TrainError(f"--config {path}: {name} = {json.dumps(value)}: expected {expected}")
-    return {k: float(v) if kinds[k] is float else v for k, v in values.items()}
+def run_training(cfg: TrainConfig) -> dict:
+    run = start_run(cfg)
+    ds = load_data(cfg, run)
+    plan = plan_steps(cfg, run, ds)
+    lora_cfg = lora_config(cfg)
+    model, loss_fn, train_loss_fn = build_model(cfg, run, lora_cfg)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # after FSDP2 swapped them for shards
+    optimizer, scaler = build_optimizer(cfg, trainable, run)
+    pos = resume(plan.checkpoint, model, optimizer, scaler, run) if plan.checkpoint else Position()
+    logs = run_dir.RunLog(run.out, run.console, plan.total_steps, cfg.log_every, pos.step if plan.checkpoint else None,
+                          plan.settings, plan.defining, plan.changed)
+    prompts = load_prompts(cfg.sample_prompts)[:3]
+    evaluation = lambda: evaluate_and_sample(loss_fn, model, ds, prompts, cfg, run.autocast)
+    first_val = {} if plan.checkpoint else logs.first_eval(pos.step, *evaluation())
+    losses, row, streak = [], first_val, 0  # streak: fp16 steps skipped in a row
+
+    # --- the loop: one iteration is one optimizer step of grad_accum micro-batches
+    stream = micro_batch_stream(ds.lengths, cfg, pos.epoch, pos.index)
+    stop, bar = StopRequest(), ProgressBar(run.console, plan.total_steps, pos.step)
+    while pos.step < plan.total_steps:
+        t0 = time.perf_counter()
+        lr = lr_at(pos.step, cfg, plan.total_steps, plan.warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # Collate the whole step first: the loss is normalised by the trained tokens of all of it.
+        batches = []
+        for _ in range(cfg.grad_accum):
+            pos.epoch, pos.index, idx = next(stream)
+            batches.append(ds.batch(idx))
+        before = lora_weights(model) if cfg.debug_grads else None  # for |dA|/|A|, |dB|/|B|
+        result = train_step(train_loss_fn, batches, optimizer, scaler, trainable, cfg.max_grad_norm, run.autocast)
+        streak = streak + 1 if result.skipped else 0
+        check_finite(result, streak, cfg, model, run, pos.step + 1)  # stops a diverged run, before saving
+        pos.step += 1
+        if cfg.debug_grads:  # the step's gradients are still there to read: zero_grad comes next step
+            logs.grads(pos.step, grad_report(model, before))
+
+        # --- log, evaluate, checkpoint
+        row = result.row(pos.step, lr, time.perf_counter() - t0, run, pos.epoch)
+        if cfg.eval_every and pos.step % cfg.eval_every == 0 or pos.step == plan.total_steps:
+            row.update(logs.eval(pos.step, *evaluation()))
+        logs.step(row)
+        losses.append(result.loss)
+        bar.update(pos.step, row)
+        stopping = parallel.any_rank(stop.signal is not None)  # every rank stops after the same step
+        if cfg.save_every and pos.step % cfg.save_every == 0 or pos.step == plan.total_steps or stopping:
+            save_checkpoint(run.out, pos.step, model, lora_cfg, str(cfg.model), optimizer, scaler,
+                            {"epoch": pos.epoch, "index": pos.index}, cfg.keep_checkpoints)
+        if stopping:
+            bar.stop()
+            signum = stop.signal or signal.SIGTERM
+            run.console.print(f"stopped by signal {signum} after step {pos.step}; checkpoint saved, "
+                              "continue with --resume")
+            sys.exit(128 + signum)
+    bar.stop()
+
+    parallel.save_adapter(model, lora_cfg, run.out / "adapter", str(cfg.model))  # gathered, rank 0 writes
+    logs.close()
+    last_val = {k: row[k] for k in ("val_loss", "val_ppl") if k in row}
+    wall_s = time.perf_counter() - run.t_start
+    run_dir.write_summary(run.out, diverged=False, steps=pos.step, final_loss=losses[-1] if losses else None,
+                  **last_val, wall_s=wall_s, replies=logs.replies)
+    run.console.print(f"done: {pos.step} steps in {wall_s:.0f}s; adapter in {run.out / 'adapter'}; "
+                      f"TensorBoard: tensorboard --logdir {run.out / 'tensorboard'}")
+    parallel.shutdown()
+    return {"first_val": first_val, "losses": losses, "last_val": last_val, "wall_s": wall_s, "steps": pos.step,
+            "model": model}
 
 
-def type_error(value, kind) -> str | None:
-    """What a config file's value should have been, or None if it is of the setting's type.
+# -----------------------------------------------------------------------------
+# the phases, in the order run_training calls them
 
-    Strict: "false" is not a boolean (any non-empty string would be true), true is not a number."""
-    optional = kind == (str | None)
-    if value is None and optional:
-        return None
-    checks = {bool: (lambda v: isinstance(v, bool), "true or false"),
-              int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
-              float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
-              str: (lambda v: isinstance(v, str), "a string")}
-    ok, text = checks[str if optional else kind]
-    return None if ok(value) else text + (" (or leave it out)" if optional else "")
-
-
-# The range of every numeric setting, as an interval: "[" includes its end, "(" excludes it.
-# Floats must also be finite (argparse and JSON accept nan and inf).
-RANGES = {
-    "max_seq_len": "[2, inf)", "micro_batch_size": "[1, inf)", "grad_accum": "[1, inf)", "lora_r": "[1, inf)",
-    "max_steps": "[0, inf)", "epochs": "(0, inf)", "lr": "(0, inf)", "warmup_steps": "[0, inf)",
-    "warmup_ratio": "[0, 1]", "min_lr_ratio": "[0, 1]", "weight_decay": "[0, inf)", "adam_eps": "(0, 1)",
-    "max_grad_norm": "[0, inf)", "max_skipped_steps": "[1, inf)", "lora_alpha": "(0, inf)",
-    "lora_dropout": "[0, 1)", "val_fraction": "[0, 1)",
-    "parallel_timeout": "(0, inf)", "log_every": "[0, inf)", "eval_every": "[0, inf)", "save_every": "[0, inf)",
-    "keep_checkpoints": "[0, inf)", "sample_tokens": "[0, inf)", "sweep_samples": "[0, inf)",
-}
+@dataclass
+class Run:
+    """Where and how this run executes: what every phase reads."""
+    out: Path  # --output-dir
+    model_dir: Path  # the base checkpoint, resolved (the demo imported, a hub id downloaded)
+    device: str  # "cpu" or "cuda"
+    dtype: torch.dtype  # of the frozen base and of autocast; LoRA's A and B are always float32
+    autocast: object  # torch.autocast in dtype, or nullcontext() for float32
+    console: object  # rich Console; quiet on every rank but 0
+    t_start: float
 
 
-def in_range(value, interval: str) -> bool:
-    low, high = (float(x) for x in interval[1:-1].split(","))
-    above = value >= low if interval[0] == "[" else value > low
-    below = value <= high if interval[-1] == "]" else value < high
-    return math.isfinite(value) and above and below
+def start_run(cfg: TrainConfig) -> Run:
+    """Device and dtype, the other ranks joined (under torchrun), the output directory claimed."""
+    from rich.console import Console
+    device = choose_device(cfg.device)
+    dtype = choose_dtype(cfg.precision, device)
+    if device == "cpu":
+        keep_freed_memory()
+    parallel.init(device, cfg.parallel_timeout)  # under torchrun: join the other ranks
+    console = Console(stderr=True, quiet=not parallel.is_main())  # rank 0 speaks for all
+    t_start = time.perf_counter()
+    out = Path(cfg.output_dir)
+    if parallel.is_main():  # a fresh run needs a directory without another run's files (or --overwrite)
+        remove_partial_checkpoints(out)  # left by a kill mid-save
+        if not cfg.resume:
+            run_dir.claim_fresh(out, cfg.overwrite)
+    torch.manual_seed(cfg.seed)
+    autocast = torch.autocast(device_type=device, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    return Run(out, resolve_model_dir(cfg.model), device, dtype, autocast, console, t_start)
 
 
-def check_config(cfg: TrainConfig):
-    """Every setting, for type and range, before any work: the message names the flag."""
-    choices = {"lr_schedule": ("cosine", "linear", "constant"), "mask": ("assistant", "last", "all"),
-               "precision": ("auto", "bf16", "fp16", "fp32"), "device": ("auto", "cpu", "cuda"),
-               "quantize": (None, "nf4"), "parallel": ("ddp", "fsdp")}
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise TrainError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected one of "
-                             f"{', '.join(str(a) for a in allowed if a)}")
-    for name, interval in RANGES.items():
-        if not in_range(getattr(cfg, name), interval):
-            raise TrainError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be in {interval}")
-    if len(betas(cfg)) != 2 or not all(in_range(b, "[0, 1)") for b in betas(cfg)):
-        raise TrainError(f"--adam-betas {cfg.adam_betas}: expected two numbers in [0, 1) like 0.9,0.999")
-    if cfg.resume and cfg.overwrite:
-        raise TrainError("--resume continues the run in --output-dir and --overwrite replaces it: pass one")
-    for name in ("data", "val_data"):
-        if getattr(cfg, name) and not Path(getattr(cfg, name)).is_file():
-            raise TrainError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: no such file")
-    if cfg.sample_prompts and not Path(cfg.sample_prompts).is_file():
-        raise TrainError(f"--sample-prompts {cfg.sample_prompts}: no such file (pass '' for no samples)")
-    if cfg.parallel == "fsdp" and cfg.quantize:
-        raise TrainError("--parallel fsdp cannot shard NF4 weights; train QLoRA with --parallel ddp")
-    if cfg.parallel == "fsdp" and cfg.precision == "fp16":
-        # GradScaler's inf check would see only this rank's shard of the gradients
-        raise TrainError("--parallel fsdp does not support --precision fp16; use bf16")
-    if cfg.parallel == "fsdp" and not parallel.fsdp2_available():
-        raise TrainError(f"--parallel fsdp: this torch ({torch.__version__}) lacks the FSDP2 features it "
-                         "needs; upgrade torch or use --parallel ddp")
+@dataclass
+class TrainData:
+    """The tokenized examples, and the batches the steps and evaluation read."""
+    tok: data.ChatTokenizer
+    train: list[dict]  # {"input_ids", "labels"} per example
+    val: list[dict]
+    val_file: str | None  # where val came from (None: held out of --data)
+    val_batches: list[dict]  # on the device, this rank's share
+    pack: bool
+    device: str
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(e["input_ids"]) for e in self.train]
+
+    def batch(self, idx: list[int]) -> dict:
+        """Training micro-batch of examples idx, on the device. A rank whose slice of a micro-batch
+        is empty still takes part, on a batch that trains nothing."""
+        return make_batch(self.train, idx, self.tok.pad_id, self.pack, self.device)
 
 
-def betas(cfg) -> tuple[float, ...]:
-    try:
-        return tuple(float(b) for b in cfg.adam_betas.split(","))
-    except ValueError:
-        raise TrainError(f"--adam-betas {cfg.adam_betas}: expected two numbers like 0.9,0.999") from None
+def make_batch(examples, idx, pad_id, pack, device) -> dict:
+    return to_device(data.make_batch(examples, idx, pad_id, pack) if idx else parallel.empty_batch(pad_id),
+                     device)
 
 
-def resolve_device_and_dtype(cfg: TrainConfig) -> tuple[str, torch.dtype]:
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise TrainError("--device cuda: no CUDA device is available")
-    precision = cfg.precision
-    if precision == "auto":
-        precision = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    return device, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+def load_data(cfg: TrainConfig, run: Run) -> TrainData:
+    """Tokenized once (cached on disk next to the data), masked by --mask, split into train and
+    validation; the validation batches are made once, on the device."""
+    tok = data.load_tokenizer(run.model_dir, cfg.template)
+    tokenize = lambda path: data.tokenize_file(path, tok, cfg.max_seq_len, cfg.mask)
+    train_set = tokenize(cfg.data)
+    run.console.print(f"data: {train_set.summary()}")
+    val_file = cfg.val_data or (str(DEMO_VAL_DATA) if Path(cfg.data) == DEMO_DATA else None)
+    if val_file:
+        train_examples, val_examples = train_set.examples, tokenize(val_file).examples
+    else:
+        train_examples, val_examples = data.split_validation(train_set.examples, cfg.val_fraction, cfg.seed)
+    if not train_examples:
+        raise TrainError(f"--data {cfg.data}: no training examples left")
+    step = cfg.micro_batch_size * parallel.world_size()  # under torchrun each rank takes a slice
+    parts = [parallel.rank_share(list(range(len(val_examples)))[i:i + step], cfg.micro_batch_size)
+             for i in range(0, len(val_examples), step)]
+    val_batches = [make_batch(val_examples, idx, tok.pad_id, False, run.device) for idx in parts]
+    return TrainData(tok, train_examples, val_examples, val_file, val_batches, cfg.pack, run.device)
 
 
-def keep_freed_memory():
-    """On the CPU, have glibc keep freed memory for reuse rather than hand it back to the system.
+@dataclass
+class Plan:
+    """The run's length, and what makes it this run."""
+    total_steps: int
+    warmup: int
+    settings: dict  # every resolved setting: run_config.json
+    defining: dict  # what a resumed run must share with it
+    changed: dict  # --resume: the settings that may change and did ({name: [before, now]})
+    checkpoint: Path | None  # --resume: the newest checkpoint, to continue from
 
-    A training step frees and reallocates the same activation and logits buffers (megabytes to
-    hundreds of megabytes each) every time. By default glibc serves such blocks with fresh mmaps and
-    unmaps them on free, so every step page-faults (and zero-fills) all of them again: about 5% of
-    a step of the demo model on the CPU. Raising the mmap and trim thresholds keeps them in the
-    heap; the process's RSS then stays at its peak, which a training run reaches every step anyway.
-    """
-    if sys.platform != "linux":
+
+def plan_steps(cfg: TrainConfig, run: Run, ds: TrainData) -> Plan:
+    """How many optimizer steps and warmup steps; with --resume, the checkpoint to continue from,
+    checked against the run's settings before the model loads."""
+    world = parallel.world_size()
+    n_micro = len(data.micro_batches(ds.lengths, cfg.micro_batch_size * world, cfg.seed, 0,
+                                     cfg.group_by_length, cfg.pack, cfg.max_seq_len))  # global micro-batches
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * n_micro / cfg.grad_accum))
+    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
+    settings = {**asdict(cfg), "model_dir": str(run.model_dir), "device": run.device, "dtype": str(run.dtype),
+                "world_size": world, "total_steps": total_steps, "warmup_steps": warmup,
+                "train_examples": len(ds.train), "val_examples": len(ds.val)}
+    defining = run_dir.defining_settings(cfg, run.model_dir, ds.val_file, run.dtype, world)
+    checkpoints = list_checkpoints(run.out) if cfg.resume else []
+    if cfg.resume and not checkpoints:
+        raise TrainError(f"--resume: no checkpoint in {run.out / 'checkpoints'}")
+    changed = {}
+    if checkpoints:
+        step = read_trainer_state(checkpoints[-1])["step"]
+        if step >= total_steps:
+            raise TrainError(f"--resume: the run in {run.out} is at step {step} of {total_steps}: nothing left "
+                             "to train; raise --max-steps (or --epochs) to train further")
+        changed = run_dir.check_resume(run.out, defining, settings)
+    return Plan(total_steps, warmup, settings, defining, changed, checkpoints[-1] if checkpoints else None)
+
+
+def lora_config(cfg: TrainConfig) -> lora.LoRAConfig:
+    targets = (cfg.lora_targets if cfg.lora_targets == "all-linear"
+               else [t.strip() for t in cfg.lora_targets.split(",") if t.strip()])
+    return lora.LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=targets,
+                           rslora=cfg.rslora)
+
+
+def build_model(cfg: TrainConfig, run: Run, lora_cfg: lora.LoRAConfig):
+    """The frozen base in the compute dtype with LoRA's A and B (float32) injected, in train mode;
+    its loss as a module (forward(batch) -> (sum of token losses, trained tokens)); and the module
+    the training micro-steps call: the same one in one process, under torchrun parallel.wrap's
+    (DDP: a replica per rank, LoRA gradients summed over ranks; FSDP2: the model sharded, each
+    rank then reading only its shards from the files)."""
+    if parallel.shards_model(cfg.parallel):
+        model = meta_model(run.model_dir, run.dtype)  # weights come after sharding: each rank reads its own
+    else:
+        # QLoRA: each linear becomes NF4 as it is read, so the full-precision model never exists whole.
+        replace_linear = None
+        if cfg.quantize:
+            from lora.quant import nf4_loader
+            replace_linear = nf4_loader(run.dtype)
+        model = load_model(run.model_dir, dtype=run.dtype, device=run.device, replace_linear=replace_linear)
+    lora.inject_lora(model, lora_cfg, quantize=cfg.quantize, compute_dtype=run.dtype)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # A and B: their updates are tiny next to them, bf16 would round them away
+    run.console.print(lora.trainable_table(model))
+    model.grad_checkpointing = cfg.grad_checkpointing
+    if cfg.compile:
+        for layer in model.model.layers:
+            layer.compile()
+    model.train()
+    loss_fn = LanguageModelLoss(model)
+    train_loss_fn = parallel.wrap(loss_fn, cfg.parallel, run.device) if parallel.launched_by_torchrun() else loss_fn
+    if run.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
+    reset_peak_memory()  # max_memory_gib and the summary's peak: of training, not of loading
+    return model, loss_fn, train_loss_fn
+
+
+def build_optimizer(cfg: TrainConfig, trainable: list, run: Run):
+    """AdamW on the trainable parameters only, no weight decay on biases and norms; fused (one
+    kernel for all parameters, as transformers' Trainer does by default), since a loop over the
+    hundreds of small LoRA tensors costs more than the update itself. And the loss scaler, on
+    for fp16 only (bf16 has fp32's range)."""
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+         {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}],
+        lr=cfg.lr, betas=betas(cfg), eps=cfg.adam_eps, amsgrad=cfg.amsgrad, fused=True)
+    return optimizer, torch.amp.GradScaler(run.device, enabled=run.dtype == torch.float16)
+
+
+@dataclass
+class Position:
+    """Where the run is: optimizer steps done, and the data position after them (epoch, next
+    micro-batch), which a checkpoint saves and --resume restores."""
+    step: int = 0
+    epoch: int = 0
+    index: int = 0
+
+
+def resume(checkpoint: Path, model, optimizer, scaler, run: Run) -> Position:
+    """Adapter, optimizer, scaler and RNG states restored from the checkpoint; its position."""
+    state = load_checkpoint(checkpoint, model, optimizer, scaler)
+    step = read_trainer_state(checkpoint)["step"]
+    run.console.print(f"resumed from {checkpoint} (step {step})")
+    return Position(step, state["epoch"], state["index"])
+
+
+# -----------------------------------------------------------------------------
+# one optimizer step, and what the loop does around it
+
+@dataclass
+class Step:
+    """What one optimizer step measured."""
+    loss: float  # sum of token losses / trained tokens, over the whole step and all ranks
+    grad_norm: float  # the global norm of the LoRA gradients, before clipping
+    tokens: int  # tokens in the step (padding excluded), all ranks
+    trained_tokens: int  # of which trained (the loss's denominator)
+    loss_scale: float | None  # fp16: the scale GradScaler used this step
+    skipped: bool  # fp16: GradScaler skipped the update, a gradient having overflowed
+
+    def row(self, step: int, lr: float, seconds: float, run: Run, epoch: int) -> dict:
+        """The step's line of metrics.jsonl."""
+        row = {"step": step, "loss": self.loss, "lr": lr, "grad_norm": self.grad_norm, "tokens": self.tokens,
+               "trained_tokens": self.trained_tokens, "tokens_per_s": self.tokens / seconds,
+               "elapsed_s": time.perf_counter() - run.t_start, "epoch": epoch}
+        if self.loss_scale is not None:
+            row.update(loss_scale=self.loss_scale, skipped=self.skipped)  # a skipped step did not update A, B
+        if run.device == "cuda":
+            row["max_memory_gib"] = peak_memory_gib()
+        return row
+
+
+def train_step(loss_fn, batches, optimizer, scaler, params, max_grad_norm: float, autocast) -> Step:
+    """One optimizer step: forward and backward of each micro-batch, the gradients accumulating;
+    then unscaled (fp16), clipped, and applied. The gradients stay until the next step's zero_grad,
+    so the caller can read them (--debug-grads, and the module named when one is not finite)."""
+    optimizer.zero_grad(set_to_none=True)
+    # Token counts were taken on the CPU (to_device): the step waits for the device once, below.
+    trained_tokens, tokens = parallel.all_reduce_sum(sum(b["n_trained"] for b in batches),
+                                                     sum(b["n_tokens"] for b in batches))  # of all ranks
+    loss_sum = torch.zeros((), device=batches[0]["input_ids"].device)  # on the device: no sync per micro-batch
+    for i, batch in enumerate(batches):
+        # Under torchrun the gradients are summed over ranks once, after the last micro-batch.
+        with parallel.gradient_sync(loss_fn, enabled=i == len(batches) - 1):
+            loss, _ = forward_loss(loss_fn, batch, autocast)
+            scaler.scale(loss / trained_tokens).backward()  # sum / step's tokens: accumulation-exact
+        loss_sum += loss.detach()
+    scaler.unscale_(optimizer)  # true gradients, before clipping and before they are logged
+    grad_norm = clip_gradients(params, max_grad_norm)  # the norm before clipping, logged
+    loss_scale = scaler.get_scale() if scaler.is_enabled() else None  # the scale this step used
+    scaler.step(optimizer)  # fp16: skipped if a gradient overflowed (GradScaler checks, and syncs)
+    scaler.update()
+    loss_sum, grad_norm = torch.stack([loss_sum, grad_norm.float()]).tolist()  # the step's one sync
+    return Step(parallel.all_reduce_sum(loss_sum)[0] / trained_tokens, grad_norm, tokens, trained_tokens,
+                loss_scale, skipped=scaler.is_enabled() and not math.isfinite(grad_norm))
+
+
+def check_finite(step: Step, skipped_in_a_row: int, cfg: TrainConfig, model, run: Run, number: int):
+    """Stop the run, before anything is saved, when step `number` diverged.
+
+    fp16: an overflowing gradient is expected now and then; GradScaler skipped that update and
+    halved the scale. A non-finite loss (the forward itself) is never that, in any precision, and
+    neither is a scale halved max_skipped_steps times in a row. A diverged update of A and B is
+    never saved: the run stops here, the last good checkpoint kept."""
+    fp16 = step.loss_scale is not None
+    if math.isfinite(step.loss) and (math.isfinite(step.grad_norm) or
+                                     fp16 and skipped_in_a_row < cfg.max_skipped_steps):
         return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (musl): leave the allocator alone
-        return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's <malloc.h>
-    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
-    libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1)
+    message = divergence_message(model, number, step.loss, step.grad_norm, skipped_in_a_row, step.loss_scale)
+    run_dir.write_summary(run.out, diverged=True, steps=number - 1, error=message,
+                          wall_s=time.perf_counter() - run.t_start)
+    raise FloatingPointError(message)
 
+
+def evaluate_and_sample(loss_fn, model, ds: TrainData, prompts, cfg: TrainConfig, autocast):
+    """The validation loss (and perplexity), and greedy replies to the sample prompts."""
+    row = evaluate(loss_fn, ds.val_batches, autocast) if ds.val_batches else {}
+    return row, dict(zip(prompts, sample_replies(model, ds.tok, prompts, cfg.sample_tokens, autocast)))
+
+
+def lora_weights(model) -> dict:
+    """A copy of every LoRA A and B (whole, under FSDP), for the update ratios of --debug-grads."""
+    return {f"{n}.{k}": parallel.full(getattr(m, f"lora_{k}").weight.detach()).clone()
+            for n, m in model.named_modules() if isinstance(m, lora.LoRALinear) for k in "AB"}
+
+
+class ProgressBar:
+    """The rich bar: step, loss, lr, grad norm, tokens/s, time left (rank 0 only)."""
+
+    def __init__(self, console, total: int, done: int):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        self.progress = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                 console=console, transient=False, disable=not parallel.is_main())
+        self.task = self.progress.add_task("train", total=total, completed=done, info="")
+        self.progress.start()
+
+    def update(self, step: int, row: dict):
+        self.progress.update(self.task, completed=step, info=run_dir.step_info(row))
+
+    def stop(self):
+        self.progress.stop()
+
+
+# -----------------------------------------------------------------------------
+# helpers of the steps: schedule, data stream, loss, evaluation, clipping, reports
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int, warmup: int) -> float:
     """Learning rate of update number `step` (0-based): linear warmup, then decay to min_lr_ratio."""
@@ -316,7 +453,8 @@ def to_device(batch: dict, device) -> dict:
 def forward_loss(loss_fn, batch, autocast):
     """Sum of token losses of one micro-batch (fp32) and its trained-token count.
 
-    loss_fn is the model with lm_loss_sum as its forward (parallel.LossSum), maybe wrapped in DDP."""
+    loss_fn is the model with lm_loss_sum as its forward (model.loss.LanguageModelLoss), under
+    torchrun maybe wrapped in DDP."""
     with autocast:
         return loss_fn(batch)
 
@@ -408,16 +546,6 @@ def grad_report(model, before: dict) -> list[tuple]:
     return rows
 
 
-def print_grad_table(console, step, rows):
-    from rich.table import Table
-    table = Table(title=f"LoRA gradients, step {step}", show_lines=False)
-    for col in ("module", "|grad A|", "|grad B|", "|dA|/|A|", "|dB|/|B|"):
-        table.add_column(col, justify="left" if col == "module" else "right", overflow="fold")
-    for name, *values in rows:
-        table.add_row(name, *(f"{v:.3e}" for v in values))
-    console.print(table)
-
-
 class StopRequest:
     """Remembers a SIGINT/SIGTERM so the loop can finish its step, save and exit cleanly."""
 
@@ -437,284 +565,10 @@ def load_prompts(path: str) -> list[str]:
     return [line.strip() for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []
 
 
-def peak_memory_gib() -> float:
-    """Peak memory of this process: CUDA allocations when CUDA ran, else the resident set size."""
-    if torch.cuda.is_initialized():
-        return torch.cuda.max_memory_allocated() / 2**30
-    import resource
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform == "darwin" else 1)
-    return kib / 2**20
-
-
-def write_summary(out: Path, **figures):
-    """summary.json: how a run ended, finished or diverged (an interrupted run has none; a sweep reads it)."""
-    if parallel.is_main():
-        figures["peak_memory_gib"] = peak_memory_gib()
-        (out / "summary.json").write_text(json.dumps(figures, indent=2))
 
 
 # -----------------------------------------------------------------------------
-# the run
-
-def train(cfg: TrainConfig) -> dict:
-    """Run training as configured; return a summary (final loss, val losses, wall time...).
-
-    One run per --output-dir at a time: rank 0 holds its lock while the run lasts."""
-    with run_dir.locked(Path(cfg.output_dir), owner=os.environ.get("RANK", "0") == "0"), \
-            reference_path(cfg.reference):
-        return run_training(cfg)
-
-
-def run_training(cfg: TrainConfig) -> dict:
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-    from torch.utils.tensorboard import SummaryWriter
-
-    device, dtype = resolve_device_and_dtype(cfg)
-    if device == "cpu":
-        keep_freed_memory()
-    parallel.init(device, cfg.parallel_timeout)  # under torchrun: join the other ranks
-    console = Console(stderr=True, quiet=not parallel.is_main())  # rank 0 speaks for all
-    t_start = time.perf_counter()
-    out = Path(cfg.output_dir)
-    if parallel.is_main():  # a fresh run needs a directory without another run's files (or --overwrite)
-        remove_partial_checkpoints(out)  # left by a kill mid-save
-        if not cfg.resume:
-            run_dir.claim_fresh(out, cfg.overwrite)
-    torch.manual_seed(cfg.seed)
-    autocast = (torch.autocast(device_type=device, dtype=dtype) if dtype != torch.float32
-                else nullcontext())
-
-    # --- data: tokenized once, cached next to the run
-    model_dir = resolve_model_dir(cfg.model)
-    tok = data.load_tokenizer(model_dir, cfg.template)
-    tokenize = lambda path: data.tokenize_file(path, tok, cfg.max_seq_len, cfg.mask)  # cached on disk
-    train_set = tokenize(cfg.data)
-    console.print(f"data: {train_set.summary()}")
-    val_data = cfg.val_data or (DEMO_VAL_DATA if Path(cfg.data) == DEMO_DATA else None)
-    if val_data:
-        train_examples, val_examples = train_set.examples, tokenize(val_data).examples
-    else:
-        train_examples, val_examples = data.split_validation(train_set.examples, cfg.val_fraction, cfg.seed)
-    if not train_examples:
-        raise TrainError(f"--data {cfg.data}: no training examples left")
-    lengths = [len(e["input_ids"]) for e in train_examples]
-    # A rank whose slice of a micro-batch is empty still takes part, on a batch that trains nothing.
-    batch_of = lambda examples, idx, pack: to_device(data.make_batch(examples, idx, tok.pad_id, pack) if idx
-                                                     else parallel.empty_batch(tok.pad_id), device)
-    collate = lambda idx: batch_of(train_examples, idx, cfg.pack)
-    val_step = cfg.micro_batch_size * parallel.world_size()  # under torchrun each rank takes a slice
-    val_parts = [parallel.rank_share(list(range(len(val_examples)))[i:i + val_step], cfg.micro_batch_size)
-                 for i in range(0, len(val_examples), val_step)]
-    val_batches = [batch_of(val_examples, idx, False) for idx in val_parts]
-
-    # --- the run's length, and what makes it this run; --resume checks both before the model loads
-    n_micro = len(data.micro_batches(lengths, cfg.micro_batch_size * parallel.world_size(), cfg.seed, 0,
-                                     cfg.group_by_length, cfg.pack, cfg.max_seq_len))  # global micro-batches
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * n_micro / cfg.grad_accum))
-    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
-    settings = {**asdict(cfg), "model_dir": str(model_dir), "device": device, "dtype": str(dtype),
-                "world_size": parallel.world_size(), "total_steps": total_steps, "warmup_steps": warmup,
-                "train_examples": len(train_examples), "val_examples": len(val_examples)}
-    defining = run_dir.defining_settings(cfg, model_dir, val_data, dtype, parallel.world_size())
-    step, epoch, index, changed = 0, 0, 0, {}
-    checkpoints = list_checkpoints(out) if cfg.resume else []
-    if cfg.resume and not checkpoints:
-        raise TrainError(f"--resume: no checkpoint in {out / 'checkpoints'}")
-    if checkpoints:
-        step = read_trainer_state(checkpoints[-1])["step"]
-        if step >= total_steps:
-            raise TrainError(f"--resume: the run in {out} is at step {step} of {total_steps}: nothing left to "
-                             "train; raise --max-steps (or --epochs) to train further")
-        changed = run_dir.check_resume(out, defining, settings)
-
-    # --- model: frozen base in the compute dtype, LoRA A and B in fp32
-    # QLoRA: each linear becomes NF4 as it is read, so the full-precision model never exists whole.
-    replace_linear = None
-    if cfg.quantize:
-        from lora.quant import nf4_loader
-        replace_linear = nf4_loader(dtype)
-    if parallel.shards_model(cfg.parallel):
-        model = meta_model(model_dir, dtype)  # weights come after sharding: each rank reads its own
-    else:
-        model = load_model(model_dir, dtype=dtype, device=device, replace_linear=replace_linear)
-    lora_cfg = lora.LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                               targets=cfg.lora_targets if cfg.lora_targets == "all-linear"
-                               else [t.strip() for t in cfg.lora_targets.split(",") if t.strip()],
-                               rslora=cfg.rslora)
-    lora.inject_lora(model, lora_cfg, quantize=cfg.quantize, compute_dtype=dtype)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    for p in trainable:
-        p.data = p.data.float()
-    console.print(lora.trainable_table(model))
-    model.grad_checkpointing = cfg.grad_checkpointing
-    if cfg.compile:
-        for layer in model.model.layers:
-            layer.compile()
-    model.train()
-    # --- parallel (torchrun only): the micro-steps call train_loss_fn, evaluation calls loss_fn.
-    # DDP: a replica per rank, LoRA gradients summed over ranks. FSDP2: every decoder block and the
-    # rest of the model sharded over the ranks, its parameters replaced by their shards (DTensors),
-    # then each rank's shards read from the files.
-    loss_fn = parallel.LossSum(model)  # forward(batch) -> (sum of token losses, trained tokens)
-    train_loss_fn = parallel.wrap(loss_fn, cfg.parallel, device)
-    trainable = [p for p in model.parameters() if p.requires_grad]  # again: FSDP2 swapped them
-    if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
-        torch.cuda.reset_peak_memory_stats()  # max_memory_gib: the peak of training, not of loading
-
-    # --- optimizer: AdamW on the trainable parameters only; no weight decay on biases and norms.
-    # Fused: one kernel for all parameters (transformers' Trainer default too); on the CPU it takes
-    # 3 ms a step for SmolLM2's 420 LoRA tensors, where the loop over them took 22.
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-         {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}],
-        lr=cfg.lr, betas=betas(cfg), eps=cfg.adam_eps, amsgrad=cfg.amsgrad,
-        fused=True)
-    scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
-
-    # --- resume: adapter, optimizer, scaler, RNG, data position and step from the newest checkpoint
-    if checkpoints:
-        state = load_checkpoint(checkpoints[-1], model, optimizer, scaler)
-        epoch, index = state["epoch"], state["index"]
-        console.print(f"resumed from {checkpoints[-1]} (step {step})")
-    if parallel.is_main():
-        if checkpoints:
-            run_dir.record_resume(out, step, changed)  # run_history.jsonl; metrics.jsonl cut to `step`
-        else:
-            run_dir.record_fresh(out, settings, defining)  # run_config.json
-    metrics, writer = parallel.Silent(), parallel.Silent()  # only rank 0 writes them
-    if parallel.is_main():
-        metrics = (out / "metrics.jsonl").open("a" if checkpoints else "w")
-        writer = SummaryWriter(str(out / "tensorboard"), purge_step=step if checkpoints else None)
-    prompts = load_prompts(cfg.sample_prompts)[:3]
-    save = lambda s: save_checkpoint(out, s, model, lora_cfg, str(cfg.model), optimizer, scaler,
-                                     {"epoch": epoch, "index": index}, cfg.keep_checkpoints)
-
-    replies = []  # the newest sample replies; the final ones go into summary.json
-
-    def run_eval(s):
-        row = evaluate(loss_fn, val_batches, autocast) if val_batches else {}
-        for k, v in row.items():
-            writer.add_scalar(f"eval/{k}", v, s)
-        replies[:] = sample_replies(model, tok, prompts, cfg.sample_tokens, autocast)
-        for prompt, reply in zip(prompts, replies):
-            writer.add_text(f"samples/{prompt[:40]}", reply, s)
-        return row
-
-    summary = {"first_val": run_eval(step) if not checkpoints else {}, "losses": []}
-    skipped_in_a_row = 0  # fp16 steps GradScaler skipped in a row (their gradients overflowed)
-    if summary["first_val"]:
-        metrics.write(json.dumps({"step": step, **summary["first_val"]}) + "\n")
-        console.print(f"step {step}: val_loss {summary['first_val']['val_loss']:.4f}")
-
-    # --- the loop: one iteration is one optimizer step of grad_accum micro-batches
-    stream = micro_batch_stream(lengths, cfg, epoch, index)
-    stop = StopRequest()
-    progress = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
-                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                        console=console, transient=False, disable=not parallel.is_main())
-    task = progress.add_task("train", total=total_steps, completed=step, info="")
-    progress.start()
-    while step < total_steps:
-        t0 = time.perf_counter()
-        lr = lr_at(step, cfg, total_steps, warmup)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-
-        # Collate the whole step first: the loss is normalised by the trained tokens of all of it.
-        batches = []
-        for _ in range(cfg.grad_accum):
-            epoch, index, idx = next(stream)
-            batches.append(collate(idx))
-        # Token counts were taken on the CPU (to_device): the step waits for the device once, below.
-        trained_tokens = sum(b["n_trained"] for b in batches)
-        tokens = sum(b["n_tokens"] for b in batches)
-        trained_tokens, tokens = parallel.all_reduce_sum(trained_tokens, tokens)  # of all ranks
-
-        loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per micro-batch
-        for i, batch in enumerate(batches):
-            # Under torchrun the gradients are summed over ranks once, after the last micro-batch.
-            with parallel.gradient_sync(train_loss_fn, enabled=i == len(batches) - 1):
-                loss, _ = forward_loss(train_loss_fn, batch, autocast)
-                scaler.scale(loss / trained_tokens).backward()  # sum / step's tokens: accumulation-exact
-            loss_sum += loss.detach()
-
-        scaler.unscale_(optimizer)  # true gradients, before clipping and before they are logged
-        grad_norm = clip_gradients(trainable, cfg.max_grad_norm)  # the norm before clipping, logged
-        before = ({f"{n}.{k}": parallel.full(getattr(m, f"lora_{k}").weight.detach()).clone()
-                   for n, m in model.named_modules() if isinstance(m, lora.LoRALinear) for k in "AB"}
-                  if cfg.debug_grads else None)
-        loss_scale = scaler.get_scale() if scaler.is_enabled() else None  # the scale this step used
-        scaler.step(optimizer)  # fp16: skipped if a gradient overflowed (GradScaler checks, and syncs)
-        scaler.update()
-        loss_sum, grad_norm = torch.stack([loss_sum, grad_norm.float()]).tolist()  # the step's one sync
-        step_loss = parallel.all_reduce_sum(loss_sum)[0] / trained_tokens
-        # fp16: an overflowing gradient is expected now and then; GradScaler skipped that update and
-        # halved the scale. A non-finite loss (the forward itself) is never that, in any precision,
-        # and neither is a scale halved max_skipped_steps times in a row. A diverged update of A
-        # and B is never saved: the run stops here, the last good checkpoint kept.
-        skipped = scaler.is_enabled() and not math.isfinite(grad_norm)
-        skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
-        if not math.isfinite(step_loss) or (not math.isfinite(grad_norm) and (
-                not scaler.is_enabled() or skipped_in_a_row >= cfg.max_skipped_steps)):
-            message = divergence_message(model, step + 1, step_loss, grad_norm, skipped_in_a_row, loss_scale)
-            write_summary(out, diverged=True, steps=step, error=message, wall_s=time.perf_counter() - t_start)
-            raise FloatingPointError(message)
-        if cfg.debug_grads:  # before zero_grad: the gradients are still there to read
-            rows = grad_report(model, before)
-            print_grad_table(console, step + 1, rows)
-            for name, ga, gb, ra, rb in rows:
-                writer.add_scalars(f"grads/{name}", {"grad_A": ga, "grad_B": gb, "update_A": ra,
-                                                     "update_B": rb}, step + 1)
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-
-        # --- log, evaluate, checkpoint
-        dt = time.perf_counter() - t0
-        row = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-               "trained_tokens": trained_tokens, "tokens_per_s": tokens / dt,
-               "elapsed_s": time.perf_counter() - t_start, "epoch": epoch}
-        if scaler.is_enabled():
-            row.update(loss_scale=loss_scale, skipped=skipped)  # a skipped step did not update A, B
-        if device == "cuda":
-            row["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        if cfg.eval_every and step % cfg.eval_every == 0 or step == total_steps:
-            row.update(run_eval(step))
-        metrics.write(json.dumps(row) + "\n")
-        metrics.flush()
-        for k in ("loss", "lr", "grad_norm", "tokens_per_s", "max_memory_gib", "loss_scale"):
-            if k in row:
-                writer.add_scalar(f"train/{k}", row[k], step)
-        summary["losses"].append(step_loss)
-        info = f"loss {step_loss:.4f}  lr {lr:.2e}  grad {grad_norm:.3f}  {row['tokens_per_s']:.0f} tok/s"
-        progress.update(task, completed=step, info=info)
-        if cfg.log_every and step % cfg.log_every == 0 and not console.is_terminal:
-            console.print(f"step {step}/{total_steps}  {info}" +
-                          (f"  val_loss {row['val_loss']:.4f}" if "val_loss" in row else ""))
-        stopping = parallel.any_rank(stop.signal is not None)  # every rank stops after the same step
-        if cfg.save_every and step % cfg.save_every == 0 or step == total_steps or stopping:
-            save(step)
-        if stopping:
-            progress.stop()
-            signum = stop.signal or signal.SIGTERM
-            console.print(f"stopped by signal {signum} after step {step}; checkpoint saved, "
-                          f"continue with --resume")
-            sys.exit(128 + signum)
-    progress.stop()
-
-    parallel.save_adapter(model, lora_cfg, out / "adapter", str(cfg.model))  # gathered, rank 0 writes
-    writer.close()
-    metrics.close()
-    summary.update(last_val={k: row[k] for k in ("val_loss", "val_ppl") if k in row},
-                   wall_s=time.perf_counter() - t_start, steps=step, model=model)
-    write_summary(out, diverged=False, steps=step, final_loss=step_loss, **summary["last_val"],
-                  wall_s=summary["wall_s"], replies=dict(zip(prompts, replies)))
-    console.print(f"done: {step} steps in {summary['wall_s']:.0f}s; adapter in {out / 'adapter'}; "
-                  f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
-    parallel.shutdown()
-    return summary
-
+# the command
 
 def run(argv=None):
     cfg = parse_config(argv)

@@ -35,6 +35,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from model.loss import IGNORE_INDEX  # noqa: E402
+from model.runtime import DTYPES  # noqa: E402
 
 SHAPES = {  # (dry run, CUDA): small enough to build in seconds, NF4-able widths (multiples of 64)
     "dry": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -124,7 +126,7 @@ def batch(device, B=4, T=256):
 # ----------------------------------------------------------------------------- the checks
 
 def check_precision(model_dir, device, name):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    dtype = DTYPES[name]
     ids = batch(device)
     ref_loss, ref = loss_and_grads(lora_model(model_dir, torch.float32, device), ids, torch.float32, device)
     loss, grads = loss_and_grads(lora_model(model_dir, dtype, device), ids, dtype, device)
@@ -152,7 +154,7 @@ def check_checkpointing(model_dir, device):
 
 def packing_examples():
     g = torch.Generator().manual_seed(2)
-    return [{"input_ids": ids, "labels": [-100] * 5 + ids[5:]}
+    return [{"input_ids": ids, "labels": [IGNORE_INDEX] * 5 + ids[5:]}
             for ids in (torch.randint(0, 256, (n,), generator=g).tolist() for n in (40, 97, 23))]
 
 

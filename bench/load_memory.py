@@ -49,12 +49,13 @@ sys.path.insert(0, {root!r})
 import lora, parallel
 from bench.load_memory import rss_mib
 from model.load import meta_model
+from model.loss import LanguageModelLoss
 path, device = {path!r}, {device!r}
 parallel.init(device, 600)
 before = rss_mib("VmRSS")
 model = meta_model(path, torch.bfloat16)
 lora.inject_lora(model, lora.LoRAConfig(r=16, alpha=32))
-parallel.wrap(parallel.LossSum(model), "fsdp", device)
+parallel.wrap(LanguageModelLoss(model), "fsdp", device)
 peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else rss_mib("VmHWM") - before
 print(json.dumps({{"rank": parallel.rank(), "peak_mib": peak}}), flush=True)
 parallel.shutdown()

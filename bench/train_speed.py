@@ -22,7 +22,6 @@ with n = tokens in the step, P = parameters of the base linears including lm_hea
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from model.runtime import DTYPES, peak_memory_gib, reset_peak_memory  # noqa: E402
 
 # Real shapes of public checkpoints (config.json fields); weights are random.
 SHAPES = {
@@ -62,7 +62,6 @@ CASES = {
     "deepseek-llm-7b": dict(model="deepseek-llm-7b", batch=2, seq=1024, dtype="bf16", quantize=None, ckpt=True, device="cuda"),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def model_dir(case: dict, scratch: Path) -> Path:
@@ -91,7 +90,7 @@ def nanolora_step_fn(path: Path, case: dict, compile: bool = False):
     import lora
     from model import load_model
     from model.loss import lm_loss_sum
-    from train import keep_freed_memory
+    from model.runtime import keep_freed_memory
     device, dtype = case["device"], DTYPES[case["dtype"]]
     if device == "cpu":
         keep_freed_memory()  # as train.py does on the CPU
@@ -182,25 +181,6 @@ def matmul_peak(device: str, dtype: torch.dtype) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
-def reset_peak_rss():
-    """Start the process's peak-RSS count afresh (Linux: "5" to clear_refs resets VmHWM), so that,
-    like CUDA's reset_peak_memory_stats, the peak covers the timed steps, not loading."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def peak_rss_gib() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20  # kB -> GiB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (whole run)
-
-
 def sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
@@ -224,10 +204,7 @@ def measure(impl: str, case_name: str, steps: int, warmup: int, scratch: Path) -
     for ids in data[:warmup]:
         step(ids)
     sync(case["device"])
-    if case["device"] == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        reset_peak_rss()
+    reset_peak_memory()  # the peak of the timed steps, not of loading
     step_seconds = []
     for ids in data[warmup:]:
         t = time.perf_counter()
@@ -235,11 +212,7 @@ def measure(impl: str, case_name: str, steps: int, warmup: int, scratch: Path) -
         sync(case["device"])
         step_seconds.append(time.perf_counter() - t)
     seconds = statistics.median(step_seconds)
-    if case["device"] == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**30
-    else:
-        peak = peak_rss_gib()
-    return {"tokens_per_s": case["batch"] * case["seq"] / seconds, "peak_gib": peak,
+    return {"tokens_per_s": case["batch"] * case["seq"] / seconds, "peak_gib": peak_memory_gib(),
             "flops": step_flops(path, case) / seconds,
             "matmul_peak": matmul_peak(case["device"], DTYPES[case["dtype"]])}
 

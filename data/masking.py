@@ -23,9 +23,10 @@ untrained positions.
 
 import jinja2
 
+from model.loss import IGNORE_INDEX  # the one definition: what the loss skips
+
 from .formats import TEXT_ROLE, RecordError
 
-IGNORE_INDEX = -100
 MASK_MODES = ("assistant", "last", "all")
 
 

@@ -20,8 +20,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from model.errors import one_line
-from model.load import key_mismatches
+from model.errors import key_mismatches, one_line
 
 from .config import LoRAConfig, LoRAError
 from .inject import inject_lora, is_target, lora_modules

@@ -1,10 +1,76 @@
-"""The fast piece of the LoRA layers: LoRAGroup, the layers that read one input, with their backward
-written out. Its textbook twin is LoRALinear.textbook (lora/layer.py): base(x) + scaling * B A
-dropout(x), autograd deriving the gradient; tests/test_lora.py proves them equal in float64 and
-under bf16/fp16 autocast. It runs unless model.fused.reference_path() is on.
+"""The fast path of the LoRA layers: what LoRALinear.forward runs unless model.fused.reference_path()
+is on. Its textbook twin is LoRALinear.textbook (lora/layer.py): base(x) + scaling * B A dropout(x),
+autograd deriving the gradient; tests/test_lora.py proves them equal in float64 and under bf16/fp16
+autocast.
+
+    lora_forward(x, layers)   the LoRA layers that read one x (q/k/v, gate/up, or one layer alone):
+                              LoRAGroup where it runs, else forward_ops, op by op
+    LoRAGroup                 their forward and backward written out, in one compute dtype
+    forward_ops, add_update   the op-by-op path (NF4 bases; a bf16 base outside autocast)
 """
 
 import torch
+import torch.nn.functional as F
+
+
+def lora_forward(x, layers) -> list[torch.Tensor]:
+    """[layer(x) for layer in layers], for LoRALinear layers that read the same x (..., in).
+
+    The down-projections x A_q^T, x A_k^T, x A_v^T are the column blocks of x [A_q; A_k; A_v]^T,
+    so one matmul with the stacked A computes them all: a (N, 3r)-wide matmul runs nearer the
+    machine's peak than three (N, r)-wide ones, and backward gets one input-gradient matmul
+    instead of three. Without dropout, that is: with it each layer draws its own mask (as PEFT's
+    do). LoRAGroup does all this with its backward written out, where it runs (see
+    `LoRAGroup.dtype_for`); otherwise autograd derives the backward from the ops (`forward_ops`).
+    """
+    x2d = x.reshape(-1, x.shape[-1])  # (N, in): every matmul below is one 2-D BLAS call
+    dtype = LoRAGroup.dtype_for(x2d, layers)
+    if dtype is not None:
+        keeps, gains = zip(*(m.dropout_mask(x2d) for m in layers))
+        alphas = [m.scaling * gain for m, gain in zip(layers, gains)]
+        weights = [t for m in layers for t in (m.weight, m.bias, m.lora_A.weight, m.lora_B.weight)]
+        outs = LoRAGroup.apply(x2d, dtype, alphas, keeps, *weights)
+    elif len(layers) > 1 and not any(m.draws_dropout for m in layers):
+        A = torch.cat([m.lora_A.weight for m in layers])  # (sum of r, in)
+        x_lora = x2d if torch.is_autocast_enabled(x2d.device.type) else x2d.to(A.dtype)
+        downs = F.linear(x_lora, A).split([m.lora_A.out_features for m in layers], dim=-1)
+        outs = [forward_ops(m, x2d, down) for m, down in zip(layers, downs)]
+    else:
+        outs = [forward_ops(m, x2d) for m in layers]
+    return [out.view(*x.shape[:-1], m.out_features) for m, out in zip(layers, outs)]
+
+
+def forward_ops(layer, x2d, down=None):
+    """One LoRALinear op by op, on x2d (N, in), with autograd deriving the backward: base(x) +
+    scaling * B A dropout(x). `down` is x A^T when the caller has it already (no dropout)."""
+    gain = 1.0
+    if down is None:
+        keep, gain = layer.dropout_mask(x2d)
+        # A's dtype (float32) for a bf16 x outside autocast, so the update is formed in float32;
+        # under autocast x stays as it is: autocast casts it to its dtype for the matmul anyway.
+        autocast = torch.is_autocast_enabled(x2d.device.type)
+        x_lora = x2d if autocast else x2d.to(layer.lora_A.weight.dtype)
+        down = layer.lora_A(x_lora if keep is None else x_lora * keep)  # (N, r)
+    return add_update(layer, layer.base_forward(x2d), down, gain)
+
+
+def add_update(layer, result, down, gain: float = 1.0):
+    """result + gain * scaling * down B^T, in result's dtype: base output (N, out), down (N, r).
+
+    The LoRA path is added into the base layer's fresh output buffer in place, by one BLAS call
+    (addmm_), rather than by a matmul, a scaling pass and an addition pass over (N, out) (the
+    out-of-place addmm would still copy the buffer). Autograd allows it: no backward needs the
+    base layer's output. Under autocast the matmuls run in bf16 (B is cast as autocast would
+    cast it) and the gradients land in the float32 A and B; without it (a bf16 base, float32 A
+    and B) the sum is formed in float32 before rounding to the base's dtype, as PEFT does.
+    The dropout gain 1 / P(keep) rides in alpha too, rather than in a pass over the input.
+    """
+    dtype = down.dtype  # float32; bf16 under autocast
+    # B^T as a contiguous (r, out) copy: autograd then forms B's gradient as down^T @ grad, in
+    # B^T's layout, which BLAS runs faster than the transposed product it uses for a view.
+    B_t = layer.lora_B.weight.t().contiguous().to(dtype)
+    out = result.to(dtype).addmm_(down, B_t, alpha=layer.scaling * gain)
+    return out.to(result.dtype)
 
 
 class LoRAGroup(torch.autograd.Function):

@@ -18,15 +18,15 @@ import torch.nn.functional as F
 
 from model import fused as model_fused
 
-from .fused import LoRAGroup
+from . import fused
 
 
 class LoRADropout(nn.Dropout):
     """nn.Dropout whose mask LoRALinear can keep as a bool tensor, with a cheaper mask on the CPU.
 
-    torch draws CPU Bernoulli samples one at a time from a single-threaded generator, about 4 ns
-    each: with p > 0, dropout on the inputs of all seven LoRA layers of a block took a quarter of
-    a CPU training step. Here one 64-bit draw gives the random bits of four elements: an element is
+    torch draws CPU Bernoulli samples one at a time from a single-threaded generator, so with
+    p > 0 the masks of a block's seven LoRA inputs cost a large share of a CPU training step
+    (bench/train_speed.py measures it). Here one 64-bit draw gives the random bits of four elements: an element is
     dropped when its 16 bits, read as a signed integer, fall below -32768 + round(p * 2^16). So p is
     rounded to a multiple of 2^-16 (0.05 becomes 0.0500031), and kept elements are scaled by the
     exact 1 / P(keep), which keeps E[output] = x. On other devices, and under torch.compile, the
@@ -63,10 +63,9 @@ class LoRALinear(nn.Module):
     For QLoRA `weight` is the bitsandbytes `Params4bit` of the quantized base: packed 4-bit codes
     with its `quant_state` (block absmaxes), and the matmul runs in `compute_dtype`.
 
-    Two ways to compute the same thing: `forward_ops` writes the formula op by op and lets autograd
-    derive the backward; `LoRAGroup` has the backward written out and is what runs for dense bases
-    under autocast (bf16 and fp16 training) and where x, the base, A and B share one dtype (float32
-    training). NF4 bases, and a bf16 base without autocast (chat, merge checks), take forward_ops.
+    `forward` is the formula; `textbook` computes it module by module, and lora/fused.py computes it
+    fast (the layers of one input together, the backward written out): the default, proven equal
+    to the textbook in tests/test_lora.py.
     """
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
@@ -113,80 +112,31 @@ class LoRALinear(nn.Module):
         return nf4_linear(x, self.weight, self.bias, self.compute_dtype)
 
     def forward(self, x):
-        if not model_fused.enabled():
-            return self.textbook(x)
-        return self.forward_shared(x, [self])[0]
+        """h = W0 x + b + (alpha / r) B A dropout(x) (Hu et al. 2021, eq. 3).
+
+        By default the same sum comes from lora/fused.py, which computes the LoRA layers of one
+        input (q/k/v, gate/up) together with their backward written out; under
+        model.fused.reference_path() (train.py --reference) it is `textbook`, below."""
+        if model_fused.enabled():
+            return fused.lora_forward(x, [self])[0]
+        return self.textbook(x)
 
     def textbook(self, x):
-        """h = W0 x + b + (alpha / r) B A dropout(x) (Hu et al. 2021, eq. 3), module by module, autograd
-        deriving the backward: what runs under model.fused.reference_path(). A hook on
-        `self.lora_A` sees A dropout(x). A and B are float32: outside autocast x is cast to it, and
-        the sum is rounded to the base's dtype once."""
+        """The formula module by module, autograd deriving the backward. A hook on `self.lora_A`
+        sees A dropout(x). A and B are float32: outside autocast x is cast to it, and the sum is
+        rounded to the base's dtype once."""
         x_lora = x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.weight.dtype)
-        update = self.lora_B(self.lora_A(self.lora_dropout(x_lora))) * self.scaling
-        base = self.base_forward(x)
+        update = self.lora_B(self.lora_A(self.lora_dropout(x_lora))) * self.scaling  # (..., out)
+        base = self.base_forward(x)  # W0 x + b, (..., out)
         return (base.to(update.dtype) + update).to(base.dtype)
-
-    def forward_ops(self, x2d, down=None):
-        """The layer op by op, on x2d (N, in), with autograd deriving the backward: base(x) +
-        scaling * B A dropout(x). `down` is x A^T when the caller has it already (no dropout)."""
-        gain = 1.0
-        if down is None:
-            keep, gain = self.dropout_mask(x2d)
-            # A's dtype (float32) for a bf16 x outside autocast, so the update is formed in float32;
-            # under autocast x stays as it is: autocast casts it to its dtype for the matmul anyway.
-            autocast = torch.is_autocast_enabled(x2d.device.type)
-            x_lora = x2d if autocast else x2d.to(self.lora_A.weight.dtype)
-            down = self.lora_A(x_lora if keep is None else x_lora * keep)  # (N, r)
-        return self.add_update(self.base_forward(x2d), down, gain)
-
-    def add_update(self, result, down, gain: float = 1.0):
-        """result + gain * scaling * down B^T, in result's dtype: base output (N, out), down (N, r).
-
-        The LoRA path is added into the base layer's fresh output buffer in place, by one BLAS call
-        (addmm_), rather than by a matmul, a scaling pass and an addition pass over (N, out) (the
-        out-of-place addmm would still copy the buffer). Autograd allows it: no backward needs the
-        base layer's output. Under autocast the matmuls run in bf16 (B is cast as autocast would
-        cast it) and the gradients land in the float32 A and B; without it (a bf16 base, float32 A
-        and B) the sum is formed in float32 before rounding to the base's dtype, as PEFT does.
-        The dropout gain 1 / P(keep) rides in alpha too, rather than in a pass over the input.
-        """
-        dtype = down.dtype  # float32; bf16 under autocast
-        # B^T as a contiguous (r, out) copy: autograd then forms B's gradient as down^T @ grad, in
-        # B^T's layout, which BLAS runs twice as fast as the transposed product it uses for a view.
-        B_t = self.lora_B.weight.t().contiguous().to(dtype)
-        out = result.to(dtype).addmm_(down, B_t, alpha=self.scaling * gain)
-        return out.to(result.dtype)
 
     @staticmethod
     def forward_shared(x, layers):
-        """[layer(x) for layer in layers] for layers that read the same x (q/k/v, gate/up).
-
-        The down-projections x A_q^T, x A_k^T, x A_v^T are the column blocks of x [A_q; A_k; A_v]^T,
-        so one matmul with the stacked A computes them all: a (N, 3r)-wide matmul runs nearer the
-        machine's peak than three (N, r)-wide ones, and backward gets one input-gradient matmul
-        instead of three. Without dropout, that is: with it each layer draws its own mask (as
-        PEFT's do). LoRAGroup does all this with its backward written out, where it runs (see
-        `LoRAGroup.dtype_for`); otherwise autograd derives the backward from the ops
-        (`forward_ops`). When not every layer is a LoRALinear, the layers run one by one.
-        """
+        """[layer(x) for layer in layers] for layers that read the same x: model.fused.shared_input
+        calls this for q/k/v and gate/up, and lora/fused.py computes them together."""
         if not all(isinstance(m, LoRALinear) for m in layers):
             return [m(x) for m in layers]
-        x2d = x.reshape(-1, x.shape[-1])  # (N, in): every matmul below is one 2-D BLAS call
-        dtype = LoRAGroup.dtype_for(x2d, layers)
-        if dtype is not None:
-            keeps, gains = zip(*(m.dropout_mask(x2d) for m in layers))
-            alphas = [m.scaling * gain for m, gain in zip(layers, gains)]
-            weights = [t for m in layers for t in (m.weight, m.bias, m.lora_A.weight, m.lora_B.weight)]
-            outs = LoRAGroup.apply(x2d, dtype, alphas, keeps, *weights)
-        elif len(layers) > 1 and not any(m.draws_dropout for m in layers):
-            A = torch.cat([m.lora_A.weight for m in layers])  # (sum of r, in)
-            x_lora = x2d if torch.is_autocast_enabled(x2d.device.type) else x2d.to(A.dtype)
-            downs = F.linear(x_lora, A).split([m.lora_A.out_features for m in layers], dim=-1)
-            outs = [m.forward_ops(x2d, down) for m, down in zip(layers, downs)]
-        else:
-            outs = [m.forward_ops(x2d) for m in layers]
-        return [out.view(*x.shape[:-1], m.out_features) for m, out in zip(layers, outs)]
+        return fused.lora_forward(x, layers)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -2,6 +2,7 @@
 
 from .config import ConfigError, LlamaConfig
 from .llama import KVCache, Llama
-from .load import DEMO_MODEL, LoadError, load_model, resolve_model_dir
+from .files import LoadError
+from .load import DEMO_MODEL, load_model, resolve_model_dir
 
 __all__ = ["DEMO_MODEL", "ConfigError", "KVCache", "Llama", "LlamaConfig", "LoadError", "load_model", "resolve_model_dir"]

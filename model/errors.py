@@ -55,3 +55,22 @@ def run_command(prog: str, work, *args, codes: dict | None = None) -> int:
     except OSError as e:
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return 2
+
+
+def key_mismatches(expected: dict[str, tuple], found: dict[str, tuple], where: dict[str, str] | None = None
+                   ) -> list[str]:
+    """How the keys and shapes a file holds differ from those a model needs, as short phrases for a
+    one-line error (a few names each). `where` names the file each key came from."""
+    wrong = [f"{k}: shape {shape}" + (f" in {where[k]}" if where else "") + f", the model needs {expected[k]}"
+             for k, shape in found.items() if k in expected and shape != expected[k]]
+    problems = [_few(wrong, 2, sep="; ")] if wrong else []
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing:
+        problems.append(f"missing keys: {_few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_few(unexpected)}")
+    return problems
+
+
+def _few(items: list[str], n: int = 3, sep: str = ", ") -> str:
+    return sep.join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")

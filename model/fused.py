@@ -11,6 +11,7 @@ and a debugger hooks, every intermediate tensor.
     RoPE / apply_rope    rotary embedding without a rotated copy of x     twin: llama.rope_rotate
     LinearCrossEntropy   lm_head and cross-entropy in chunks, no logits   twin: loss.reference_loss_sum
     varlen attention     packed rows without a mask (model/llama.py)      twin: SDPA with the mask
+    shared_input         q/k/v (and gate/up) of one input together        twin: each layer on its own
 
 Cross entropy of logits z = h W^T against target y is  loss = logsumexp(z) - z_y,  and its gradient
 is  d loss / d z = softmax(z) - onehot(y).  Since the loss is the last thing computed in a step,
@@ -163,3 +164,13 @@ class LinearCrossEntropy(torch.autograd.Function):
         if grad_w is not None:
             grad_w = (grad_w * grad_total).to(ctx.weight_dtype)
         return grad_h, grad_w, None, None
+
+
+def shared_input(x, *layers):
+    """[layer(x) for layer in layers]: several linear layers of the same input (q/k/v, gate/up).
+
+    A layer class may compute such a group at once by defining `forward_shared(x, layers)`; LoRA's
+    does (one matmul for all the A matrices). The model needs to know nothing more about it.
+    """
+    forward_shared = getattr(type(layers[0]), "forward_shared", None)
+    return forward_shared(x, layers) if forward_shared else [layer(x) for layer in layers]

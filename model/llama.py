@@ -95,18 +95,6 @@ def rope_frequencies(config: LlamaConfig) -> torch.Tensor:
     return inv_freq
 
 
-def shared_input(x, *layers):
-    """[layer(x) for layer in layers]: several linear layers of the same input (q/k/v, gate/up).
-
-    A layer class may compute such a group at once by defining `forward_shared(x, layers)`; LoRA's
-    does (one matmul for all the A matrices). The model needs to know nothing more about it.
-    """
-    forward_shared = getattr(type(layers[0]), "forward_shared", None)
-    return forward_shared(x, layers) if forward_shared else [layer(x) for layer in layers]
-
-
-
-
 class KVCache:
     """Keys and values of the positions seen so far, preallocated for `max_len` positions.
 
@@ -180,7 +168,7 @@ class Attention(nn.Module):
         """mask: None (causal), a bool (B|1, 1, T, S) mask, or PackedDocuments (varlen attention)."""
         B, T, _ = x.shape
         if fused.enabled():  # LoRA layers compute q, k, v together (lora/fused.py)
-            q, k, v = shared_input(x, self.q_proj, self.k_proj, self.v_proj)
+            q, k, v = fused.shared_input(x, self.q_proj, self.k_proj, self.v_proj)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -233,7 +221,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if fused.enabled():
-            gate, up = shared_input(x, self.gate_proj, self.up_proj)
+            gate, up = fused.shared_input(x, self.gate_proj, self.up_proj)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)

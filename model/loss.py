@@ -10,6 +10,7 @@ The fast loss (model/fused.py: LinearCrossEntropy) never forms the logits; its t
 """
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from . import fused
@@ -57,3 +58,21 @@ def reference_loss_sum(logits, labels):
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).to(torch.promote_types(logits.dtype, torch.float32)), targets,
                            ignore_index=IGNORE_INDEX, reduction="sum")
     return loss, int((targets != IGNORE_INDEX).sum())
+
+
+class LanguageModelLoss(nn.Module):
+    """The model with its training loss as forward: forward(batch) -> (sum of token losses, trained
+    tokens), batch being data.make_batch's dict (maybe with to_device's trained_index, documents).
+
+    A module, not a function, because DDP can only hook a module's forward (parallel.wrap wraps
+    this one under torchrun). It holds no parameters of its own: `self.model` is the Llama, whose
+    names and state dict stay unchanged.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict):
+        return lm_loss_sum(self.model, batch["input_ids"], batch["labels"], batch.get("position_ids"),
+                           batch.get("document_ids"), batch.get("trained_index"), batch.get("documents"))

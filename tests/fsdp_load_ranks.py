@@ -15,6 +15,7 @@ import lora
 import parallel
 from model import load_model
 from model.load import meta_model
+from model.loss import LanguageModelLoss
 
 path, out = sys.argv[1], sys.argv[2]
 parallel.init("cpu", 120)
@@ -33,7 +34,7 @@ parallel.read_tensor = recording
 torch.manual_seed(0)
 model = meta_model(path)
 lora.inject_lora(model, cfg)
-parallel.wrap(parallel.LossSum(model), "fsdp", "cpu")
+parallel.wrap(LanguageModelLoss(model), "fsdp", "cpu")
 torch.manual_seed(0)
 reference = load_model(path)
 lora.inject_lora(reference, cfg)

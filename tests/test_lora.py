@@ -147,7 +147,7 @@ def test_shared_input_group_matches_the_textbook_formula(dropout, path, monkeypa
     bf16, autocast and NF4 take. Also with frozen A, and with x not requiring a gradient either
     (the first layer's input), which skip parts of the backward."""
     if path == "op-by-op":
-        monkeypatch.setattr(lora.layer.LoRAGroup, "dtype_for", staticmethod(lambda x, layers: None))
+        monkeypatch.setattr(lora.fused.LoRAGroup, "dtype_for", staticmethod(lambda x, layers: None))
     layers = group_of_three(dropout)
     x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
     for x_trains, A_trains in [(True, True), (True, False), (False, False)]:
@@ -182,7 +182,7 @@ def test_lora_group_gradcheck():
         keeps = [m.dropout_mask(x)[0] for m in layers]
         alphas = [m.scaling * (2 if dropout else 1) for m in layers]
         weights = [t for m in layers for t in (m.weight, m.bias, m.lora_A.weight, m.lora_B.weight)]
-        f = lambda x, *w: lora.layer.LoRAGroup.apply(x, torch.float64, alphas, keeps, *w)
+        f = lambda x, *w: lora.fused.LoRAGroup.apply(x, torch.float64, alphas, keeps, *w)
         assert torch.autograd.gradcheck(f, (x, *weights))
 
 
@@ -238,7 +238,7 @@ def test_group_dtype():
     float32 there, op by op)."""
     def group(dtype, lora_dtype=torch.float32):
         return [lora.LoRALinear(nn.Linear(8, 4, dtype=dtype), r=2, alpha=4).to(lora_dtype)]
-    dtype_for = lora.layer.LoRAGroup.dtype_for
+    dtype_for = lora.fused.LoRAGroup.dtype_for
     assert dtype_for(torch.zeros(3, 8), group(torch.float32)) == torch.float32
     assert dtype_for(torch.zeros(3, 8, dtype=torch.float64), group(torch.float64, torch.float64)) == torch.float64
     assert dtype_for(torch.zeros(3, 8, dtype=torch.bfloat16), group(torch.bfloat16)) is None

@@ -199,7 +199,7 @@ def test_merge_smollm2_with_peak_ram(tmp_path, smollm2_dir):
                              "--max-shard-size", "200MB", "--no-check"],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    peak_mb = float(re.search(r"peak memory \(max RSS\): (\d+) MB", result.stdout).group(1))
+    peak_mb = float(re.search(r"peak memory \(max RSS\): (\d+) MiB", result.stdout).group(1))
     print(f"\nSmolLM2 merge (bf16, 200MB shards) peak RSS: {peak_mb:.0f} MB")
     assert peak_mb < 1000  # about torch's own ~250 MB + one 200 MB output shard + a few tensors
     assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in (tmp_path / "out").iterdir()}

@@ -23,8 +23,10 @@ import lora
 import parallel
 from conftest import ROOT
 from model import load_model
+from model.loss import LanguageModelLoss
 from test_train import adapter, chat_data, config, metrics, tiny_chat_dir  # noqa: F401 (fixtures)
-from train import TrainConfig, TrainError, check_config, train
+from settings import TrainConfig, TrainError, check_config
+from train import train
 
 # 21 training examples (3 of the 24 held out): a global micro-batch of 4 leaves 1 example at each
 # epoch's end, so rank 1's slice is empty there. 3 steps per epoch: step 3 has that tail.
@@ -227,7 +229,7 @@ def test_empty_slice_trains_nothing(tiny_chat_dir):
     for p in model.parameters():
         if p.requires_grad:
             p.data.normal_()  # B != 0, so every LoRA parameter has a gradient path
-    loss, count = parallel.LossSum(model)(parallel.empty_batch(pad_id=0))
+    loss, count = LanguageModelLoss(model)(parallel.empty_batch(pad_id=0))
     loss.backward()
     assert count == 0 and loss.item() == 0.0
     grads = [p.grad for p in model.parameters() if p.requires_grad]

@@ -18,7 +18,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import train as train_module
 from conftest import ROOT, save_tiny_hf
 from checkpoint import CheckpointError
-from train import TrainConfig, lr_at, train
+from settings import TrainConfig
+from train import lr_at, train
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -358,9 +359,10 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_chat_dir, chat_data, 
 
 
 FAULTS_ON_REALLOCATION = """
-import resource, sys, torch, train
+import resource, sys, torch
+from model.runtime import keep_freed_memory
 if sys.argv[1] == "keep":
-    train.keep_freed_memory()
+    keep_freed_memory()
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 def cycle():
     x = torch.ones(16 * 2**20)  # 64 MB, like a chunk of logits or a step's activations

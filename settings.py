@@ -1,0 +1,221 @@
+"""train.py's settings: the TrainConfig dataclass (one field per flag, its help beside it), how
+they are read (dataclass defaults < a --config TOML/JSON file < command-line flags), and their
+validation, for type and range, before any work starts: a bad value is one line naming the flag
+(or the file and setting) and exit 2.
+"""
+
+import argparse
+import json
+import math
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+
+import parallel
+import sweep
+from model import DEMO_MODEL
+from model.errors import UserError
+
+ROOT = Path(__file__).resolve().parent
+DEMO_DATA = ROOT / "examples" / "train.json"
+DEMO_VAL_DATA = ROOT / "examples" / "val.json"
+DEMO_PROMPTS = ROOT / "examples" / "prompts.txt"
+
+
+def flag(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    # what to train on
+    model: str = flag(DEMO_MODEL, "model directory or hub id ('demo': the offline SmolLM2-135M-Instruct)")
+    data: str = flag(str(DEMO_DATA), "training data (.json, .jsonl, .csv)")
+    val_data: str | None = flag(None, "validation data (default: --val-fraction of --data; the demo data has its own)")
+    val_fraction: float = flag(0.1, "share of --data held out for validation when there is no --val-data")
+    output_dir: str = flag("runs/demo", "where metrics, TensorBoard logs, checkpoints and the adapter go")
+    max_seq_len: int = flag(512, "longer examples are truncated")
+    mask: str = flag("assistant", "which tokens train: assistant | last | all")
+    template: str | None = flag(None, "built-in chat template instead of the model's own")
+    pack: bool = flag(False, "pack several examples per row (block-diagonal attention)")
+    group_by_length: bool = flag(False, "batch examples of similar length together")
+    # how long and how big
+    max_steps: int = flag(0, "optimizer steps (0: from --epochs)")
+    epochs: float = flag(3.0, "passes over the training data when --max-steps is 0")
+    micro_batch_size: int = flag(4, "examples per forward/backward")
+    grad_accum: int = flag(2, "micro-batches per optimizer step")
+    # optimizer and schedule
+    lr: float = flag(1e-3, "peak learning rate")
+    lr_schedule: str = flag("cosine", "cosine | linear | constant, after warmup")
+    warmup_steps: int = flag(0, "linear warmup steps (overrides --warmup-ratio)")
+    warmup_ratio: float = flag(0.1, "warmup as a share of all steps")
+    min_lr_ratio: float = flag(0.0, "the schedule decays to lr * min_lr_ratio")
+    weight_decay: float = flag(0.0, "AdamW weight decay (never on biases and norms)")
+    adam_betas: str = flag("0.9,0.999", "AdamW betas")
+    adam_eps: float = flag(1e-8, "AdamW epsilon")
+    amsgrad: bool = flag(False, "AMSGrad variant of AdamW")
+    max_grad_norm: float = flag(1.0, "clip the global gradient norm (0: no clipping)")
+    max_skipped_steps: int = flag(10, "fp16: stop when the loss scaler skips this many steps in a row")
+    # LoRA
+    lora_r: int = flag(16, "rank of A and B")
+    lora_alpha: float = flag(32.0, "scaling = alpha / r (alpha / sqrt(r) with --rslora)")
+    lora_dropout: float = flag(0.05, "dropout on the LoRA path")
+    lora_targets: str = flag("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                             "comma-separated module names, or all-linear")
+    rslora: bool = flag(False, "rank-stabilised scaling alpha / sqrt(r)")
+    quantize: str | None = flag(None, "nf4: QLoRA, the frozen base in 4-bit NF4")
+    # hardware
+    precision: str = flag("auto", "bf16 | fp16 | fp32 (auto: bf16 on CUDA when supported, else fp32)")
+    device: str = flag("auto", "cpu | cuda (auto: cuda when available)")
+    grad_checkpointing: bool = flag(False, "recompute each decoder block in backward to save memory")
+    compile: bool = flag(False, "torch.compile each decoder block")
+    reference: bool = flag(False, "run the textbook twins of the fast pieces (model/fused.py): the same "
+                                  "results, slower, every intermediate tensor hookable")
+    tf32: bool = flag(True, "on CUDA, fp32 matmuls on tensor cores in TF32 (--no-tf32: full fp32)")
+    parallel: str = flag("ddp", "under torchrun: ddp (a model replica per GPU) | fsdp (FSDP2: model sharded)")
+    parallel_timeout: float = flag(600.0, "seconds a rank waits for the others before the job fails")
+    seed: int = flag(42, "seeds data order, LoRA init and dropout")
+    # bookkeeping
+    log_every: int = flag(1, "print a log line every N steps")
+    eval_every: int = flag(0, "evaluate every N steps (0: before and after training only)")
+    save_every: int = flag(0, "checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = flag(2, "how many newest checkpoints to keep")
+    resume: bool = flag(False, "continue from the newest checkpoint in --output-dir (the same run only)")
+    overwrite: bool = flag(False, "replace the run already in --output-dir (its metrics, checkpoints, adapter)")
+    debug_grads: bool = flag(False, "per-module LoRA gradient norms and update/weight ratios, every step")
+    sample_prompts: str = flag(str(DEMO_PROMPTS), "file of prompts (one per line) answered at each eval")
+    sample_tokens: int = flag(48, "max new tokens of each eval sample reply")
+    # sweeps (sweep.py)
+    sweep: str | None = flag(None, "train once per setting of a grid, e.g. --sweep lr=2e-4,1e-3 lora_r=8,64")
+    sweep_samples: int = flag(0, "train only N settings of the --sweep grid, drawn with --seed (0: all)")
+
+
+class TrainError(UserError):
+    """A problem with the run's settings or files: printed as one line, exit code 2."""
+
+
+def parse_config(argv=None) -> TrainConfig:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", help="TOML or JSON file of settings (flags win)")
+    for f in fields(TrainConfig):
+        name = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
+        elif f.name == "sweep":  # --sweep lr=2e-4,1e-3 lora_r=8,64: several items, kept as one string
+            parser.add_argument(name, nargs="+", help=f.metadata["help"])
+        else:
+            kind = {int: int, float: float}.get(f.type, str)
+            parser.add_argument(name, type=kind, help=f.metadata["help"])
+    flags = vars(parser.parse_args(argv))
+    if "sweep" in flags:
+        flags["sweep"] = " ".join(flags["sweep"])
+    from_file = read_config_file(flags.pop("config")) if "config" in flags else {}
+    cfg = TrainConfig(**{**from_file, **flags})
+    check_config(cfg)
+    for setting in sweep.settings(cfg) if cfg.sweep else []:  # every run of a sweep, before the first
+        check_config(replace(cfg, **setting))
+    return cfg
+
+
+def read_config_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise TrainError(f"--config {path}: no such file")
+    try:
+        text = p.read_text()
+        if p.suffix == ".toml":
+            import tomllib
+            values = tomllib.loads(text)
+        else:
+            values = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as e:  # tomllib's and json's errors give line and column
+        raise TrainError(f"--config {path}: {e}") from None
+    if not isinstance(values, dict):
+        raise TrainError(f"--config {path}: expected a table of settings, got {type(values).__name__}")
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    kinds = {f.name: f.type for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - set(kinds))
+    if unknown:
+        raise TrainError(f"--config {path}: unknown settings {', '.join(unknown)}")
+    if isinstance(values.get("sweep"), dict):  # a [sweep] table: lr = [2e-4, 1e-3]
+        values["sweep"] = sweep.spec_from_table(values["sweep"])
+    for name, value in values.items():
+        expected = type_error(value, kinds[name])
+        if expected:
+            raise TrainError(f"--config {path}: {name} = {json.dumps(value)}: expected {expected}")
+    return {k: float(v) if kinds[k] is float else v for k, v in values.items()}
+
+
+def type_error(value, kind) -> str | None:
+    """What a config file's value should have been, or None if it is of the setting's type.
+
+    Strict: "false" is not a boolean (any non-empty string would be true), true is not a number."""
+    optional = kind == (str | None)
+    if value is None and optional:
+        return None
+    checks = {bool: (lambda v: isinstance(v, bool), "true or false"),
+              int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+              float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+              str: (lambda v: isinstance(v, str), "a string")}
+    ok, text = checks[str if optional else kind]
+    return None if ok(value) else text + (" (or leave it out)" if optional else "")
+
+
+# The range of every numeric setting, as an interval: "[" includes its end, "(" excludes it.
+# Floats must also be finite (argparse and JSON accept nan and inf).
+RANGES = {
+    "max_seq_len": "[2, inf)", "micro_batch_size": "[1, inf)", "grad_accum": "[1, inf)", "lora_r": "[1, inf)",
+    "max_steps": "[0, inf)", "epochs": "(0, inf)", "lr": "(0, inf)", "warmup_steps": "[0, inf)",
+    "warmup_ratio": "[0, 1]", "min_lr_ratio": "[0, 1]", "weight_decay": "[0, inf)", "adam_eps": "(0, 1)",
+    "max_grad_norm": "[0, inf)", "max_skipped_steps": "[1, inf)", "lora_alpha": "(0, inf)",
+    "lora_dropout": "[0, 1)", "val_fraction": "[0, 1)",
+    "parallel_timeout": "(0, inf)", "log_every": "[0, inf)", "eval_every": "[0, inf)", "save_every": "[0, inf)",
+    "keep_checkpoints": "[0, inf)", "sample_tokens": "[0, inf)", "sweep_samples": "[0, inf)",
+}
+
+
+def in_range(value, interval: str) -> bool:
+    low, high = (float(x) for x in interval[1:-1].split(","))
+    above = value >= low if interval[0] == "[" else value > low
+    below = value <= high if interval[-1] == "]" else value < high
+    return math.isfinite(value) and above and below
+
+
+def check_config(cfg: TrainConfig):
+    """Every setting, for type and range, before any work: the message names the flag."""
+    choices = {"lr_schedule": ("cosine", "linear", "constant"), "mask": ("assistant", "last", "all"),
+               "precision": ("auto", "bf16", "fp16", "fp32"), "device": ("auto", "cpu", "cuda"),
+               "quantize": (None, "nf4"), "parallel": ("ddp", "fsdp")}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise TrainError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected one of "
+                             f"{', '.join(str(a) for a in allowed if a)}")
+    for name, interval in RANGES.items():
+        if not in_range(getattr(cfg, name), interval):
+            raise TrainError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be in {interval}")
+    if len(betas(cfg)) != 2 or not all(in_range(b, "[0, 1)") for b in betas(cfg)):
+        raise TrainError(f"--adam-betas {cfg.adam_betas}: expected two numbers in [0, 1) like 0.9,0.999")
+    if cfg.resume and cfg.overwrite:
+        raise TrainError("--resume continues the run in --output-dir and --overwrite replaces it: pass one")
+    for name in ("data", "val_data"):
+        if getattr(cfg, name) and not Path(getattr(cfg, name)).is_file():
+            raise TrainError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: no such file")
+    if cfg.sample_prompts and not Path(cfg.sample_prompts).is_file():
+        raise TrainError(f"--sample-prompts {cfg.sample_prompts}: no such file (pass '' for no samples)")
+    if cfg.parallel == "fsdp" and cfg.quantize:
+        raise TrainError("--parallel fsdp cannot shard NF4 weights; train QLoRA with --parallel ddp")
+    if cfg.parallel == "fsdp" and cfg.precision == "fp16":
+        # GradScaler's inf check would see only this rank's shard of the gradients
+        raise TrainError("--parallel fsdp does not support --precision fp16; use bf16")
+    if cfg.parallel == "fsdp" and not parallel.fsdp2_available():
+        raise TrainError(f"--parallel fsdp: this torch ({torch.__version__}) lacks the FSDP2 features it "
+                         "needs; upgrade torch or use --parallel ddp")
+
+
+def betas(cfg) -> tuple[float, ...]:
+    try:
+        return tuple(float(b) for b in cfg.adam_betas.split(","))
+    except ValueError:
+        raise TrainError(f"--adam-betas {cfg.adam_betas}: expected two numbers like 0.9,0.999") from None
