@@ -13,7 +13,7 @@ Interactive chat reads stdin: end it with EOF (Ctrl-D) or /exit; Ctrl-C quits to
 import argparse
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import torch
 
@@ -69,20 +69,6 @@ def load(args):
     return model, data.load_tokenizer(model_dir, args.template)
 
 
-@contextmanager
-def adapter_disabled(model):
-    """Run the base model alone: every LoRA path scaled by 0 (its output is then exactly W0 x)."""
-    modules = [m for m in model.modules() if isinstance(m, lora.LoRALinear)]
-    saved = [m.scaling for m in modules]
-    for m in modules:
-        m.scaling = 0.0
-    try:
-        yield
-    finally:
-        for m, s in zip(modules, saved):
-            m.scaling = s
-
-
 def reply(model, tok, messages, args, on_text=None) -> tuple[str, dict]:
     """Generate the assistant's reply to `messages`; stream text pieces to `on_text`."""
     prompt_ids = tok.encode_chat(messages, add_generation_prompt=True)
@@ -119,7 +105,7 @@ def one_shot(model, tok, args):
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
     messages.append({"role": "user", "content": args.prompt})
     if args.compare:
-        with adapter_disabled(model):
+        with lora.adapter_disabled(model):
             base_text, _ = reply(model, tok, messages, args)
         print(f"--- base ---\n{base_text}\n--- adapted ---", file=sys.stderr)
     text, stats = reply(model, tok, messages, args)
@@ -165,7 +151,7 @@ def interactive(model, tok, args):
             continue
         history.append({"role": "user", "content": line})
         messages = ([{"role": "system", "content": system}] if system else []) + history
-        targets = [("base", adapter_disabled(model)), ("adapted", nullcontext())] if args.compare \
+        targets = [("base", lora.adapter_disabled(model)), ("adapted", nullcontext())] if args.compare \
             else [("assistant", nullcontext())]
         for label, context in targets:
             out.print(f"{label}> ", end="", style="bold cyan" if out.is_terminal else None)

@@ -1,4 +1,5 @@
-"""Merge a LoRA adapter into its base model: W' = W + scaling * B @ A, one shard at a time.
+"""Merge a LoRA adapter into its base model: W' = W + scaling * B @ A (DoRA: then each row rescaled to
+its magnitude, m * W' / ||W'||_row), one shard at a time.
 
     python merge.py --base MODEL --adapter ADAPTER_DIR --output OUT_DIR [--dtype bf16|fp16|fp32]
                     [--gguf OUT.gguf [--gguf-type f16|bf16|q8_0]]
@@ -100,7 +101,8 @@ def plan_merge(args) -> dict:
     lora.check_adapter_tensors(model, tensors, Path(args.adapter) / WEIGHTS_FILE)
     check_finite(tensors, Path(args.adapter) / WEIGHTS_FILE)
     pairs = {f"{name}.weight": (tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"],  # (r, in)
-                                tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"])  # (out, r)
+                                tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"],  # (out, r)
+                                tensors.get(f"{PEFT_PREFIX}{name}.lora_magnitude_vector"))  # DoRA: (out,)
              for name in lora.lora_modules(model)}
     n_params = sum(p.numel() for n, p in model.named_parameters() if ".lora_" not in n)
     return dict(base_dir=base_dir, key_file=key_file, config=config, lora_cfg=lora_cfg, pairs=pairs,
@@ -142,8 +144,8 @@ def merged_tensors(plan: dict, dtype: torch.dtype | None, progress: Progress):
             t = sf.get_tensor(key)
         out_dtype = dtype if dtype is not None and t.is_floating_point() else t.dtype
         if key in plan["pairs"]:
-            A, B = plan["pairs"][key]
-            t = lora.merge_weight(t, A, B, plan["lora_cfg"].scaling)  # float32
+            A, B, magnitude = plan["pairs"][key]
+            t = lora.merge_weight(t, A, B, plan["lora_cfg"].scaling, magnitude)  # float32
         t = t.to(out_dtype)
         if t.is_floating_point() and not torch.isfinite(t).all():  # fp16 tops out at 65504
             raise MergeError(f"tensor {key} of {f}: NaN or inf once merged and cast to "
@@ -222,7 +224,7 @@ def merge(args):
     plan = plan_merge(args)
     cfg, out = plan["lora_cfg"], Path(args.output)
     print(f"adapter: {len(plan['pairs'])} modules, r={cfg.r}, alpha={cfg.alpha:g}, "
-          f"scaling={cfg.scaling:g}{' (rsLoRA)' if cfg.rslora else ''}")
+          f"scaling={cfg.scaling:g}{' (rsLoRA)' if cfg.rslora else ''}{' (DoRA)' if cfg.dora else ''}")
     if plan["quantized"]:
         print(f"adapter was trained on an {plan['quantized'].upper()}-quantized base (QLoRA); merging "
               f"onto the full-precision weights of {plan['base_dir']}")

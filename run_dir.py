@@ -283,11 +283,10 @@ class RunLog:
             self.console.print(f"step {row['step']}/{self.total_steps}  {step_info(row)}" +
                                (f"  val_loss {row['val_loss']:.4f}" if "val_loss" in row else ""))
 
-    def grads(self, step: int, rows: list[tuple]):
+    def grads(self, step: int, rows: list[tuple[str, dict]]):
         print_grad_table(self.console, step, rows)
-        for name, ga, gb, ra, rb in rows:
-            self.writer.add_scalars(f"grads/{name}", {"grad_A": ga, "grad_B": gb, "update_A": ra,
-                                                      "update_B": rb}, step)
+        for name, figures in rows:
+            self.writer.add_scalars(f"grads/{name}", figures, step)
 
     def write(self, row: dict):
         self.metrics.write(json.dumps(row) + "\n")
@@ -303,13 +302,18 @@ def step_info(row: dict) -> str:
             f"{row['tokens_per_s']:.0f} tok/s")
 
 
-def print_grad_table(console, step, rows):
+def print_grad_table(console, step, rows: list[tuple[str, dict]]):
+    """--debug-grads' table: per LoRA module, the gradient norms of A, B (DoRA: m) and the update
+    each step made relative to the tensor."""
     from rich.table import Table
     table = Table(title=f"LoRA gradients, step {step}", show_lines=False)
-    for col in ("module", "|grad A|", "|grad B|", "|dA|/|A|", "|dB|/|B|"):
-        table.add_column(col, justify="left" if col == "module" else "right", overflow="fold")
-    for name, *values in rows:
-        table.add_row(name, *(f"{v:.3e}" for v in values))
+    keys = list(dict.fromkeys(k for _, figures in rows for k in figures))  # grad_A ... update_m
+    heading = lambda k: f"|grad {k[5:]}|" if k.startswith("grad_") else f"|d{k[7:]}|/|{k[7:]}|"
+    table.add_column("module", justify="left", overflow="fold")
+    for k in keys:
+        table.add_column(heading(k), justify="right")
+    for name, figures in rows:
+        table.add_row(name, *(f"{figures[k]:.3e}" if k in figures else "" for k in keys))
     console.print(table)
 
 

@@ -64,6 +64,12 @@ class TrainConfig:
     lora_targets: str = flag("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                              "comma-separated module names, or all-linear")
     rslora: bool = flag(False, "rank-stabilised scaling alpha / sqrt(r)")
+    dora: bool = flag(False, "DoRA (Liu et al. 2024): a trained magnitude per output row; runs op by op "
+                             "(no fused path yet), not under --parallel fsdp")
+    loraplus_lr_ratio: float = flag(1.0, "LoRA+ (Hayou et al. 2024): B, and any 1-D trainable, learns at this "
+                                         "times --lr; 16 is typical, 1 is plain LoRA")
+    neftune_alpha: float = flag(0.0, "NEFTune (Jain et al. 2023): uniform noise of scale alpha / sqrt(L d) on the "
+                                     "input embeddings, in training only; 5 is typical, 0 is off")
     quantize: str | None = flag(None, "nf4: QLoRA, the frozen base in 4-bit NF4")
     # hardware
     precision: str = flag("auto", "bf16 | fp16 | fp32 (auto: bf16 on CUDA when supported, else fp32)")
@@ -170,7 +176,7 @@ RANGES = {
     "max_steps": "[0, inf)", "epochs": "(0, inf)", "lr": "(0, inf)", "warmup_steps": "[0, inf)",
     "warmup_ratio": "[0, 1]", "min_lr_ratio": "[0, 1]", "weight_decay": "[0, inf)", "adam_eps": "(0, 1)",
     "max_grad_norm": "[0, inf)", "max_skipped_steps": "[1, inf)", "lora_alpha": "(0, inf)",
-    "lora_dropout": "[0, 1)", "val_fraction": "[0, 1)",
+    "lora_dropout": "[0, 1)", "val_fraction": "[0, 1)", "loraplus_lr_ratio": "(0, inf)", "neftune_alpha": "[0, inf)",
     "parallel_timeout": "(0, inf)", "log_every": "[0, inf)", "eval_every": "[0, inf)", "save_every": "[0, inf)",
     "keep_checkpoints": "[0, inf)", "sample_tokens": "[0, inf)", "sweep_samples": "[0, inf)",
 }
@@ -206,6 +212,8 @@ def check_config(cfg: TrainConfig):
         raise TrainError(f"--sample-prompts {cfg.sample_prompts}: no such file (pass '' for no samples)")
     if cfg.parallel == "fsdp" and cfg.quantize:
         raise TrainError("--parallel fsdp cannot shard NF4 weights; train QLoRA with --parallel ddp")
+    if cfg.parallel == "fsdp" and cfg.dora:
+        raise TrainError("--parallel fsdp does not support --dora yet; use --parallel ddp")
     if cfg.parallel == "fsdp" and cfg.precision == "fp16":
         # GradScaler's inf check would see only this rank's shard of the gradients
         raise TrainError("--parallel fsdp does not support --precision fp16; use bf16")

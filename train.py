@@ -66,7 +66,7 @@ def run_training(cfg: TrainConfig) -> dict:
     lora_cfg = lora_config(cfg)
     model, loss_fn, train_loss_fn = build_model(cfg, run, lora_cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]  # after FSDP2 swapped them for shards
-    optimizer, scaler = build_optimizer(cfg, trainable, run)
+    optimizer, scaler = build_optimizer(cfg, model, run)
     pos = resume(plan.checkpoint, model, optimizer, scaler, run) if plan.checkpoint else Position()
     logs = run_dir.RunLog(run.out, run.console, plan.total_steps, cfg.log_every, pos.step if plan.checkpoint else None,
                           plan.settings, plan.defining, plan.changed)
@@ -82,7 +82,7 @@ def run_training(cfg: TrainConfig) -> dict:
         t0 = time.perf_counter()
         lr = lr_at(pos.step, cfg, plan.total_steps, plan.warmup)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_ratio", 1.0)  # LoRA+: B's groups at ratio x lr
         # Collate the whole step first: the loss is normalised by the trained tokens of all of it.
         batches = []
         for _ in range(cfg.grad_accum):
@@ -250,7 +250,7 @@ def lora_config(cfg: TrainConfig) -> lora.LoRAConfig:
     targets = (cfg.lora_targets if cfg.lora_targets == "all-linear"
                else [t.strip() for t in cfg.lora_targets.split(",") if t.strip()])
     return lora.LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=targets,
-                           rslora=cfg.rslora)
+                           rslora=cfg.rslora, dora=cfg.dora)
 
 
 def build_model(cfg: TrainConfig, run: Run, lora_cfg: lora.LoRAConfig):
@@ -274,6 +274,7 @@ def build_model(cfg: TrainConfig, run: Run, lora_cfg: lora.LoRAConfig):
             p.data = p.data.float()  # A and B: their updates are tiny next to them, bf16 would round them away
     run.console.print(lora.trainable_table(model))
     model.grad_checkpointing = cfg.grad_checkpointing
+    model.neftune_alpha = cfg.neftune_alpha
     if cfg.compile:
         for layer in model.model.layers:
             layer.compile()
@@ -286,15 +287,28 @@ def build_model(cfg: TrainConfig, run: Run, lora_cfg: lora.LoRAConfig):
     return model, loss_fn, train_loss_fn
 
 
-def build_optimizer(cfg: TrainConfig, trainable: list, run: Run):
+def build_optimizer(cfg: TrainConfig, model, run: Run):
     """AdamW on the trainable parameters only, no weight decay on biases and norms; fused (one
     kernel for all parameters, as transformers' Trainer does by default), since a loop over the
     hundreds of small LoRA tensors costs more than the update itself. And the loss scaler, on
-    for fp16 only (bf16 has fp32's range)."""
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-         {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}],
-        lr=cfg.lr, betas=betas(cfg), eps=cfg.adam_eps, amsgrad=cfg.amsgrad, fused=True)
+    for fp16 only (bf16 has fp32's range).
+
+    LoRA+ (Hayou et al. 2024, --loraplus-lr-ratio): B learns at ratio x lr and A at lr (the paper:
+    in wide models one rate for both learns features inefficiently); 1-D trainables go with B, as
+    the LoRA+ reference code and PEFT's create_loraplus_optimizer put them. A group's `lr_ratio`
+    is what the schedule multiplies."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    ratio = cfg.loraplus_lr_ratio
+    on_b = {n for n, p in named if ratio != 1 and (".lora_B." in n or p.ndim == 1)}
+
+    def group(at_ratio: bool, matrices: bool) -> dict:
+        params = [p for n, p in named if (n in on_b) == at_ratio and (p.ndim >= 2) == matrices]
+        return {"params": params, "weight_decay": cfg.weight_decay if matrices else 0.0,
+                "lr": cfg.lr * (ratio if at_ratio else 1.0), "lr_ratio": ratio if at_ratio else 1.0}
+
+    groups = [group(False, True), group(False, False)] + ([group(True, True), group(True, False)] if on_b else [])
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=betas(cfg), eps=cfg.adam_eps, amsgrad=cfg.amsgrad,
+                                  fused=True)
     return optimizer, torch.amp.GradScaler(run.device, enabled=run.dtype == torch.float16)
 
 
@@ -388,10 +402,15 @@ def evaluate_and_sample(loss_fn, model, ds: TrainData, prompts, cfg: TrainConfig
     return row, dict(zip(prompts, sample_replies(model, ds.tok, prompts, cfg.sample_tokens, autocast)))
 
 
+def trained_tensors(m) -> dict:
+    """A LoRA layer's trained tensors by short name: A, B and, for DoRA, the magnitude m."""
+    return {"A": m.lora_A.weight, "B": m.lora_B.weight, **({"m": m.lora_magnitude_vector} if m.use_dora else {})}
+
+
 def lora_weights(model) -> dict:
-    """A copy of every LoRA A and B (whole, under FSDP), for the update ratios of --debug-grads."""
-    return {f"{n}.{k}": parallel.full(getattr(m, f"lora_{k}").weight.detach()).clone()
-            for n, m in model.named_modules() if isinstance(m, lora.LoRALinear) for k in "AB"}
+    """A copy of every LoRA A and B (and DoRA m; whole, under FSDP), for --debug-grads' update ratios."""
+    return {f"{n}.{k}": parallel.full(p.detach()).clone()
+            for n, m in lora.lora_modules(model).items() for k, p in trained_tensors(m).items()}
 
 
 class ProgressBar:
@@ -533,16 +552,17 @@ def divergence_message(model, step, loss, grad_norm, skipped_in_a_row, loss_scal
             f"{fp16}. Last good checkpoint kept.")
 
 
-def grad_report(model, before: dict) -> list[tuple]:
-    """(module, |grad A|, |grad B|, |dA|/|A|, |dB|/|B|) for every LoRA module (--debug-grads)."""
+def grad_report(model, before: dict) -> list[tuple[str, dict]]:
+    """(module, {grad_A: |grad A|, grad_B, update_A: |dA|/|A|, update_B, and for DoRA grad_m,
+    update_m}) for every LoRA module (--debug-grads); whole tensors, under FSDP."""
     rows = []
-    for name, m in model.named_modules():
-        if isinstance(m, lora.LoRALinear):
-            A, B = parallel.full(m.lora_A.weight), parallel.full(m.lora_B.weight)  # whole, under FSDP
-            ratio = [((p - before[f"{name}.{k}"]).norm() / p.norm().clamp_min(1e-12)).item()
-                     for k, p in (("A", A), ("B", B))]
-            grads = [parallel.full(m.lora_A.weight.grad), parallel.full(m.lora_B.weight.grad)]
-            rows.append((name, *(g.norm().item() for g in grads), *ratio))
+    for name, m in lora.lora_modules(model).items():
+        tensors = {k: (parallel.full(p.detach()), p.grad) for k, p in trained_tensors(m).items()}
+        figures = {f"grad_{k}": parallel.full(g).norm().item() if g is not None else 0.0
+                   for k, (_, g) in tensors.items()}
+        figures.update({f"update_{k}": ((p - before[f"{name}.{k}"]).norm() / p.norm().clamp_min(1e-12)).item()
+                        for k, (p, _) in tensors.items()})
+        rows.append((name, figures))
     return rows
 
 

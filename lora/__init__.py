@@ -12,11 +12,11 @@
 from .adapter import (adapter_state_dict, check_adapter_tensors, load_adapter, read_adapter_config,
                       read_adapter_tensors, save_adapter)
 from .config import LLAMA_LINEARS, LoRAConfig, LoRAError
-from .inject import inject_lora, lora_modules, merge_lora_, print_trainable, trainable_table
+from .inject import adapter_disabled, inject_lora, lora_modules, merge_lora_, print_trainable, trainable_table
 from .layer import LoRADropout, LoRALinear, init_lora_weights, merge_weight
 
 __all__ = [
-    "LLAMA_LINEARS", "LoRAConfig", "LoRAError", "LoRADropout", "LoRALinear", "adapter_state_dict",
+    "LLAMA_LINEARS", "LoRAConfig", "LoRAError", "LoRADropout", "LoRALinear", "adapter_disabled", "adapter_state_dict",
     "check_adapter_tensors", "init_lora_weights", "inject_lora", "load_adapter", "lora_modules", "merge_lora_",
     "merge_weight", "print_trainable", "read_adapter_config", "read_adapter_tensors",
     "save_adapter", "trainable_table",

@@ -3,7 +3,8 @@
     adapter_dir/
         adapter_config.json          {"peft_type": "LORA", "r": 8, "lora_alpha": 16, ...}
         adapter_model.safetensors    base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
-                                     (r, in) and ...lora_B.weight (out, r) for every LoRA layer
+                                     (r, in) and ...lora_B.weight (out, r) for every LoRA layer,
+                                     and for DoRA ...lora_magnitude_vector (out,)
 
 PEFT's keys are our module names behind the prefix "base_model.model.": a `PeftModel` holds a
 `LoraModel` as `.base_model`, which holds the transformers model as `.model`, and transformers'
@@ -33,7 +34,7 @@ QUANT_KEY = "nanolora.base_quantization"  # safetensors metadata: "nf4" for a QL
 # PEFT options that change what an adapter computes and that nanolora does not implement: an
 # adapter setting any of them is refused rather than loaded wrongly.
 UNSUPPORTED = {
-    "use_dora": "DoRA", "modules_to_save": "modules_to_save", "lora_bias": "lora_bias",
+    "modules_to_save": "modules_to_save", "lora_bias": "lora_bias",
     "layers_to_transform": "layers_to_transform", "layers_pattern": "layers_pattern",
     "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern",
     "fan_in_fan_out": "fan_in_fan_out (Conv1D layers)", "target_parameters": "target_parameters",
@@ -44,9 +45,14 @@ UNSUPPORTED = {
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """PEFT key -> A (r, in) or B (out, r) Parameter, for every LoRALinear of `model`."""
-    return {f"{PEFT_PREFIX}{name}.lora_{ab}.weight": getattr(m, f"lora_{ab}").weight
-            for name, m in lora_modules(model).items() for ab in "AB"}
+    """PEFT key -> A (r, in), B (out, r) and, for DoRA, m (out,) Parameter, for every LoRALinear."""
+    tensors = {}
+    for name, m in lora_modules(model).items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight
+        if m.use_dora:
+            tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = m.lora_magnitude_vector
+    return tensors
 
 
 def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
@@ -72,7 +78,7 @@ def save_adapter(model: nn.Module, cfg: LoRAConfig, out_dir, base_model_name_or_
         "base_model_name_or_path": base_model_name_or_path or cfg.base_model_name_or_path,
         "r": cfg.r, "lora_alpha": alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora,
         "target_modules": _target_modules(model, list(modules)),
-        "bias": "none", "use_dora": False, "fan_in_fan_out": False, "modules_to_save": None,
+        "bias": "none", "use_dora": cfg.dora, "fan_in_fan_out": False, "modules_to_save": None,
         "init_lora_weights": True, "inference_mode": True, "layers_to_transform": None,
         "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
     }
@@ -117,6 +123,7 @@ def read_adapter_config(adapter_dir) -> LoRAConfig:
     try:
         return LoRAConfig(r=raw["r"], alpha=raw.get("lora_alpha", 8), dropout=raw.get("lora_dropout", 0.0),
                           targets=raw["target_modules"], rslora=bool(raw.get("use_rslora", False)),
+                          dora=bool(raw.get("use_dora", False)),
                           base_model_name_or_path=raw.get("base_model_name_or_path"))
     except LoRAError as e:
         raise LoRAError(f"{path}: {e}") from None

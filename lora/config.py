@@ -23,6 +23,7 @@ class LoRAConfig:
     # the whole module name.
     targets: list[str] | str = "all-linear"
     rslora: bool = False  # rank-stabilised LoRA (Kalajdzievski 2023): scale by alpha / sqrt(r)
+    dora: bool = False  # DoRA (Liu et al. 2024): a trained magnitude per output row (PEFT's use_dora)
     base_model_name_or_path: str | None = None  # recorded in adapter_config.json
 
     def __post_init__(self):

@@ -5,6 +5,7 @@ The model class is never subclassed or edited: one walk over `named_modules` fin
 """
 
 import re
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -82,9 +83,23 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig, quantize: str | None = None,
         if quantize and name != "lm_head" and not isinstance(layer, NF4Linear):
             layer = NF4Linear(layer, compute_dtype)
         if name in chosen:
-            layer = LoRALinear(layer, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora)
+            layer = LoRALinear(layer, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora, cfg.dora)
         _swap(model, name, layer)
     return chosen
+
+
+@contextmanager
+def adapter_disabled(model: nn.Module):
+    """Inside the block every LoRA layer computes its base layer alone, W0 x + b, exactly: the
+    model before fine-tuning (chat.py --compare; a DPO reference policy)."""
+    modules = list(lora_modules(model).values())
+    for m in modules:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.enabled = True
 
 
 @torch.no_grad()
@@ -100,7 +115,8 @@ def merge_lora_(model: nn.Module) -> list[str]:
         raise LoRAError("cannot merge LoRA into an NF4-quantized base; run merge.py on the "
                         "full-precision checkpoint instead")
     for name, m in modules.items():
-        merged = merge_weight(m.weight, m.lora_A.weight, m.lora_B.weight, m.scaling)  # float32
+        magnitude = m.lora_magnitude_vector if m.use_dora else None
+        merged = merge_weight(m.weight, m.lora_A.weight, m.lora_B.weight, m.scaling, magnitude)  # float32
         linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
         linear.weight = nn.Parameter(merged.to(m.weight.dtype), requires_grad=False)
         linear.bias = m.bias
@@ -118,7 +134,8 @@ def trainable_table(model: nn.Module) -> Table:
     groups = {}  # label -> [count, dtypes]
     for name, p in model.named_parameters():
         if p.requires_grad:
-            label = "trainable (LoRA A, B)" if ".lora_" in name else "trainable (other)"
+            label = ("trainable (DoRA magnitude)" if ".lora_magnitude_vector" in name else
+                     "trainable (LoRA A, B)" if ".lora_" in name else "trainable (other)")
         else:
             label = "frozen, NF4" if hasattr(p, "quant_state") else "frozen"
         count, dtypes = groups.setdefault(label, [0, set()])

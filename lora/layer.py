@@ -8,6 +8,11 @@
 
 A starts kaiming-uniform and B at zero, so a fresh layer computes exactly what the base layer did,
 and training moves only A and B.
+
+DoRA (Liu et al. 2024, eq. 5) splits the adapted weight into a direction and a trained magnitude m
+(out,), one per output row, that starts at the row norms of W0:
+
+    W' = m * (W0 + (alpha / r) B A) / ||W0 + (alpha / r) B A||_row
 """
 
 import math
@@ -65,10 +70,12 @@ class LoRALinear(nn.Module):
 
     `forward` is the formula; `textbook` computes it module by module, and lora/fused.py computes it
     fast (the layers of one input together, the backward written out): the default, proven equal
-    to the textbook in tests/test_lora.py.
+    to the textbook in tests/test_lora.py. DoRA layers (dora=True) run `dora_forward`, op by op,
+    on both paths: there is no fused DoRA yet.
     """
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+                 dora: bool = False):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.register_parameter("weight", base.weight)  # (out, in); Params4bit when NF4
@@ -86,10 +93,29 @@ class LoRALinear(nn.Module):
         # Identity when p = 0: no mask drawn, no copy of x made.
         self.lora_dropout = LoRADropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.use_dora = dora
+        if dora:  # m (out,), float32; PEFT's name, so the adapter's key is PEFT's too
+            self.lora_magnitude_vector = nn.Parameter(torch.empty(self.out_features, device=device))
+        self.enabled = True  # False: the base layer alone (lora.adapter_disabled)
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self):
         init_lora_weights(self.lora_A.weight, self.lora_B.weight)
+        if self.use_dora and not self.weight.is_meta:  # FSDP initialises its shards after loading
+            with torch.no_grad():
+                self.lora_magnitude_vector.copy_(self.weight_norm())  # = ||W0||_row, as B = 0
+
+    def dense_weight(self) -> torch.Tensor:
+        """W0 (out, in) as a dense tensor: the NF4 base dequantized."""
+        if not self.is_quantized:
+            return self.weight
+        from .quant import dequantize
+        return dequantize(self.weight)
+
+    @torch.no_grad()
+    def weight_norm(self) -> torch.Tensor:
+        """||W0 + scaling B A||_row (out,), in float32: DoRA's denominator, a constant to autograd."""
+        return merge_weight(self.dense_weight(), self.lora_A.weight, self.lora_B.weight, self.scaling).norm(dim=1)
 
     @property
     def is_quantized(self) -> bool:
@@ -104,12 +130,13 @@ class LoRALinear(nn.Module):
         """(keep, gain) with lora_dropout(x) = x * keep * gain; (None, 1.0) when nothing is dropped."""
         return self.lora_dropout.mask(x) if self.draws_dropout else (None, 1.0)
 
-    def base_forward(self, x):
-        """The frozen layer alone: W0 x + b, in the base's dtype."""
+    def base_forward(self, x, bias: bool = True):
+        """The frozen layer alone: W0 x + b (or W0 x), in the base's dtype."""
+        b = self.bias if bias else None
         if not self.is_quantized:
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self.weight, b)
         from .quant import nf4_linear  # bitsandbytes is imported only when NF4 is used
-        return nf4_linear(x, self.weight, self.bias, self.compute_dtype)
+        return nf4_linear(x, self.weight, b, self.compute_dtype)
 
     def forward(self, x):
         """h = W0 x + b + (alpha / r) B A dropout(x) (Hu et al. 2021, eq. 3).
@@ -117,6 +144,10 @@ class LoRALinear(nn.Module):
         By default the same sum comes from lora/fused.py, which computes the LoRA layers of one
         input (q/k/v, gate/up) together with their backward written out; under
         model.fused.reference_path() (train.py --reference) it is `textbook`, below."""
+        if not self.enabled:
+            return self.base_forward(x)
+        if self.use_dora:
+            return self.dora_forward(x)
         if model_fused.enabled():
             return fused.lora_forward(x, [self])[0]
         return self.textbook(x)
@@ -130,18 +161,40 @@ class LoRALinear(nn.Module):
         base = self.base_forward(x)  # W0 x + b, (..., out)
         return (base.to(update.dtype) + update).to(base.dtype)
 
+    def dora_forward(self, x):
+        """DoRA (Liu et al. 2024, eq. 5), with the norm n = ||W0 + s B A||_row a constant in backward
+        (detached, as the paper's section 4.3 suggests and PEFT does), s = alpha / r:
+
+            h = (m / n) * (W0 x + s B A x) + b                                 without dropout
+            h = W0 x + b + (m / n - 1) * W0 x_d + (m / n) * s B A x_d          x_d = dropout(x)
+
+        The second is PEFT's form with dropout: the base path keeps the undropped x, the DoRA
+        rescaling and the LoRA path read x_d. m gets its gradient through m / n; A and B through
+        the LoRA path only."""
+        x_lora = x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.weight.dtype)
+        x_d = self.lora_dropout(x_lora)
+        scale = self.lora_magnitude_vector / self.weight_norm()  # m / n, (out,)
+        update = self.lora_B(self.lora_A(x_d)) * self.scaling  # s B A x_d, (..., out)
+        base = self.base_forward(x)  # W0 x + b
+        if x_d is x_lora:  # nothing dropped: W0 x_d is the base output without its bias
+            direction = base if self.bias is None else base - self.bias
+        else:
+            direction = self.base_forward(x_d.to(base.dtype), bias=False)
+        out = base.to(update.dtype) + (scale - 1) * direction.to(update.dtype) + scale * update
+        return out.to(base.dtype)
+
     @staticmethod
     def forward_shared(x, layers):
         """[layer(x) for layer in layers] for layers that read the same x: model.fused.shared_input
         calls this for q/k/v and gate/up, and lora/fused.py computes them together."""
-        if not all(isinstance(m, LoRALinear) for m in layers):
+        if not all(isinstance(m, LoRALinear) and m.enabled and not m.use_dora for m in layers):
             return [m(x) for m in layers]
         return fused.lora_forward(x, layers)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"r={self.lora_A.out_features}, scaling={self.scaling:g}"
-                + (", base=nf4" if self.is_quantized else ""))
+                + (", dora" if self.use_dora else "") + (", base=nf4" if self.is_quantized else ""))
 
 
 def init_lora_weights(A: torch.Tensor, B: torch.Tensor):
@@ -153,10 +206,15 @@ def init_lora_weights(A: torch.Tensor, B: torch.Tensor):
         nn.init.zeros_(B)
 
 
-def merge_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+def merge_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
+                 magnitude: torch.Tensor | None = None) -> torch.Tensor:
     """W' = W + scaling * B @ A in float32. W (out, in), A (r, in), B (out, r) -> (out, in) float32.
+    With DoRA's magnitude m (out,): W' = m * (W + scaling B A) / ||W + scaling B A||_row.
 
     Computed in float32 whatever the inputs' dtypes, so a bf16 W gets one rounding (when the caller
     casts W' back), not one per operation.
     """
-    return W.float() + scaling * (B.float() @ A.float())
+    merged = W.float() + scaling * (B.float() @ A.float())
+    if magnitude is None:
+        return merged
+    return merged * (magnitude.float() / merged.norm(dim=1))[:, None]

@@ -95,6 +95,14 @@ def rope_frequencies(config: LlamaConfig) -> torch.Tensor:
     return inv_freq
 
 
+def neftune_noise(x, alpha: float):
+    """NEFTune (Jain et al. 2023, Algorithm 1): the input embeddings x (B, L, d) plus uniform noise
+    U(-a, a), a = alpha / sqrt(L d). L is the rows' length as batched (padding included), as
+    transformers' and TRL's trainers read it. Training only: evaluation and generation see x."""
+    bound = alpha / math.sqrt(x.shape[1] * x.shape[2])
+    return x + torch.empty_like(x).uniform_(-bound, bound)
+
+
 class KVCache:
     """Keys and values of the positions seen so far, preallocated for `max_len` positions.
 
@@ -255,6 +263,7 @@ class Llama(nn.Module):
         # dtype. Not persistent: it is derived from the config, never read from a checkpoint.
         self.register_buffer("rope_inv_freq", rope_frequencies(config), persistent=False)
         self.grad_checkpointing = False  # recompute each block in backward (train.py sets it)
+        self.neftune_alpha = 0.0  # NEFTune noise on the input embeddings in training (train.py sets it)
 
     def tie_weights(self):
         """Make lm_head share embed_tokens' weight when the config says so (call after to_empty)."""
@@ -305,6 +314,8 @@ class Llama(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(start, start + T, device=input_ids.device)[None]
         x = self.model.embed_tokens(input_ids)  # (B, T, hidden_size)
+        if self.neftune_alpha and self.training:
+            x = neftune_noise(x, self.neftune_alpha)
         cos, sin = self.rope(position_ids, x.dtype)
         if document_ids is not None and kv_cache is None and fused.enabled() and varlen_runs(x, self.config):
             mask = (documents if documents is not None else packed_documents(document_ids)).to(x.device)
