@@ -7,6 +7,7 @@ validation, for type and range, before any work starts: a bad value is one line 
 import argparse
 import json
 import math
+import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -64,6 +65,9 @@ class TrainConfig:
     lora_targets: str = flag("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                              "comma-separated module names, or all-linear")
     rslora: bool = flag(False, "rank-stabilised scaling alpha / sqrt(r)")
+    lora_init: str = flag("default", "A and B at the start: default (A kaiming-uniform, B zero) | pissa (PiSSA, "
+                                     "Meng et al. 2024: W0's top-r singular vectors, the base keeping the rest; "
+                                     "saved as a rank-2r LoRA of the original base) | pissa_niter_N (randomized SVD)")
     dora: bool = flag(False, "DoRA (Liu et al. 2024): a trained magnitude per output row; runs op by op "
                              "(no fused path yet), not under --parallel fsdp")
     loraplus_lr_ratio: float = flag(1.0, "LoRA+ (Hayou et al. 2024): B, and any 1-D trainable, learns at this "
@@ -212,6 +216,10 @@ def check_config(cfg: TrainConfig):
         raise TrainError(f"--sample-prompts {cfg.sample_prompts}: no such file (pass '' for no samples)")
     if cfg.parallel == "fsdp" and cfg.quantize:
         raise TrainError("--parallel fsdp cannot shard NF4 weights; train QLoRA with --parallel ddp")
+    if not re.fullmatch(r"default|pissa|pissa_niter_[0-9]+", cfg.lora_init):
+        raise TrainError(f"--lora-init {cfg.lora_init}: expected default, pissa or pissa_niter_N (N iterations)")
+    if cfg.lora_init != "default" and (cfg.quantize or cfg.dora or cfg.parallel == "fsdp"):
+        raise TrainError(f"--lora-init {cfg.lora_init} does not combine with --quantize, --dora or --parallel fsdp yet")
     if cfg.parallel == "fsdp" and cfg.dora:
         raise TrainError("--parallel fsdp does not support --dora yet; use --parallel ddp")
     if cfg.parallel == "fsdp" and cfg.precision == "fp16":

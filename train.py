@@ -64,7 +64,7 @@ def run_training(cfg: TrainConfig) -> dict:
     ds = load_data(cfg, run)
     plan = plan_steps(cfg, run, ds)
     lora_cfg = lora_config(cfg)
-    model, loss_fn, train_loss_fn = build_model(cfg, run, lora_cfg)
+    model, loss_fn, train_loss_fn = build_model(cfg, run, lora_cfg, resuming=plan.checkpoint is not None)
     trainable = [p for p in model.parameters() if p.requires_grad]  # after FSDP2 swapped them for shards
     optimizer, scaler = build_optimizer(cfg, model, run)
     pos = resume(plan.checkpoint, model, optimizer, scaler, run) if plan.checkpoint else Position()
@@ -253,7 +253,7 @@ def lora_config(cfg: TrainConfig) -> lora.LoRAConfig:
                            rslora=cfg.rslora, dora=cfg.dora)
 
 
-def build_model(cfg: TrainConfig, run: Run, lora_cfg: lora.LoRAConfig):
+def build_model(cfg: TrainConfig, run: Run, lora_cfg: lora.LoRAConfig, resuming: bool):
     """The frozen base in the compute dtype with LoRA's A and B (float32) injected, in train mode;
     its loss as a module (forward(batch) -> (sum of token losses, trained tokens)); and the module
     the training micro-steps call: the same one in one process, under torchrun parallel.wrap's
@@ -269,6 +269,8 @@ def build_model(cfg: TrainConfig, run: Run, lora_cfg: lora.LoRAConfig):
             replace_linear = nf4_loader(run.dtype)
         model = load_model(run.model_dir, dtype=run.dtype, device=run.device, replace_linear=replace_linear)
     lora.inject_lora(model, lora_cfg, quantize=cfg.quantize, compute_dtype=run.dtype)
+    if cfg.lora_init != "default" and not resuming:  # resumed: the checkpoint holds PiSSA's start
+        lora.pissa_init_(lora.lora_modules(model), lora.pissa.niter_of(cfg.lora_init))
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()  # A and B: their updates are tiny next to them, bf16 would round them away

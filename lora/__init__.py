@@ -7,6 +7,7 @@
     inject.py   inject_lora (module swap + freeze), merge_lora_, trainable_table
     adapter.py  save_adapter / load_adapter in PEFT's on-disk format
     quant.py    NF4 storage via bitsandbytes (imported only when asked for)
+    pissa.py    PiSSA's start from W0's principal components, and its rank-2r form for saving
 """
 
 from .adapter import (adapter_state_dict, check_adapter_tensors, load_adapter, read_adapter_config,
@@ -14,10 +15,11 @@ from .adapter import (adapter_state_dict, check_adapter_tensors, load_adapter, r
 from .config import LLAMA_LINEARS, LoRAConfig, LoRAError
 from .inject import adapter_disabled, inject_lora, lora_modules, merge_lora_, print_trainable, trainable_table
 from .layer import LoRADropout, LoRALinear, init_lora_weights, merge_weight
+from .pissa import pissa_init_
 
 __all__ = [
     "LLAMA_LINEARS", "LoRAConfig", "LoRAError", "LoRADropout", "LoRALinear", "adapter_disabled", "adapter_state_dict",
     "check_adapter_tensors", "init_lora_weights", "inject_lora", "load_adapter", "lora_modules", "merge_lora_",
-    "merge_weight", "print_trainable", "read_adapter_config", "read_adapter_tensors",
+    "merge_weight", "pissa_init_", "print_trainable", "read_adapter_config", "read_adapter_tensors",
     "save_adapter", "trainable_table",
 ]

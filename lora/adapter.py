@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from model.errors import key_mismatches, one_line
 
+from . import pissa
 from .config import LoRAConfig, LoRAError
 from .inject import inject_lora, is_target, lora_modules
 
@@ -72,11 +73,21 @@ def save_adapter(model: nn.Module, cfg: LoRAConfig, out_dir, base_model_name_or_
     metadata = {"format": "pt"}
     if any(m.is_quantized for m in modules.values()):
         metadata[QUANT_KEY] = "nf4"  # peft ignores metadata; merge.py reports it
-    alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha
+    r, alpha = cfg.r, cfg.alpha
+    started = [m.pissa_A0 is not None for m in modules.values()]
+    if any(started):  # PiSSA: saved as the rank-2r LoRA of the original base (lora/pissa.py)
+        if not all(started):
+            raise LoRAError("some LoRA layers started from PiSSA and some did not: cannot save one adapter")
+        for name, m in modules.items():
+            a, b = f"{PEFT_PREFIX}{name}.lora_A.weight", f"{PEFT_PREFIX}{name}.lora_B.weight"
+            tensors[a], tensors[b] = (t.contiguous() for t in pissa.as_plain_lora(m, tensors[a], tensors[b]))
+        metadata[pissa.PISSA_KEY] = str(cfg.r)
+        r, alpha = 2 * cfg.r, pissa.plain_alpha(cfg.alpha, cfg.rslora)
+    alpha = int(alpha) if float(alpha).is_integer() else alpha
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path or cfg.base_model_name_or_path,
-        "r": cfg.r, "lora_alpha": alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora,
+        "r": r, "lora_alpha": alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora,
         "target_modules": _target_modules(model, list(modules)),
         "bias": "none", "use_dora": cfg.dora, "fan_in_fan_out": False, "modules_to_save": None,
         "init_lora_weights": True, "inference_mode": True, "layers_to_transform": None,
@@ -116,6 +127,10 @@ def read_adapter_config(adapter_dir) -> LoRAConfig:
     used = [label for key, label in UNSUPPORTED.items() if raw.get(key)]
     if raw.get("bias", "none") != "none":
         used.append(f"bias={raw['bias']!r}")
+    init = str(raw.get("init_lora_weights", True)).lower()
+    if init.startswith(("pissa", "corda", "olora", "lora_ga")):  # the adapter applies to a changed base
+        used.append(f"init_lora_weights={raw['init_lora_weights']!r} without conversion (it applies to the residual "
+                    "base; save it from peft with path_initial_model_for_weight_conversion)")
     if used:
         raise LoRAError(f"{path}: uses {', '.join(used)}, which nanolora does not support")
     if not raw.get("target_modules") or "r" not in raw:
@@ -157,8 +172,11 @@ def load_adapter(model: nn.Module, adapter_dir) -> LoRAConfig:
     To use an adapter on an NF4 base, inject with quantize="nf4" first, then load.
     """
     cfg = read_adapter_config(adapter_dir)
-    tensors, _ = read_adapter_tensors(adapter_dir)
+    tensors, metadata = read_adapter_tensors(adapter_dir)
     modules = lora_modules(model)
+    pissa_r = metadata.get(pissa.PISSA_KEY)
+    if pissa_r and modules and all(m.lora_A.out_features == int(pissa_r) for m in modules.values()):
+        return _load_pissa_checkpoint(model, modules, cfg, tensors, Path(adapter_dir) / WEIGHTS_FILE)
     if not modules:
         try:
             inject_lora(model, cfg)
@@ -171,4 +189,24 @@ def load_adapter(model: nn.Module, adapter_dir) -> LoRAConfig:
     with torch.no_grad():
         for key, p in adapter_state_dict(model).items():
             p.copy_(tensors[key])  # copy_ casts to the parameter's dtype and device
+    return cfg
+
+
+def _load_pissa_checkpoint(model, modules, cfg, tensors, source) -> LoRAConfig:
+    """A PiSSA run's checkpoint (rank 2r) into its rank-r layers on the original base (--resume):
+    PiSSA's start rebuilt from the saved (A0, B0), then the trained A and B (lora/pissa.py)."""
+    if any(m.pissa_A0 is not None for m in modules.values()):
+        raise LoRAError(f"{source}: the model's LoRA layers already started from PiSSA; load a PiSSA "
+                        "checkpoint onto the original base with plain LoRA layers")
+    expected = {}
+    for k, p in adapter_state_dict(model).items():
+        shape = tuple(p.shape)
+        expected[k] = (2 * shape[0], shape[1]) if ".lora_A." in k else (shape[0], 2 * shape[1])
+    problems = key_mismatches(expected, {k: tuple(t.shape) for k, t in tensors.items()})
+    if problems:
+        raise LoRAError(f"{source}: PiSSA adapter does not fit the model: " + "; ".join(problems))
+    if any(abs(m.scaling - cfg.scaling) > 1e-12 * cfg.scaling for m in modules.values()):
+        raise LoRAError(f"{source}: adapter scaling {cfg.scaling:g} differs from the model's LoRA layers")
+    for name, m in modules.items():
+        pissa.split_(m, tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"], tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"])
     return cfg

@@ -97,6 +97,9 @@ class LoRALinear(nn.Module):
         if dora:  # m (out,), float32; PEFT's name, so the adapter's key is PEFT's too
             self.lora_magnitude_vector = nn.Parameter(torch.empty(self.out_features, device=device))
         self.enabled = True  # False: the base layer alone (lora.adapter_disabled)
+        # PiSSA (lora/pissa.py): the start (A0, B0), which saving converts the adapter against
+        self.register_buffer("pissa_A0", None, persistent=False)
+        self.register_buffer("pissa_B0", None, persistent=False)
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self):

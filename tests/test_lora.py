@@ -537,6 +537,7 @@ def edit_config(adapter_dir, **changes):
     ({"peft_type": "IA3"}, "only LORA"),
     ({"use_dora": True}, "missing keys: .*lora_magnitude_vector"),  # DoRA config, plain LoRA tensors
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ({"init_lora_weights": "pissa_niter_4"}, "without conversion"),  # applies to a residual base
     ({"bias": "all"}, "bias"),
     ({"rank_pattern": {"q_proj": 2}}, "rank_pattern"),
     ({"target_modules": ["c_attn"]}, "c_attn"),

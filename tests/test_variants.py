@@ -6,6 +6,9 @@
 - DoRA (--dora): init, logits and the gradients of A, B and m equal PEFT's use_dora=True, with and
   without dropout; adapters move both ways; merge_lora_ and merge.py keep the logits; disabling the
   adapter gives the base exactly; a run trains m and reports its gradient.
+- PiSSA (--lora-init pissa): A0, B0 and the residual base equal PEFT's up to singular-vector sign;
+  the randomized variant finds the principal components; the saved adapter (rank 2r) applied to the
+  original base equals the trained model, here, in PEFT and merged; a resumed run is exact.
 - NEFTune (--neftune-alpha): the noise equals transformers' neftune_post_forward_hook's on the same
   random stream, has the stated bound alpha / sqrt(L d) and a uniform spread, and is off in
   evaluation and generation; a run with it is exact on resume.
@@ -299,3 +302,105 @@ def test_dora_run_shows_the_magnitude_gradient(tiny_chat_dir, chat_data, tmp_pat
                                             out / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(here.eval()(ids), theirs(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- PiSSA
+
+def test_pissa_start_equals_peft(tmp_path):
+    """A0, B0 and the residual base of every layer against PEFT's init_lora_weights="pissa", up to
+    the sign of each singular pair (the SVD's choice); and at the start the model is the base model.
+    Both take the same float32 SVD; rel 1e-5 covers the different order of the residual's matmul."""
+    path = save_tiny_hf(tmp_path / "tiny")
+    targets = ["q_proj", "v_proj", "down_proj"]
+    ours = load_model(path)
+    lora.inject_lora(ours, lora.LoRAConfig(r=4, alpha=8, dropout=0.0, targets=targets))
+    lora.pissa_init_(lora.lora_modules(ours))
+    twin = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+                               peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="pissa"))
+    for name, m in lora.lora_modules(ours).items():
+        theirs = twin.base_model.model.get_submodule(name)
+        A, B = theirs.lora_A["default"].weight, theirs.lora_B["default"].weight
+        sign = torch.sign((m.lora_A.weight * A).sum(dim=1))  # (r,): +-1 per singular pair
+        assert sign.abs().min() == 1
+        torch.testing.assert_close(m.lora_A.weight * sign[:, None], A, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m.lora_B.weight * sign[None, :], B, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m.weight, theirs.base_layer.weight, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(m.weight, load_model(path).get_submodule(name).weight)  # the base changed
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(ids), load_model(path)(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_pissa_niter_finds_the_principal_components():
+    """pissa_niter_4 (randomized SVD) on a matrix whose singular values fall tenfold each: s B0 A0 is
+    the best rank-r approximation (within 1e-4 of the exact SVD's: the subspace error of randomized
+    SVD shrinks as (s_5 / s_4)^(2 niter + 1) = 1e-9, so float32 rounding is what is left), and the
+    residual plus it is W."""
+    g = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(48, 32, generator=g))
+    V, _ = torch.linalg.qr(torch.randn(40, 32, generator=g))
+    W = U @ torch.diag(10.0 ** -torch.arange(32.0)) @ V.t()  # (48, 40)
+    layer = lora.LoRALinear(nn.Linear(40, 48, bias=False), r=4, alpha=8)
+    with torch.no_grad():
+        layer.weight.copy_(W)
+    exact_A, exact_B = lora.pissa.principal_components(W, 4, layer.scaling)
+    lora.pissa_init_({"layer": layer}, niter=4)
+    low_rank = layer.scaling * layer.lora_B.weight @ layer.lora_A.weight
+    exact = layer.scaling * exact_B @ exact_A
+    assert (low_rank - exact).norm() / exact.norm() < 1e-4
+    torch.testing.assert_close(layer.weight + low_rank, W, rtol=0, atol=1e-6)
+
+
+def assert_close_to_scale(actual, expected, rel=1e-5):
+    """max |actual - expected| within rel of max |expected|: logits near zero carry the absolute
+    rounding of the large ones, so an elementwise relative bound would measure nothing."""
+    assert (actual - expected).abs().max() <= rel * expected.abs().max()
+
+
+@pytest.fixture(scope="module")
+def pissa_run(tiny_chat_dir, chat_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pissa") / "run"
+    kw = dict(max_steps=4, save_every=2, lora_init="pissa", lora_targets="q_proj,v_proj,down_proj")
+    summary = train(config(tiny_chat_dir, chat_data, out, **kw))
+    return out, kw, summary["model"]
+
+
+def test_pissa_adapter_applies_to_the_original_base(tiny_chat_dir, pissa_run, tmp_path, capsys):
+    """The trained PiSSA model (the residual base, A and B) equals the original base plus the saved
+    adapter: loaded here, loaded by PEFT, and merged by merge.py. The adapter is PEFT's rank-2r plain
+    LoRA with the same scaling."""
+    import merge
+    out, _, trained = pissa_run
+    config_json = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert (config_json["r"], config_json["lora_alpha"], config_json["init_lora_weights"]) == (8, 16, True)
+    ids = torch.randint(0, 1000, (2, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = trained.eval()(ids)
+        assert not torch.allclose(expected, load_model(tiny_chat_dir)(ids), atol=1e-3)  # it trained
+        here = load_model(tiny_chat_dir)
+        lora.load_adapter(here, out / "adapter")
+        assert_close_to_scale(here(ids), expected)
+        theirs = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tiny_chat_dir),
+                                                out / "adapter").eval()
+        assert_close_to_scale(theirs(input_ids=ids).logits, expected)
+    assert merge.main(["--base", str(tiny_chat_dir), "--adapter", str(out / "adapter"),
+                       "--output", str(tmp_path / "merged")]) == 0
+    with torch.no_grad():
+        assert_close_to_scale(load_model(tmp_path / "merged")(ids), expected)
+
+
+def test_pissa_resume_is_exact(tiny_chat_dir, chat_data, pissa_run, tmp_path):
+    """Stopped after step 2 and resumed, a PiSSA run is the same run: the checkpoint's rank-2r
+    adapter is split back into PiSSA's start (rebuilding the residual base) and the trained A, B."""
+    full, kw, _ = pissa_run
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "checkpoints" / "step-000004")
+    shutil.rmtree(cut / "adapter")
+    (cut / "summary.json").unlink()
+    (cut / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics(full) if m["step"] <= 2))
+    train(config(tiny_chat_dir, chat_data, cut, **kw, resume=True))
+    figures = lambda out: [(m["step"], m.get("loss"), m.get("grad_norm")) for m in metrics(out)]
+    assert figures(cut) == figures(full)
+    a, b = adapter(full), adapter(cut)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
