@@ -404,3 +404,15 @@ def test_pissa_resume_is_exact(tiny_chat_dir, chat_data, pissa_run, tmp_path):
     assert figures(cut) == figures(full)
     a, b = adapter(full), adapter(cut)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sweeps_vary_the_variants():
+    """A sweep grid over the variants' flags, every combination checked before the first run."""
+    import settings
+    import sweep
+    cfg = settings.parse_config(["--sweep", "dora=true,false", "neftune_alpha=0,5", "loraplus_lr_ratio=1,16",
+                                 "--max-steps", "2"])
+    combos = sweep.settings(cfg)
+    assert len(combos) == 8 and {"dora": True, "neftune_alpha": 5.0, "loraplus_lr_ratio": 16.0} in combos
+    with pytest.raises(settings.TrainError, match="--lora-init pissa_niter_2 does not combine with"):
+        settings.parse_config(["--sweep", "dora=true,false", "lora_init=default,pissa_niter_2"])
