@@ -16,7 +16,6 @@
 
 import json
 import math
-import shutil
 
 import peft
 from peft.optimizers import create_loraplus_optimizer
@@ -32,6 +31,7 @@ from conftest import save_tiny_hf
 from model import load_model
 from model.generate import generate
 from model.llama import neftune_noise
+from test_parallel import cut_at_step_2
 from test_train import adapter, chat_data, config, metrics, tiny_chat_dir  # noqa: F401 (fixtures)
 from train import train
 
@@ -154,11 +154,7 @@ def test_neftune_run_trains_differently_and_resumes_exactly(tiny_chat_dir, chat_
     train(config(tiny_chat_dir, chat_data, noisy, **kw))
     assert metrics(noisy)[0]["val_loss"] == metrics(plain)[0]["val_loss"]  # step 0: before training
     assert metrics(noisy)[1]["loss"] != metrics(plain)[1]["loss"]
-    shutil.copytree(noisy, cut)  # as if it had stopped after its step-2 checkpoint
-    shutil.rmtree(cut / "checkpoints" / "step-000004")
-    shutil.rmtree(cut / "adapter")
-    (cut / "summary.json").unlink()
-    (cut / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics(noisy) if m["step"] <= 2))
+    cut_at_step_2(noisy, cut)  # as if it had stopped after its step-2 checkpoint
     train(config(tiny_chat_dir, chat_data, cut, **kw, resume=True))
     figures = lambda out: [(m["step"], m.get("loss"), m.get("val_loss")) for m in metrics(out)]
     assert figures(cut) == figures(noisy)
@@ -394,11 +390,7 @@ def test_pissa_resume_is_exact(tiny_chat_dir, chat_data, pissa_run, tmp_path):
     adapter is split back into PiSSA's start (rebuilding the residual base) and the trained A, B."""
     full, kw, _ = pissa_run
     cut = tmp_path / "cut"
-    shutil.copytree(full, cut)
-    shutil.rmtree(cut / "checkpoints" / "step-000004")
-    shutil.rmtree(cut / "adapter")
-    (cut / "summary.json").unlink()
-    (cut / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics(full) if m["step"] <= 2))
+    cut_at_step_2(full, cut)
     train(config(tiny_chat_dir, chat_data, cut, **kw, resume=True))
     figures = lambda out: [(m["step"], m.get("loss"), m.get("grad_norm")) for m in metrics(out)]
     assert figures(cut) == figures(full)
