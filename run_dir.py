@@ -45,6 +45,9 @@ MAY_CHANGE = ("max_steps", "epochs", "log_every", "eval_every", "save_every", "k
 # ...where micro_batch_size may change only with the number of ranks (the global batch is compared),
 # the model and data only in where they live (their content is compared) and precision only in
 # name ("auto" on the same device: the resolved dtype is compared).
+# --objective dpo's per-step metrics (dpo.STAT_NAMES and the margin), drawn in TensorBoard
+DPO_METRICS = ("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy", "logps_chosen",
+               "logps_rejected")
 HASH_EDGE = 1 << 20  # a safetensors file is fingerprinted by its size and its first and last MiB
 
 
@@ -271,17 +274,17 @@ class RunLog:
         self.eval(step, row, replies)
         if row:
             self.write({"step": step, **row})
-            self.console.print(f"step {step}: val_loss {row['val_loss']:.4f}")
+            self.console.print(f"step {step}: {val_info(row)}")
         return row
 
     def step(self, row: dict):
         self.write(row)
-        for k in ("loss", "lr", "grad_norm", "tokens_per_s", "max_memory_gib", "loss_scale"):
+        for k in ("loss", "lr", "grad_norm", "tokens_per_s", "max_memory_gib", "loss_scale", *DPO_METRICS):
             if k in row:
                 self.writer.add_scalar(f"train/{k}", row[k], row["step"])
         if self.log_every and row["step"] % self.log_every == 0 and not self.console.is_terminal:
             self.console.print(f"step {row['step']}/{self.total_steps}  {step_info(row)}" +
-                               (f"  val_loss {row['val_loss']:.4f}" if "val_loss" in row else ""))
+                               (f"  {val_info(row)}" if "val_loss" in row else ""))
 
     def grads(self, step: int, rows: list[tuple[str, dict]]):
         print_grad_table(self.console, step, rows)
@@ -298,8 +301,14 @@ class RunLog:
 
 
 def step_info(row: dict) -> str:
-    return (f"loss {row['loss']:.4f}  lr {row['lr']:.2e}  grad {row['grad_norm']:.3f}  "
+    dpo = f"acc {row['reward_accuracy']:.2f}  margin {row['reward_margin']:.3f}  " if "reward_margin" in row else ""
+    return (f"loss {row['loss']:.4f}  {dpo}lr {row['lr']:.2e}  grad {row['grad_norm']:.3f}  "
             f"{row['tokens_per_s']:.0f} tok/s")
+
+
+def val_info(row: dict) -> str:
+    dpo = f"  val_reward_accuracy {row['val_reward_accuracy']:.2f}" if "val_reward_accuracy" in row else ""
+    return f"val_loss {row['val_loss']:.4f}{dpo}"
 
 
 def print_grad_table(console, step, rows: list[tuple[str, dict]]):

@@ -15,6 +15,7 @@ import torch
 
 import parallel
 import sweep
+from data import DataError, is_preference_file
 from model import DEMO_MODEL
 from model.errors import UserError
 
@@ -22,6 +23,9 @@ ROOT = Path(__file__).resolve().parent
 DEMO_DATA = ROOT / "examples" / "train.json"
 DEMO_VAL_DATA = ROOT / "examples" / "val.json"
 DEMO_PROMPTS = ROOT / "examples" / "prompts.txt"
+DEMO_PREFERENCES = ROOT / "examples" / "preferences.jsonl"  # --objective dpo's demo data
+DEMO_VALIDATION = {DEMO_DATA: DEMO_VAL_DATA, DEMO_PREFERENCES: ROOT / "examples" / "preferences_val.jsonl"}
+DEMO_OUTPUT = {"sft": "runs/demo", "dpo": "runs/demo-dpo"}
 
 
 def flag(default, help):
@@ -30,12 +34,17 @@ def flag(default, help):
 
 @dataclass
 class TrainConfig:
-    # what to train on
+    # what to train on, and how
+    objective: str = flag("sft", "sft (supervised fine-tuning) | dpo (preference tuning, Rafailov et al. 2023, on "
+                                 "{prompt, chosen, rejected} records; the reference policy is the base: the "
+                                 "adapter switched off)")
     model: str = flag(DEMO_MODEL, "model directory or hub id ('demo': the offline SmolLM2-135M-Instruct)")
-    data: str = flag(str(DEMO_DATA), "training data (.json, .jsonl, .csv)")
+    data: str = flag(str(DEMO_DATA), "training data (.json, .jsonl, .csv; --objective dpo: preference pairs, "
+                                     "default examples/preferences.jsonl)")
     val_data: str | None = flag(None, "validation data (default: --val-fraction of --data; the demo data has its own)")
     val_fraction: float = flag(0.1, "share of --data held out for validation when there is no --val-data")
-    output_dir: str = flag("runs/demo", "where metrics, TensorBoard logs, checkpoints and the adapter go")
+    output_dir: str = flag(DEMO_OUTPUT["sft"], "where metrics, TensorBoard logs, checkpoints and the adapter go "
+                                              "(--objective dpo: default runs/demo-dpo)")
     max_seq_len: int = flag(512, "longer examples are truncated")
     mask: str = flag("assistant", "which tokens train: assistant | last | all")
     template: str | None = flag(None, "built-in chat template instead of the model's own")
@@ -75,6 +84,12 @@ class TrainConfig:
     neftune_alpha: float = flag(0.0, "NEFTune (Jain et al. 2023): uniform noise of scale alpha / sqrt(L d) on the "
                                      "input embeddings, in training only; 5 is typical, 0 is off")
     quantize: str | None = flag(None, "nf4: QLoRA, the frozen base in 4-bit NF4")
+    # DPO (--objective dpo)
+    dpo_beta: float = flag(0.1, "DPO's beta: how far the policy may move from the reference (IPO: its tau)")
+    dpo_loss: str = flag("sigmoid", "sigmoid (DPO, eq. 7) | ipo (Azar et al. 2023, on per-token mean log-probs)")
+    dpo_label_smoothing: float = flag(0.0, "cDPO: the share of preference labels assumed flipped, in [0, 0.5)")
+    dpo_precompute_ref: bool = flag(False, "compute the reference log-probs once per pair before training "
+                                           "(kept in --output-dir): a step is then one forward, not two")
     # hardware
     precision: str = flag("auto", "bf16 | fp16 | fp32 (auto: bf16 on CUDA when supported, else fp32)")
     device: str = flag("auto", "cpu | cuda (auto: cuda when available)")
@@ -122,10 +137,21 @@ def parse_config(argv=None) -> TrainConfig:
     if "sweep" in flags:
         flags["sweep"] = " ".join(flags["sweep"])
     from_file = read_config_file(flags.pop("config")) if "config" in flags else {}
-    cfg = TrainConfig(**{**from_file, **flags})
+    given = {**from_file, **flags}
+    cfg = demo_defaults(TrainConfig(**given), given)
     check_config(cfg)
     for setting in sweep.settings(cfg) if cfg.sweep else []:  # every run of a sweep, before the first
         check_config(replace(cfg, **setting))
+    return cfg
+
+
+def demo_defaults(cfg: TrainConfig, given: dict) -> TrainConfig:
+    """--objective dpo with no --data or --output-dir given: the DPO demo's, not the SFT demo's."""
+    if cfg.objective == "dpo":
+        if "data" not in given:
+            cfg = replace(cfg, data=str(DEMO_PREFERENCES))
+        if "output_dir" not in given:
+            cfg = replace(cfg, output_dir=DEMO_OUTPUT["dpo"])
     return cfg
 
 
@@ -183,6 +209,7 @@ RANGES = {
     "lora_dropout": "[0, 1)", "val_fraction": "[0, 1)", "loraplus_lr_ratio": "(0, inf)", "neftune_alpha": "[0, inf)",
     "parallel_timeout": "(0, inf)", "log_every": "[0, inf)", "eval_every": "[0, inf)", "save_every": "[0, inf)",
     "keep_checkpoints": "[0, inf)", "sample_tokens": "[0, inf)", "sweep_samples": "[0, inf)",
+    "dpo_beta": "(0, inf)", "dpo_label_smoothing": "[0, 0.5)",
 }
 
 
@@ -197,7 +224,8 @@ def check_config(cfg: TrainConfig):
     """Every setting, for type and range, before any work: the message names the flag."""
     choices = {"lr_schedule": ("cosine", "linear", "constant"), "mask": ("assistant", "last", "all"),
                "precision": ("auto", "bf16", "fp16", "fp32"), "device": ("auto", "cpu", "cuda"),
-               "quantize": (None, "nf4"), "parallel": ("ddp", "fsdp")}
+               "quantize": (None, "nf4"), "parallel": ("ddp", "fsdp"), "objective": ("sft", "dpo"),
+               "dpo_loss": ("sigmoid", "ipo")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise TrainError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected one of "
@@ -214,6 +242,10 @@ def check_config(cfg: TrainConfig):
             raise TrainError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: no such file")
     if cfg.sample_prompts and not Path(cfg.sample_prompts).is_file():
         raise TrainError(f"--sample-prompts {cfg.sample_prompts}: no such file (pass '' for no samples)")
+    if cfg.objective == "dpo":
+        check_dpo(cfg)
+    elif cfg.dpo_precompute_ref:
+        raise TrainError("--dpo-precompute-ref is for --objective dpo")
     if cfg.parallel == "fsdp" and cfg.quantize:
         raise TrainError("--parallel fsdp cannot shard NF4 weights; train QLoRA with --parallel ddp")
     if not re.fullmatch(r"default|pissa|pissa_niter_[0-9]+", cfg.lora_init):
@@ -228,6 +260,25 @@ def check_config(cfg: TrainConfig):
     if cfg.parallel == "fsdp" and not parallel.fsdp2_available():
         raise TrainError(f"--parallel fsdp: this torch ({torch.__version__}) lacks the FSDP2 features it "
                          "needs; upgrade torch or use --parallel ddp")
+
+
+def check_dpo(cfg: TrainConfig):
+    """What --objective dpo does not combine with, refused before any work."""
+    if cfg.pack:
+        raise TrainError("--objective dpo does not pack rows (a pair's two replies share a micro-batch); drop --pack")
+    if cfg.mask != "assistant":
+        raise TrainError(f"--mask {cfg.mask}: with --objective dpo only the chosen and rejected replies count, "
+                         "always; drop --mask")
+    if cfg.dpo_loss == "ipo" and cfg.dpo_label_smoothing:
+        raise TrainError("--dpo-label-smoothing is cDPO's, for --dpo-loss sigmoid; IPO has none")
+    for name in ("data", "val_data"):
+        path = getattr(cfg, name)
+        try:
+            if path and Path(path).is_file() and not is_preference_file(path):
+                raise TrainError(f"--{name.replace('_', '-')} {path}: --objective dpo needs preference records "
+                                 '{"prompt", "chosen", "rejected"}; its first record has other fields')
+        except DataError as e:
+            raise TrainError(str(e)) from None
 
 
 def betas(cfg) -> tuple[float, ...]:

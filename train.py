@@ -30,6 +30,7 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 import data
+import dpo
 import lora
 import parallel
 import run_dir
@@ -42,9 +43,9 @@ from model.fused import reference_path
 from model.generate import generate
 from model.llama import packed_documents
 from model.load import meta_model
-from model.loss import LanguageModelLoss, trained_positions
+from model.loss import IGNORE_INDEX, LanguageModelLoss, trained_positions
 from model.runtime import choose_device, choose_dtype, keep_freed_memory, peak_memory_gib, reset_peak_memory
-from settings import DEMO_DATA, DEMO_VAL_DATA, TrainConfig, TrainError, betas, parse_config
+from settings import DEMO_VALIDATION, TrainConfig, TrainError, betas, parse_config
 
 
 # -----------------------------------------------------------------------------
@@ -67,6 +68,8 @@ def run_training(cfg: TrainConfig) -> dict:
     model, loss_fn, train_loss_fn = build_model(cfg, run, lora_cfg, resuming=plan.checkpoint is not None)
     trainable = [p for p in model.parameters() if p.requires_grad]  # after FSDP2 swapped them for shards
     optimizer, scaler = build_optimizer(cfg, model, run)
+    if cfg.dpo_precompute_ref:
+        reference_logps(loss_fn, ds, cfg, run, resuming=plan.checkpoint is not None)
     pos = resume(plan.checkpoint, model, optimizer, scaler, run) if plan.checkpoint else Position()
     logs = run_dir.RunLog(run.out, run.console, plan.total_steps, cfg.log_every, pos.step if plan.checkpoint else None,
                           plan.settings, plan.defining, plan.changed)
@@ -89,7 +92,8 @@ def run_training(cfg: TrainConfig) -> dict:
             pos.epoch, pos.index, idx = next(stream)
             batches.append(ds.batch(idx))
         before = lora_weights(model) if cfg.debug_grads else None  # for |dA|/|A|, |dB|/|B|
-        result = train_step(train_loss_fn, batches, optimizer, scaler, trainable, cfg.max_grad_norm, run.autocast)
+        result = train_step(train_loss_fn, batches, optimizer, scaler, trainable, cfg.max_grad_norm, run.autocast,
+                            loss_fn.STATS)
         streak = streak + 1 if result.skipped else 0
         check_finite(result, streak, cfg, model, run, pos.step + 1)  # stops a diverged run, before saving
         pos.step += 1
@@ -117,7 +121,7 @@ def run_training(cfg: TrainConfig) -> dict:
 
     parallel.save_adapter(model, lora_cfg, run.out / "adapter", str(cfg.model))  # gathered, rank 0 writes
     logs.close()
-    last_val = {k: row[k] for k in ("val_loss", "val_ppl") if k in row}
+    last_val = {k: v for k, v in row.items() if k.startswith("val_")}
     wall_s = time.perf_counter() - run.t_start
     run_dir.write_summary(run.out, diverged=False, steps=pos.step, final_loss=losses[-1] if losses else None,
                   **last_val, wall_s=wall_s, replies=logs.replies)
@@ -167,47 +171,65 @@ def start_run(cfg: TrainConfig) -> Run:
 class TrainData:
     """The tokenized examples, and the batches the steps and evaluation read."""
     tok: data.ChatTokenizer
-    train: list[dict]  # {"input_ids", "labels"} per example
+    train: list[dict]  # SFT: {"input_ids", "labels"} per example; DPO: a pair (data/preference.py)
     val: list[dict]
     val_file: str | None  # where val came from (None: held out of --data)
     val_batches: list[dict]  # on the device, this rank's share
     pack: bool
+    pairs: bool  # --objective dpo: the examples are preference pairs
     device: str
 
     @property
     def lengths(self) -> list[int]:
+        """Tokens per example (of a pair, its longer side: what its rows are padded to)."""
+        if self.pairs:
+            return [max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in self.train]
         return [len(e["input_ids"]) for e in self.train]
 
-    def batch(self, idx: list[int]) -> dict:
-        """Training micro-batch of examples idx, on the device. A rank whose slice of a micro-batch
-        is empty still takes part, on a batch that trains nothing."""
-        return make_batch(self.train, idx, self.tok.pad_id, self.pack, self.device)
+    def batch(self, idx: list[int], examples: list[dict] | None = None) -> dict:
+        """Micro-batch of examples idx (of the training set, or of `examples`), on the device. A
+        rank whose slice of a micro-batch is empty still takes part, on a batch that trains nothing."""
+        examples = self.train if examples is None else examples
+        if not idx:
+            batch = parallel.empty_batch(self.tok.pad_id)
+            if self.pairs:  # no pairs; and no reference forward if the others run none (FSDP: all or none)
+                batch.update(pairs=0, **({"ref_logps": torch.zeros(1)} if "ref_chosen" in examples[0] else {}))
+        elif self.pairs:
+            batch = data.make_pair_batch(examples, idx, self.tok.pad_id)
+        else:
+            batch = data.make_batch(examples, idx, self.tok.pad_id, self.pack)
+        return to_device(batch, self.device)
 
-
-def make_batch(examples, idx, pad_id, pack, device) -> dict:
-    return to_device(data.make_batch(examples, idx, pad_id, pack) if idx else parallel.empty_batch(pad_id),
-                     device)
+    def make_val_batches(self, micro_batch_size: int):
+        """The validation batches, once, on the device (again after DPO's reference log-probs)."""
+        step = micro_batch_size * parallel.world_size()  # under torchrun each rank takes a slice
+        parts = [parallel.rank_share(list(range(len(self.val)))[i:i + step], micro_batch_size)
+                 for i in range(0, len(self.val), step)]
+        self.val_batches = [self.batch(idx, self.val) for idx in parts]
 
 
 def load_data(cfg: TrainConfig, run: Run) -> TrainData:
-    """Tokenized once (cached on disk next to the data), masked by --mask, split into train and
-    validation; the validation batches are made once, on the device."""
+    """Tokenized (SFT: once, cached on disk next to the data), masked by --mask (DPO: each reply of
+    a pair, as --mask last masks it), split into train and validation; the validation batches are
+    made once, on the device."""
     tok = data.load_tokenizer(run.model_dir, cfg.template)
-    tokenize = lambda path: data.tokenize_file(path, tok, cfg.max_seq_len, cfg.mask)
+    if cfg.objective == "dpo":
+        tokenize = lambda path: data.tokenize_pairs(path, tok, cfg.max_seq_len)
+    else:
+        tokenize = lambda path: data.tokenize_file(path, tok, cfg.max_seq_len, cfg.mask)
     train_set = tokenize(cfg.data)
     run.console.print(f"data: {train_set.summary()}")
-    val_file = cfg.val_data or (str(DEMO_VAL_DATA) if Path(cfg.data) == DEMO_DATA else None)
+    val_file = cfg.val_data or DEMO_VALIDATION.get(Path(cfg.data))
     if val_file:
         train_examples, val_examples = train_set.examples, tokenize(val_file).examples
     else:
         train_examples, val_examples = data.split_validation(train_set.examples, cfg.val_fraction, cfg.seed)
     if not train_examples:
         raise TrainError(f"--data {cfg.data}: no training examples left")
-    step = cfg.micro_batch_size * parallel.world_size()  # under torchrun each rank takes a slice
-    parts = [parallel.rank_share(list(range(len(val_examples)))[i:i + step], cfg.micro_batch_size)
-             for i in range(0, len(val_examples), step)]
-    val_batches = [make_batch(val_examples, idx, tok.pad_id, False, run.device) for idx in parts]
-    return TrainData(tok, train_examples, val_examples, val_file, val_batches, cfg.pack, run.device)
+    ds = TrainData(tok, train_examples, val_examples, val_file and str(val_file), [], cfg.pack,
+                   cfg.objective == "dpo", run.device)
+    ds.make_val_batches(cfg.micro_batch_size)
+    return ds
 
 
 @dataclass
@@ -281,12 +303,43 @@ def build_model(cfg: TrainConfig, run: Run, lora_cfg: lora.LoRAConfig, resuming:
         for layer in model.model.layers:
             layer.compile()
     model.train()
-    loss_fn = LanguageModelLoss(model)
+    if cfg.objective == "dpo":  # the reference policy: this model with its adapter off
+        loss_fn = dpo.PreferenceLoss(model, cfg.dpo_beta, cfg.dpo_label_smoothing, cfg.dpo_loss)
+    else:
+        loss_fn = LanguageModelLoss(model)
     train_loss_fn = parallel.wrap(loss_fn, cfg.parallel, run.device) if parallel.launched_by_torchrun() else loss_fn
     if run.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
     reset_peak_memory()  # max_memory_gib and the summary's peak: of training, not of loading
     return model, loss_fn, train_loss_fn
+
+
+def reference_logps(loss_fn: dpo.PreferenceLoss, ds: TrainData, cfg: TrainConfig, run: Run, resuming: bool):
+    """--dpo-precompute-ref: every pair's reference log-probs, computed once before the first step
+    (a step then runs one forward, not two) and kept in the run directory, so a resumed run reads
+    the very numbers the run started with."""
+    import safetensors.torch
+    path = run.out / "ref_logps.safetensors"
+    if resuming and path.is_file():
+        saved = safetensors.torch.load_file(path)
+        if saved["train"].shape[0] != len(ds.train) or saved["val"].shape[0] != len(ds.val):
+            raise TrainError(f"--resume: {path} holds {saved['train'].shape[0]} + {saved['val'].shape[0]} pairs, "
+                             f"the data {len(ds.train)} + {len(ds.val)}")
+        for examples, key in ((ds.train, "train"), (ds.val, "val")):
+            for e, (c, r) in zip(examples, saved[key].tolist()):
+                e["ref_chosen"], e["ref_rejected"] = c, r
+    else:
+        from rich.progress import Progress
+        with Progress(console=run.console, transient=True, disable=not parallel.is_main()) as progress:
+            task = progress.add_task("reference log-probs", total=len(ds.train) + len(ds.val))
+            for examples in (ds.train, ds.val):
+                dpo.precompute_reference(loss_fn, examples, lambda ex, idx: ds.batch(idx, ex), cfg.micro_batch_size,
+                                         run.autocast, lambda n: progress.advance(task, n))
+        if parallel.is_main():
+            pairs = lambda ex: torch.tensor([[e["ref_chosen"], e["ref_rejected"]] for e in ex],
+                                            dtype=torch.float64).reshape(-1, 2)
+            safetensors.torch.save_file({"train": pairs(ds.train), "val": pairs(ds.val)}, str(path))
+    ds.make_val_batches(cfg.micro_batch_size)
 
 
 def build_optimizer(cfg: TrainConfig, model, run: Run):
@@ -343,12 +396,14 @@ class Step:
     trained_tokens: int  # of which trained (the loss's denominator)
     loss_scale: float | None  # fp16: the scale GradScaler used this step
     skipped: bool  # fp16: GradScaler skipped the update, a gradient having overflowed
+    stats: dict  # DPO: rewards, reward accuracy and margin, log-probs (means over the step's pairs)
 
     def row(self, step: int, lr: float, seconds: float, run: Run, epoch: int) -> dict:
         """The step's line of metrics.jsonl."""
         row = {"step": step, "loss": self.loss, "lr": lr, "grad_norm": self.grad_norm, "tokens": self.tokens,
                "trained_tokens": self.trained_tokens, "tokens_per_s": self.tokens / seconds,
                "elapsed_s": time.perf_counter() - run.t_start, "epoch": epoch}
+        row.update(self.stats)
         if self.loss_scale is not None:
             row.update(loss_scale=self.loss_scale, skipped=self.skipped)  # a skipped step did not update A, B
         if run.device == "cuda":
@@ -356,29 +411,48 @@ class Step:
         return row
 
 
-def train_step(loss_fn, batches, optimizer, scaler, params, max_grad_norm: float, autocast) -> Step:
+def train_step(loss_fn, batches, optimizer, scaler, params, max_grad_norm: float, autocast,
+               stat_names: tuple = ()) -> Step:
     """One optimizer step: forward and backward of each micro-batch, the gradients accumulating;
     then unscaled (fp16), clipped, and applied. The gradients stay until the next step's zero_grad,
-    so the caller can read them (--debug-grads, and the module named when one is not finite)."""
+    so the caller can read them (--debug-grads, and the module named when one is not finite).
+
+    The loss is a mean over the whole step (all micro-batches, all ranks) of what each batch's
+    n_loss counts: trained tokens (SFT) or preference pairs (DPO). A loss module with stat_names
+    (DPO's) returns their sums beside the loss; the step reports their means."""
     optimizer.zero_grad(set_to_none=True)
-    # Token counts were taken on the CPU (to_device): the step waits for the device once, below.
-    trained_tokens, tokens = parallel.all_reduce_sum(sum(b["n_trained"] for b in batches),
-                                                     sum(b["n_tokens"] for b in batches))  # of all ranks
-    loss_sum = torch.zeros((), device=batches[0]["input_ids"].device)  # on the device: no sync per micro-batch
+    # Counts were taken on the CPU (to_device): the step waits for the device once, below.
+    n_loss, trained_tokens, tokens = parallel.all_reduce_sum(*(sum(b[k] for b in batches)
+                                                               for k in ("n_loss", "n_trained", "n_tokens")))
+    device = batches[0]["input_ids"].device
+    loss_sum = torch.zeros((), device=device)  # on the device: no sync per micro-batch
+    stat_sums = torch.zeros(len(stat_names), device=device)
     for i, batch in enumerate(batches):
         # Under torchrun the gradients are summed over ranks once, after the last micro-batch.
         with parallel.gradient_sync(loss_fn, enabled=i == len(batches) - 1):
-            loss, _ = forward_loss(loss_fn, batch, autocast)
-            scaler.scale(loss / trained_tokens).backward()  # sum / step's tokens: accumulation-exact
+            loss, extra = forward_loss(loss_fn, batch, autocast)
+            scaler.scale(loss / n_loss).backward()  # sum / the step's count: accumulation-exact
         loss_sum += loss.detach()
+        if stat_names:
+            stat_sums += extra.detach().float()
     scaler.unscale_(optimizer)  # true gradients, before clipping and before they are logged
     grad_norm = clip_gradients(params, max_grad_norm)  # the norm before clipping, logged
     loss_scale = scaler.get_scale() if scaler.is_enabled() else None  # the scale this step used
     scaler.step(optimizer)  # fp16: skipped if a gradient overflowed (GradScaler checks, and syncs)
     scaler.update()
-    loss_sum, grad_norm = torch.stack([loss_sum, grad_norm.float()]).tolist()  # the step's one sync
-    return Step(parallel.all_reduce_sum(loss_sum)[0] / trained_tokens, grad_norm, tokens, trained_tokens,
-                loss_scale, skipped=scaler.is_enabled() and not math.isfinite(grad_norm))
+    loss_sum, grad_norm, *stat_sums = torch.cat([torch.stack([loss_sum, grad_norm.float()]),
+                                                 stat_sums]).tolist()  # the step's one sync
+    loss_sum, *stat_sums = parallel.all_reduce_sum(loss_sum, *stat_sums)
+    stats = mean_stats(stat_names, stat_sums, n_loss)
+    return Step(loss_sum / n_loss, grad_norm, tokens, trained_tokens, loss_scale,
+                skipped=scaler.is_enabled() and not math.isfinite(grad_norm), stats=stats)
+
+
+def mean_stats(names, sums, n: int, prefix: str = "") -> dict:
+    """DPO's metrics: the sums over n pairs as means, and the reward margin."""
+    if not names:
+        return {}
+    return dpo.derived_metrics({f"{prefix}{k}": v / max(n, 1) for k, v in zip(names, sums)}, prefix)
 
 
 def check_finite(step: Step, skipped_in_a_row: int, cfg: TrainConfig, model, run: Run, number: int):
@@ -461,13 +535,19 @@ def micro_batch_stream(lengths, cfg: TrainConfig, epoch: int, index: int):
 
 def to_device(batch: dict, device) -> dict:
     """The batch on `device`, with what the step reads of it counted first, on the CPU (counted on
-    a GPU, each would make the host wait): n_trained and n_tokens, trained_index, the positions
-    the loss gathers (model.loss.trained_positions), and for packed rows the documents' bounds
-    that varlen attention reads (model.llama.packed_documents)."""
+    a GPU, each would make the host wait): n_trained and n_tokens, n_loss (what the loss is a mean
+    over), trained_index, the positions the loss gathers (model.loss.trained_positions), for
+    packed rows the documents' bounds that varlen attention reads (model.llama.packed_documents),
+    and for DPO's pairs the row of each trained position and the trained tokens of each row."""
     batch = {**batch, "trained_index": trained_positions(batch["labels"])}
     if "document_ids" in batch:
         batch["documents"] = packed_documents(batch["document_ids"])
     counts = {"n_trained": batch["trained_index"].numel(), "n_tokens": int(batch["attention_mask"].sum())}
+    counts["n_loss"] = counts["n_trained"]  # what the loss is a mean over: trained tokens...
+    if "pairs" in batch:  # ...or, for DPO, preference pairs; and each trained position's row
+        counts["n_loss"] = counts["pairs"] = batch.pop("pairs")
+        batch["trained_rows"] = batch["trained_index"] // batch["labels"].shape[1]
+        batch["reply_tokens"] = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1)  # (2B,): IPO's averages
     return {**{k: v.to(device, non_blocking=True) for k, v in batch.items()}, **counts}
 
 
@@ -482,15 +562,20 @@ def forward_loss(loss_fn, batch, autocast):
 
 @torch.no_grad()
 def evaluate(loss_fn, batches, autocast) -> dict:
-    """Validation loss (mean over trained tokens, of all ranks' batches) and perplexity."""
+    """Validation loss (the mean over trained tokens, or DPO's over pairs, of all ranks' batches)
+    and perplexity (SFT), or DPO's rewards, reward accuracy and margin."""
     loss_fn.eval()
-    total, n = 0.0, 0
+    names = loss_fn.STATS
+    total, n, stat_sums = 0.0, 0, [0.0] * len(names)
     for batch in batches:
-        loss, count = forward_loss(loss_fn, batch, autocast)
-        total, n = total + loss.item(), n + count
-    total, n = parallel.all_reduce_sum(total, n)
+        loss, extra = forward_loss(loss_fn, batch, autocast)
+        total, n = total + loss.item(), n + batch["n_loss"]
+        stat_sums = [a + b for a, b in zip(stat_sums, extra.tolist())] if names else stat_sums
+    total, n, *stat_sums = parallel.all_reduce_sum(total, n, *stat_sums)
     loss_fn.train()
     val_loss = total / max(n, 1)
+    if names:
+        return {"val_loss": val_loss, **mean_stats(names, stat_sums, n, prefix="val_")}
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
 
 

@@ -6,6 +6,10 @@
 By default a rich view of the first N examples, trained tokens highlighted, with per-example
 counts. With --json, one line per kept example in file order, unshuffled:
 {"input_ids": [...], "labels": [...]} (labels -100 where masked).
+
+A preference file (DPO's {"prompt", "chosen", "rejected"} records) shows both sides of each pair,
+the chosen and the rejected reply highlighted (--json: chosen_ids, chosen_labels, rejected_ids,
+rejected_labels); --mask does not apply to it (only the replies ever count).
 """
 
 import argparse
@@ -16,6 +20,7 @@ from model.errors import run_command
 
 from .dataset import tokenize_file, trained_count
 from .masking import IGNORE_INDEX, MASK_MODES
+from .preference import is_preference_file, tokenize_pairs
 from .templates import BUILTIN_TEMPLATES
 from .tokenizer import load_tokenizer
 
@@ -45,20 +50,30 @@ def runs(ids: list[int], labels: list[int]):
     return out
 
 
-def show(data, tok, n: int):
-    from rich.console import Console
+def panel(tok, ids, labels, title: str, style: str = "bold black on green"):
     from rich.panel import Panel
     from rich.text import Text
+    text = Text()
+    for run, trained in runs(ids, labels):
+        text.append(tok.decode(run), style=style if trained else "dim")
+    return Panel(text, title=f"{title}: {len(ids)} tokens, {trained_count(labels)} trained", title_align="left")
+
+
+def show(data, tok, n: int, pairs: bool = False):
+    from rich.console import Console
 
     console = Console()
     for e in data.examples[:n]:
-        text = Text()
-        for ids, trained in runs(e["input_ids"], e["labels"]):
-            text.append(tok.decode(ids), style="bold black on green" if trained else "dim")
-        counts = (f"line {e['line']}: {len(e['input_ids'])} tokens, {trained_count(e['labels'])} "
-                  f"trained{', TRUNCATED' if e['truncated'] else ''}")
-        console.print(Panel(text, title=counts, title_align="left"))
-    console.print(f"[green]green[/green]: trained tokens (mask={data.mask}); template: "
+        cut = ", TRUNCATED" if e["truncated"] else ""
+        if pairs:
+            console.print(panel(tok, e["chosen_ids"], e["chosen_labels"], f"line {e['line']} chosen{cut}"))
+            console.print(panel(tok, e["rejected_ids"], e["rejected_labels"], f"line {e['line']} rejected{cut}",
+                                "bold white on red"))
+        else:
+            console.print(panel(tok, e["input_ids"], e["labels"], f"line {e['line']}{cut}"))
+    what = ("[green]green[/green]: chosen reply, [red]red[/red]: rejected reply (the tokens DPO scores)" if pairs
+            else f"[green]green[/green]: trained tokens (mask={data.mask})")
+    console.print(f"{what}; template: "
                   f"{tok.template_name}; stop tokens: "
                   f"{', '.join(tok.tokenizer.id_to_token(i) for i in sorted(tok.stop_ids))}")
     console.print(data.summary(), markup=False, highlight=False)
@@ -67,13 +82,19 @@ def show(data, tok, n: int):
 def inspect(args):
     from model import resolve_model_dir
     tok = load_tokenizer(resolve_model_dir(args.model), args.template)
-    data = tokenize_file(args.data, tok, args.max_seq_len, args.mask, use_cache=False)
+    pairs = is_preference_file(args.data)
+    if pairs:
+        data = tokenize_pairs(args.data, tok, args.max_seq_len)
+        keys = ("chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels")
+    else:
+        data = tokenize_file(args.data, tok, args.max_seq_len, args.mask, use_cache=False)
+        keys = ("input_ids", "labels")
     if args.json:
         for e in data.examples[:args.n]:
-            print(json.dumps({"input_ids": e["input_ids"], "labels": e["labels"]}))
+            print(json.dumps({k: e[k] for k in keys}))
         print(data.summary(), file=sys.stderr)
     else:
-        show(data, tok, 3 if args.n is None else args.n)
+        show(data, tok, 3 if args.n is None else args.n, pairs)
 
 
 def main(argv=None) -> int:

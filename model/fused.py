@@ -10,6 +10,7 @@ and a debugger hooks, every intermediate tensor.
     RMSNormFunction      RMSNorm with a four-pass backward                twin: llama.rms_norm
     RoPE / apply_rope    rotary embedding without a rotated copy of x     twin: llama.rope_rotate
     LinearCrossEntropy   lm_head and cross-entropy in chunks, no logits   twin: loss.reference_loss_sum
+    LinearTokenCrossEntropy   the same, per token (DPO's log-probs)       twin: loss.reference_sequence_logps
     varlen attention     packed rows without a mask (model/llama.py)      twin: SDPA with the mask
     shared_input         q/k/v (and gate/up) of one input together        twin: each layer on its own
 
@@ -124,6 +125,28 @@ def rotate(x, cos, sin_a, sin_b, sign: int):
 apply_rope = RoPE.apply
 
 
+def cross_entropy_chunks(hidden, weight, targets, rows: int, with_grad: bool):
+    """Yield (start, losses (n,), d loss_i / d z_i (n, vocab) or None) for each chunk of `rows`
+    rows of hidden (N, C) against weight (vocab, C) and targets (N,). The losses are in float32
+    (float64 for float64 inputs); the gradient, softmax(z) - onehot(y), in hidden's dtype (what
+    autograd's matmul would see), formed in place in the chunk's logits buffer."""
+    wide = torch.promote_types(hidden.dtype, torch.float32)  # the loss is taken in fp32 or wider
+    for start in range(0, hidden.shape[0], rows):
+        h, y = hidden[start:start + rows], targets[start:start + rows]  # (n, C), (n,)
+        logits = F.linear(h, weight).to(wide)  # (n, vocab)
+        target_logit = logits.gather(1, y[:, None]).squeeze(1)  # (n,)
+        # logsumexp, in place: z - max, exp, sum (the buffer ends up holding exp(z - max))
+        peak = logits.amax(dim=-1, keepdim=True)  # (n, 1)
+        sum_exp = logits.sub_(peak).exp_().sum(dim=-1, keepdim=True)  # (n, 1)
+        losses = peak.squeeze(1) + sum_exp.squeeze(1).log() - target_logit  # (n,): lse - z_y
+        grad = None
+        if with_grad:
+            grad = logits.div_(sum_exp)  # softmax(z), in place
+            grad[torch.arange(len(y), device=y.device), y] -= 1  # - onehot(y)
+            grad = grad.to(h.dtype)
+        yield start, losses, grad
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """sum_i cross_entropy(hidden_i @ weight^T, targets_i), with its gradients formed chunk by chunk."""
 
@@ -131,27 +154,16 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, rows: int):
         # hidden (N, C), weight (vocab, C), targets (N,) -> fp32 scalar (fp64 for fp64 inputs)
         need_h, need_w = ctx.needs_input_grad[:2]
-        wide = torch.promote_types(hidden.dtype, torch.float32)  # the loss is taken in fp32 or wider
+        wide = torch.promote_types(hidden.dtype, torch.float32)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=wide) if need_w else None
         total = hidden.new_zeros((), dtype=wide)
-        for start in range(0, hidden.shape[0], rows):
-            h, y = hidden[start:start + rows], targets[start:start + rows]  # (n, C), (n,)
-            logits = F.linear(h, weight).to(wide)  # (n, vocab)
-            target_logit = logits.gather(1, y[:, None]).squeeze(1)  # (n,)
-            # logsumexp, in place: z - max, exp, sum (the buffer ends up holding exp(z - max))
-            peak = logits.amax(dim=-1, keepdim=True)  # (n, 1)
-            sum_exp = logits.sub_(peak).exp_().sum(dim=-1, keepdim=True)  # (n, 1)
-            lse = peak.squeeze(1) + sum_exp.squeeze(1).log()  # (n,)
-            total += (lse - target_logit).sum()
-            if need_h or need_w:
-                grad = logits.div_(sum_exp)  # softmax(z), in place
-                grad[torch.arange(len(y), device=y.device), y] -= 1  # - onehot(y)
-                grad = grad.to(h.dtype)  # the dtype autograd's matmul would see
-                if need_h:
-                    grad_h[start:start + rows] = grad @ weight  # (n, C)
-                if need_w:
-                    grad_w += (grad.t() @ h).to(wide)  # (vocab, C)
+        for start, losses, grad in cross_entropy_chunks(hidden, weight, targets, rows, need_h or need_w):
+            total += losses.sum()
+            if need_h:
+                grad_h[start:start + rows] = grad @ weight  # (n, C)
+            if need_w:
+                grad_w += (grad.t() @ hidden[start:start + rows]).to(wide)  # (vocab, C)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return total
@@ -164,6 +176,35 @@ class LinearCrossEntropy(torch.autograd.Function):
         if grad_w is not None:
             grad_w = (grad_w * grad_total).to(ctx.weight_dtype)
         return grad_h, grad_w, None, None
+
+
+class LinearTokenCrossEntropy(torch.autograd.Function):
+    """[cross_entropy(hidden_i @ weight^T, targets_i) for each i] (N,), without the logits: the
+    per-token losses a sequence log-probability sums (DPO). As in LinearCrossEntropy each token's
+    d loss_i / d h_i = (softmax(z_i) - onehot(y_i)) W is formed in forward; backward scales row i
+    by the incoming g_i. The weight's gradient would need every chunk's logits again (it sums
+    g_i-weighted outer products), so weight must be frozen here: lm_head is, in LoRA training
+    (a LoRA on lm_head goes through its module: model.loss.head_is_plain)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, rows: int):
+        if ctx.needs_input_grad[1]:
+            raise ValueError("LinearTokenCrossEntropy needs a frozen weight (lm_head)")
+        wide = torch.promote_types(hidden.dtype, torch.float32)
+        need_h = ctx.needs_input_grad[0]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        out = hidden.new_empty(hidden.shape[0], dtype=wide)
+        for start, losses, grad in cross_entropy_chunks(hidden, weight, targets, rows, need_h):
+            out[start:start + rows] = losses
+            if need_h:
+                grad_h[start:start + rows] = grad @ weight  # (n, C)
+        ctx.save_for_backward(grad_h)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, = ctx.saved_tensors
+        return grad_h * grad_out.to(grad_h.dtype)[:, None], None, None, None
 
 
 def shared_input(x, *layers):

@@ -45,9 +45,19 @@ def lm_loss_sum(model, input_ids, labels, position_ids=None, document_ids=None, 
     # positions, where a boolean mask would need the device to say how many there are.
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, trained_index)  # (N, C)
     targets = labels.reshape(-1).index_select(0, trained_index + 1)  # (N,): the next tokens
+    if not head_is_plain(model):  # LoRA on lm_head: its module computes the logits
+        logits = model.lm_head(hidden)
+        return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets,
+                               reduction="sum"), targets.numel()
     weight = model.lm_head.weight  # (vocab, C)
     rows = max(1, fused.CHUNK_ELEMENTS // weight.shape[0])
     return fused.LinearCrossEntropy.apply(hidden, weight, targets, rows), targets.numel()
+
+
+def head_is_plain(model) -> bool:
+    """Whether lm_head is a plain nn.Linear (not wrapped by a LoRA layer), so that the fused losses
+    may read its weight directly."""
+    return type(model.lm_head) is nn.Linear
 
 
 def reference_loss_sum(logits, labels):
@@ -69,6 +79,8 @@ class LanguageModelLoss(nn.Module):
     names and state dict stay unchanged.
     """
 
+    STATS = ()  # no metrics beside the loss (dpo.PreferenceLoss has some)
+
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
@@ -76,3 +88,45 @@ class LanguageModelLoss(nn.Module):
     def forward(self, batch: dict):
         return lm_loss_sum(self.model, batch["input_ids"], batch["labels"], batch.get("position_ids"),
                            batch.get("document_ids"), batch.get("trained_index"), batch.get("documents"))
+
+
+# -----------------------------------------------------------------------------
+# sequence log-probabilities (DPO)
+
+def sequence_logps(model, input_ids, labels, trained_index=None, trained_rows=None):
+    """log p(reply | prompt) of each row (R,), fp32: the sum over the row's trained positions of
+    log softmax(z_t)[labels[t + 1]], the positions SFT's loss trains (labels not -100).
+
+    `trained_index` is trained_positions(labels) and `trained_rows` its row of each position
+    (trained_index // T), both found here when not given (the training loop finds them on the CPU).
+    """
+    hidden = model.hidden_states(input_ids)  # (R, T, C)
+    if not fused.enabled():
+        return reference_sequence_logps(model.lm_head(hidden), labels)
+    if trained_index is None:
+        trained_index = trained_positions(labels)
+    if trained_rows is None:
+        trained_rows = trained_index // labels.shape[1]
+    hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, trained_index)  # (N, C)
+    targets = labels.reshape(-1).index_select(0, trained_index + 1)  # (N,)
+    if head_is_plain(model) and not model.lm_head.weight.requires_grad:
+        weight = model.lm_head.weight
+        rows = max(1, fused.CHUNK_ELEMENTS // weight.shape[0])
+        token_loss = fused.LinearTokenCrossEntropy.apply(hidden, weight, targets, rows)  # (N,)
+    else:
+        logits = model.lm_head(hidden)
+        token_loss = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets,
+                                     reduction="none")
+    sums = token_loss.new_zeros(labels.shape[0]).index_add(0, trained_rows, token_loss)
+    return -sums
+
+
+def reference_sequence_logps(logits, labels):
+    """The textbook twin of sequence_logps' fast path: logits (R, T, vocab) at position t predict
+    labels[t + 1]; log_softmax over the vocabulary, the label's entry picked, summed over each row's
+    positions whose label is not -100. In float32 (or wider)."""
+    logp = torch.log_softmax(logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    targets = labels[:, 1:]  # (R, T - 1)
+    trained = targets != IGNORE_INDEX
+    picked = logp.gather(-1, torch.where(trained, targets, 0)[..., None]).squeeze(-1)  # (R, T - 1)
+    return torch.where(trained, picked, 0.0).sum(-1)

@@ -1,0 +1,122 @@
+"""DPO: preference tuning on train.py's loop, the base model as its own reference policy.
+
+Direct Preference Optimization (Rafailov et al. 2023, eq. 7) trains a policy pi on pairs of
+replies y_w (chosen) and y_l (rejected) to a prompt x, with no reward model and no sampling:
+
+    h    = (log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))
+    loss = -log sigmoid(beta * h)
+
+where log pi(y|x) is the sum over the reply's tokens of their log-probabilities (the tokens SFT
+would train; the prompt never counts) and beta sets how far pi may move from ref. The implicit
+rewards are r = beta * (log pi(y|x) - log ref(y|x)); "accuracy" is the share of pairs with
+r_w > r_l. Two variants, a line each:
+
+    cDPO  (label smoothing e, Mitchell 2023: a share e of labels assumed flipped)
+          loss = -(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h)
+    IPO   (Azar et al. 2023, eq. 17, beta as its tau; log-probs averaged over the reply's tokens,
+          as TRL computes it)
+          loss = (h - 1 / (2 beta))^2
+
+With LoRA the reference policy is free: it is the same model with its adapter off
+(lora.adapter_disabled), W0 x exactly, so no second model sits in memory. A step runs the
+reference forward (no gradient) and then the policy forward over the 2B rows of B pairs, chosen
+rows first (data/preference.py); with --dpo-precompute-ref the reference log-probs are computed once
+per pair before training and a step is one forward.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lora
+from model.loss import sequence_logps
+
+LOSS_TYPES = ("sigmoid", "ipo")
+# The sums over a batch's pairs that PreferenceLoss returns beside the loss; divided by the pairs
+# they are the step's (and the evaluation's) metrics.
+STAT_NAMES = ("rewards_chosen", "rewards_rejected", "reward_accuracy", "logps_chosen", "logps_rejected")
+
+
+def dpo_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float,
+               label_smoothing: float = 0.0, loss_type: str = "sigmoid"):
+    """(losses, chosen_rewards, rejected_rewards), each (B,): the formulas above, on sequence
+    log-probabilities (B,) each. The rewards are detached: metrics, not part of the loss."""
+    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)  # (B,)
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    return (losses, beta * (policy_chosen - ref_chosen).detach(), beta * (policy_rejected - ref_rejected).detach())
+
+
+class PreferenceLoss(nn.Module):
+    """The model with DPO's loss as forward: forward(batch) -> (sum of the pairs' losses, the
+    STAT_NAMES sums (5,)), batch being data.make_pair_batch's (2B rows; with train.py's to_device
+    extras: trained_index, trained_rows, reply_tokens; maybe ref_logps).
+
+    Like model.loss.LanguageModelLoss it holds no parameters of its own, so DDP can wrap it and
+    the model's names stay as they are; the caller divides the sum by the pairs of the whole step.
+    """
+
+    STATS = STAT_NAMES
+
+    def __init__(self, model: nn.Module, beta: float = 0.1, label_smoothing: float = 0.0,
+                 loss_type: str = "sigmoid"):
+        super().__init__()
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+        self.model, self.beta, self.label_smoothing, self.loss_type = model, beta, label_smoothing, loss_type
+
+    def logps(self, batch: dict) -> torch.Tensor:
+        """log pi(reply | prompt) of each row (2B,), float32; averaged per token for IPO."""
+        out = sequence_logps(self.model, batch["input_ids"], batch["labels"], batch.get("trained_index"),
+                             batch.get("trained_rows"))
+        if self.loss_type == "ipo":
+            out = out / batch["reply_tokens"].to(out.dtype)
+        return out
+
+    @torch.no_grad()
+    def reference_logps(self, batch: dict) -> torch.Tensor:
+        """log ref(reply | prompt) (2B,): the model with every LoRA layer off, in eval mode (no
+        NEFTune noise), with no gradient."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with lora.adapter_disabled(self.model):
+                return self.logps(batch)
+        finally:
+            self.model.train(was_training)
+
+    def forward(self, batch: dict):
+        pairs = batch["pairs"]
+        ref = batch.get("ref_logps")
+        ref = self.reference_logps(batch) if ref is None else ref.float()
+        policy = self.logps(batch)  # (2B,)
+        chosen_rows, rejected_rows = slice(0, pairs), slice(pairs, 2 * pairs)  # a batch of no pairs has 1 row
+        losses, chosen, rejected = dpo_losses(policy[chosen_rows], policy[rejected_rows], ref[chosen_rows],
+                                              ref[rejected_rows], self.beta, self.label_smoothing, self.loss_type)
+        stats = torch.stack([chosen.sum(), rejected.sum(), (chosen > rejected).float().sum(),
+                             policy[chosen_rows].detach().sum(), policy[rejected_rows].detach().sum()])
+        return losses.sum(), stats
+
+
+def derived_metrics(means: dict, prefix: str = "") -> dict:
+    """The reward margin, mean r_w - r_l, beside the STAT_NAMES means."""
+    return {**means, f"{prefix}reward_margin": means[f"{prefix}rewards_chosen"] - means[f"{prefix}rewards_rejected"]}
+
+
+@torch.no_grad()
+def precompute_reference(loss_fn: PreferenceLoss, examples: list[dict], make_batch, micro_batch_size: int,
+                         autocast, advance=lambda n: None):
+    """Set ref_chosen and ref_rejected (floats) on every example: its reference log-probs,
+    computed in micro-batches of pairs in file order (make_batch(examples, idx) -> batch on the
+    device). One host sync per micro-batch, before training starts; advance(n) after each."""
+    for start in range(0, len(examples), micro_batch_size):
+        idx = list(range(start, min(start + micro_batch_size, len(examples))))
+        with autocast:
+            ref = loss_fn.reference_logps(make_batch(examples, idx)).tolist()
+        for k, i in enumerate(idx):
+            examples[i]["ref_chosen"], examples[i]["ref_rejected"] = ref[k], ref[len(idx) + k]
+        advance(len(idx))
