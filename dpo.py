@@ -16,6 +16,10 @@ r_w > r_l. Two variants, a line each:
     IPO   (Azar et al. 2023, eq. 17, beta as its tau; log-probs averaged over the reply's tokens,
           as TRL computes it)
           loss = (h - 1 / (2 beta))^2
+    RPO   (Pang et al. 2024; TRL's rpo_alpha) adds alpha times the chosen reply's negative
+          log-likelihood per token, -log pi(y_w|x) / |y_w|, so that pushing y_l down cannot drag
+          y_w down with it (DPO alone lowers both when they share most tokens). Per pair, then
+          averaged over pairs like the rest of the loss (TRL averages over the batch's tokens).
 
 With LoRA the reference policy is free: it is the same model with its adapter off
 (lora.adapter_disabled), W0 x exactly, so no second model sits in memory. A step runs the
@@ -24,21 +28,28 @@ rows first (data/preference.py); with --dpo-precompute-ref the reference log-pro
 per pair before training and a step is one forward.
 """
 
+from pathlib import Path
+
+import safetensors.torch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import lora
+import parallel
+from model.errors import UserError
 from model.loss import sequence_logps
 
 LOSS_TYPES = ("sigmoid", "ipo")
+REFERENCE_FILE = "ref_logps.safetensors"  # --dpo-precompute-ref's numbers, in the run directory
 # The sums over a batch's pairs that PreferenceLoss returns beside the loss; divided by the pairs
 # they are the step's (and the evaluation's) metrics.
 STAT_NAMES = ("rewards_chosen", "rewards_rejected", "reward_accuracy", "logps_chosen", "logps_rejected")
 
 
 def dpo_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float,
-               label_smoothing: float = 0.0, loss_type: str = "sigmoid"):
+               label_smoothing: float = 0.0, loss_type: str = "sigmoid", rpo_alpha: float = 0.0,
+               chosen_tokens=None):
     """(losses, chosen_rewards, rejected_rewards), each (B,): the formulas above, on sequence
     log-probabilities (B,) each. The rewards are detached: metrics, not part of the loss."""
     h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)  # (B,)
@@ -48,6 +59,8 @@ def dpo_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: f
         losses = (h - 1 / (2 * beta)) ** 2
     else:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if rpo_alpha:
+        losses = losses - rpo_alpha * policy_chosen / chosen_tokens
     return (losses, beta * (policy_chosen - ref_chosen).detach(), beta * (policy_rejected - ref_rejected).detach())
 
 
@@ -63,11 +76,12 @@ class PreferenceLoss(nn.Module):
     STATS = STAT_NAMES
 
     def __init__(self, model: nn.Module, beta: float = 0.1, label_smoothing: float = 0.0,
-                 loss_type: str = "sigmoid"):
+                 loss_type: str = "sigmoid", rpo_alpha: float = 0.0):
         super().__init__()
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
         self.model, self.beta, self.label_smoothing, self.loss_type = model, beta, label_smoothing, loss_type
+        self.rpo_alpha = rpo_alpha
 
     def logps(self, batch: dict) -> torch.Tensor:
         """log pi(reply | prompt) of each row (2B,), float32; averaged per token for IPO."""
@@ -95,8 +109,11 @@ class PreferenceLoss(nn.Module):
         ref = self.reference_logps(batch) if ref is None else ref.float()
         policy = self.logps(batch)  # (2B,)
         chosen_rows, rejected_rows = slice(0, pairs), slice(pairs, 2 * pairs)  # a batch of no pairs has 1 row
+        # IPO's log-probs are already per token; RPO's NLL is per token in every variant
+        per_token = 1 if self.loss_type == "ipo" else batch["reply_tokens"][chosen_rows]
         losses, chosen, rejected = dpo_losses(policy[chosen_rows], policy[rejected_rows], ref[chosen_rows],
-                                              ref[rejected_rows], self.beta, self.label_smoothing, self.loss_type)
+                                              ref[rejected_rows], self.beta, self.label_smoothing, self.loss_type,
+                                              self.rpo_alpha, per_token)
         stats = torch.stack([chosen.sum(), rejected.sum(), (chosen > rejected).float().sum(),
                              policy[chosen_rows].detach().sum(), policy[rejected_rows].detach().sum()])
         return losses.sum(), stats
@@ -120,3 +137,31 @@ def precompute_reference(loss_fn: PreferenceLoss, examples: list[dict], make_bat
         for k, i in enumerate(idx):
             examples[i]["ref_chosen"], examples[i]["ref_rejected"] = ref[k], ref[len(idx) + k]
         advance(len(idx))
+
+
+def cached_reference(loss_fn: PreferenceLoss, train: list[dict], val: list[dict], path: Path, resuming: bool,
+                     make_batch, micro_batch_size: int, autocast, console):
+    """The reference log-probs of every pair (precompute_reference), with a progress bar, written
+    to `path` (float64, (pairs, 2) per split) by rank 0; a resumed run reads them back from there,
+    so it continues on the very numbers the run started with."""
+    if resuming and path.is_file():
+        saved = safetensors.torch.load_file(path)
+        if saved["train"].shape[0] != len(train) or saved["val"].shape[0] != len(val):
+            raise UserError(f"--resume: {path} holds {saved['train'].shape[0]} + {saved['val'].shape[0]} pairs, "
+                            f"the data {len(train)} + {len(val)}")
+        for examples, key in ((train, "train"), (val, "val")):
+            for e, (c, r) in zip(examples, saved[key].tolist()):
+                e["ref_chosen"], e["ref_rejected"] = c, r
+        return
+    from rich.progress import Progress
+    with Progress(console=console, transient=True, disable=not parallel.is_main()) as progress:
+        task = progress.add_task("reference log-probs", total=len(train) + len(val))
+        for examples in (train, val):
+            precompute_reference(loss_fn, examples, make_batch, micro_batch_size, autocast,
+                                 lambda n: progress.advance(task, n))
+    if parallel.is_main():
+        pairs = lambda ex: torch.tensor([[e["ref_chosen"], e["ref_rejected"]] for e in ex],
+                                        dtype=torch.float64).reshape(-1, 2)
+        tmp = path.with_name(path.name + ".tmp")
+        safetensors.torch.save_file({"train": pairs(train), "val": pairs(val)}, str(tmp))
+        tmp.replace(path)  # atomic: a kill mid-write leaves no half file for --resume to read

@@ -88,6 +88,8 @@ class TrainConfig:
     dpo_beta: float = flag(0.1, "DPO's beta: how far the policy may move from the reference (IPO: its tau)")
     dpo_loss: str = flag("sigmoid", "sigmoid (DPO, eq. 7) | ipo (Azar et al. 2023, on per-token mean log-probs)")
     dpo_label_smoothing: float = flag(0.0, "cDPO: the share of preference labels assumed flipped, in [0, 0.5)")
+    dpo_rpo_alpha: float = flag(0.0, "RPO (Pang et al. 2024, TRL's rpo_alpha): add alpha x the chosen reply's per-token "
+                                     "NLL, which keeps DPO from lowering the chosen reply with the rejected one")
     dpo_precompute_ref: bool = flag(False, "compute the reference log-probs once per pair before training "
                                            "(kept in --output-dir): a step is then one forward, not two")
     # hardware
@@ -209,7 +211,7 @@ RANGES = {
     "lora_dropout": "[0, 1)", "val_fraction": "[0, 1)", "loraplus_lr_ratio": "(0, inf)", "neftune_alpha": "[0, inf)",
     "parallel_timeout": "(0, inf)", "log_every": "[0, inf)", "eval_every": "[0, inf)", "save_every": "[0, inf)",
     "keep_checkpoints": "[0, inf)", "sample_tokens": "[0, inf)", "sweep_samples": "[0, inf)",
-    "dpo_beta": "(0, inf)", "dpo_label_smoothing": "[0, 0.5)",
+    "dpo_beta": "(0, inf)", "dpo_label_smoothing": "[0, 0.5)", "dpo_rpo_alpha": "[0, inf)",
 }
 
 

@@ -304,7 +304,7 @@ def build_model(cfg: TrainConfig, run: Run, lora_cfg: lora.LoRAConfig, resuming:
             layer.compile()
     model.train()
     if cfg.objective == "dpo":  # the reference policy: this model with its adapter off
-        loss_fn = dpo.PreferenceLoss(model, cfg.dpo_beta, cfg.dpo_label_smoothing, cfg.dpo_loss)
+        loss_fn = dpo.PreferenceLoss(model, cfg.dpo_beta, cfg.dpo_label_smoothing, cfg.dpo_loss, cfg.dpo_rpo_alpha)
     else:
         loss_fn = LanguageModelLoss(model)
     train_loss_fn = parallel.wrap(loss_fn, cfg.parallel, run.device) if parallel.launched_by_torchrun() else loss_fn
@@ -315,31 +315,11 @@ def build_model(cfg: TrainConfig, run: Run, lora_cfg: lora.LoRAConfig, resuming:
 
 
 def reference_logps(loss_fn: dpo.PreferenceLoss, ds: TrainData, cfg: TrainConfig, run: Run, resuming: bool):
-    """--dpo-precompute-ref: every pair's reference log-probs, computed once before the first step
-    (a step then runs one forward, not two) and kept in the run directory, so a resumed run reads
-    the very numbers the run started with."""
-    import safetensors.torch
-    path = run.out / "ref_logps.safetensors"
-    if resuming and path.is_file():
-        saved = safetensors.torch.load_file(path)
-        if saved["train"].shape[0] != len(ds.train) or saved["val"].shape[0] != len(ds.val):
-            raise TrainError(f"--resume: {path} holds {saved['train'].shape[0]} + {saved['val'].shape[0]} pairs, "
-                             f"the data {len(ds.train)} + {len(ds.val)}")
-        for examples, key in ((ds.train, "train"), (ds.val, "val")):
-            for e, (c, r) in zip(examples, saved[key].tolist()):
-                e["ref_chosen"], e["ref_rejected"] = c, r
-    else:
-        from rich.progress import Progress
-        with Progress(console=run.console, transient=True, disable=not parallel.is_main()) as progress:
-            task = progress.add_task("reference log-probs", total=len(ds.train) + len(ds.val))
-            for examples in (ds.train, ds.val):
-                dpo.precompute_reference(loss_fn, examples, lambda ex, idx: ds.batch(idx, ex), cfg.micro_batch_size,
-                                         run.autocast, lambda n: progress.advance(task, n))
-        if parallel.is_main():
-            pairs = lambda ex: torch.tensor([[e["ref_chosen"], e["ref_rejected"]] for e in ex],
-                                            dtype=torch.float64).reshape(-1, 2)
-            safetensors.torch.save_file({"train": pairs(ds.train), "val": pairs(ds.val)}, str(path))
-    ds.make_val_batches(cfg.micro_batch_size)
+    """--dpo-precompute-ref: every pair's reference log-probs, once, before the first step (a step
+    then runs one forward, not two), kept in the run directory for --resume (dpo.cached_reference)."""
+    dpo.cached_reference(loss_fn, ds.train, ds.val, run.out / dpo.REFERENCE_FILE, resuming,
+                         lambda examples, idx: ds.batch(idx, examples), cfg.micro_batch_size, run.autocast, run.console)
+    ds.make_val_batches(cfg.micro_batch_size)  # now with the reference log-probs
 
 
 def build_optimizer(cfg: TrainConfig, model, run: Run):

@@ -14,12 +14,12 @@
 
 import contextlib
 import json
+import math
 import re
 from dataclasses import replace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import data
 import dpo
@@ -188,14 +188,15 @@ def hf_logps(model, batch):
     return (picked * mask).sum(-1), mask.sum(-1)
 
 
-def reference_dpo(pc, pr, rc, rr, beta, smoothing, loss_type):
-    """The papers' formulas, float64: DPO eq. 7 (cDPO with label smoothing), IPO eq. 17."""
+def reference_dpo(pc, pr, rc, rr, beta, smoothing, loss_type, rpo=0.0, chosen_nll_per_token=None):
+    """The papers' formulas, float64: DPO eq. 7 (cDPO with label smoothing), IPO eq. 17, and
+    RPO's added NLL of the chosen reply per token."""
     h = (pc - rc) - (pr - rr)
     if loss_type == "ipo":
         losses = (h - 1 / (2 * beta)) ** 2
     else:
         losses = -(1 - smoothing) * torch.log(torch.sigmoid(beta * h)) - smoothing * torch.log(torch.sigmoid(-beta * h))
-    return losses, beta * (pc - rc), beta * (pr - rr)
+    return losses + rpo * chosen_nll_per_token, beta * (pc - rc), beta * (pr - rr)
 
 
 @pytest.fixture(scope="module")
@@ -204,10 +205,11 @@ def pair_batch(tiny_chat_dir, pairs_file):
     return to_device(data.make_pair_batch(ds.examples, [0, 1, 2], tokenizer(tiny_chat_dir).pad_id), "cpu")
 
 
-@pytest.mark.parametrize("loss_type, smoothing", [("sigmoid", 0.0), ("sigmoid", 0.2), ("ipo", 0.0)])
+@pytest.mark.parametrize("loss_type, smoothing, rpo", [("sigmoid", 0.0, 0.0), ("sigmoid", 0.2, 0.0),
+                                                     ("ipo", 0.0, 0.0), ("sigmoid", 0.0, 0.7), ("ipo", 0.0, 0.7)])
 @pytest.mark.parametrize("path", ["fast", "reference"])
 def test_loss_rewards_and_grads_equal_the_formula_on_peft(tiny_chat_dir, pair_batch, monkeypatch, loss_type,
-                                                          smoothing, path):
+                                                          smoothing, rpo, path):
     """Float64 throughout: ours (PreferenceLoss on our Llama with LoRA) against the formula on
     transformers + peft log-probs with the same A and B, the reference from peft's
     disable_adapter(). Both compute the same float64 numbers in other orders (~1e-13 apart);
@@ -221,7 +223,7 @@ def test_loss_rewards_and_grads_equal_the_formula_on_peft(tiny_chat_dir, pair_ba
     ours.double().eval()
     twin = peft_twin(tiny_chat_dir, ours, TARGETS, rslora=False).double()
 
-    loss_fn = dpo.PreferenceLoss(ours, beta, smoothing, loss_type)
+    loss_fn = dpo.PreferenceLoss(ours, beta, smoothing, loss_type, rpo)
     with reference_path(path == "reference"):
         loss_sum, stats = loss_fn(pair_batch)
     loss_sum.backward()
@@ -229,12 +231,15 @@ def test_loss_rewards_and_grads_equal_the_formula_on_peft(tiny_chat_dir, pair_ba
     policy, counts = hf_logps(twin, pair_batch)
     with torch.no_grad(), twin.disable_adapter():
         ref, _ = hf_logps(twin, pair_batch)
+    nll = -policy[:3] / counts[:3]
     if loss_type == "ipo":
         policy, ref = policy / counts, ref / counts
-    losses, chosen, rejected = reference_dpo(policy[:3], policy[3:], ref[:3], ref[3:], beta, smoothing, loss_type)
+    losses, chosen, rejected = reference_dpo(policy[:3], policy[3:], ref[:3], ref[3:], beta, smoothing, loss_type,
+                                             rpo, nll)
     losses.sum().backward()
 
-    assert abs(losses.sum().item() - 0.693 * 3) > 0.01  # the policy is off the reference: a real test
+    if not rpo:
+        assert abs(losses.sum().item() - 0.693 * 3) > 0.01  # the policy is off the reference: a real test
     assert loss_sum.item() == pytest.approx(losses.sum().item(), rel=1e-5)
     expected = torch.stack([chosen.sum(), rejected.sum(), (chosen > rejected).double().sum(),
                             policy[:3].sum(), policy[3:].sum()])
@@ -463,3 +468,66 @@ def test_sweeps_vary_dpo_settings():
     assert len(sweep.settings(cfg)) == 4 and {"dpo_beta": 0.5, "dpo_loss": "ipo"} in sweep.settings(cfg)
     with pytest.raises(settings.TrainError, match="IPO has none"):
         settings.parse_config(["--objective", "dpo", "--dpo-label-smoothing", "0.1", "--sweep", "dpo_loss=sigmoid,ipo"])
+
+
+@pytest.mark.parametrize("precision, precompute", [("fp32", False), ("bf16", True)])
+def test_one_host_sync_per_step(tiny_chat_dir, pair_data, tmp_path, monkeypatch, precision, precompute):
+    """A DPO step, its reference forward included, waits for the device once, as an SFT step
+    does (test_train.test_one_host_sync_per_optimizer_step, whose counter this is); under bf16
+    autocast too."""
+    import train as train_module
+    from test_train import DeviceSyncs
+    counter = DeviceSyncs()
+    real_to_device, real_tolist = train_module.to_device, torch.Tensor.tolist
+
+    def to_device(*a, **kw):
+        counter.paused = True
+        try:
+            return real_to_device(*a, **kw)
+        finally:
+            counter.paused = False
+
+    def tolist(t):
+        counter.count += not counter.paused
+        return real_tolist(t)
+    monkeypatch.setattr(train_module, "to_device", to_device)
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    counts = {}
+    for steps in (2, 5):
+        counter.count = 0
+        with counter:
+            train(dpo_config(tiny_chat_dir, pair_data, tmp_path / f"run{steps}", max_steps=steps, grad_accum=2,
+                             micro_batch_size=2, precision=precision, dpo_precompute_ref=precompute))
+        counts[steps] = counter.count
+    assert (counts[5] - counts[2]) / 3 == 1, counts
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs_learn_the_preference(tiny_chat_dir, pair_data, tmp_path, precision):
+    """bf16 autocast, and fp16 with the loss scaler, on the CPU: finite losses that fall from
+    ln 2 and a reward accuracy that rises; the LoRA weights stay float32."""
+    out = tmp_path / precision
+    summary = train(dpo_config(tiny_chat_dir, pair_data, out, max_steps=6, precision=precision))
+    rows = [m for m in metrics(out) if "loss" in m]
+    assert all(math.isfinite(m["loss"]) for m in rows) and rows[-1]["loss"] < rows[0]["loss"]
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-3) and rows[-1]["reward_accuracy"] > 0.5
+    assert all(t.dtype == torch.float32 for t in adapter(out).values())
+    assert summary["steps"] == 6
+
+
+def test_csv_pairs(tiny_chat_dir, tmp_path):
+    """A .csv of prompt, chosen, rejected columns: the standard format, as in .jsonl."""
+    import csv
+    path = tmp_path / "pairs.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["prompt", "chosen", "rejected"])
+        writer.writeheader()
+        writer.writerow(PAIRS[0])
+        writer.writerow({"prompt": "Say, hello", "chosen": "Ahoy!\nHello.", "rejected": "hello"})
+    tok = tokenizer(tiny_chat_dir)
+    from_csv = data.tokenize_pairs(path, tok, 512).examples
+    from_jsonl = data.tokenize_pairs(write_jsonl(tmp_path / "pairs.jsonl", [
+        PAIRS[0], {"prompt": "Say, hello", "chosen": "Ahoy!\nHello.", "rejected": "hello"}]), tok, 512).examples
+    assert [e["line"] for e in from_csv] == [2, 3]
+    assert [{k: v for k, v in e.items() if k != "line"} for e in from_csv] == \
+        [{k: v for k, v in e.items() if k != "line"} for e in from_jsonl]
