@@ -252,6 +252,12 @@ def load_conversations(path: str | Path) -> list[list[dict]]:
 
 def load_conversations_with_lines(path: str | Path) -> list[tuple[int, list[dict]]]:
     """(line number, messages) for every record, in file order."""
+    return convert_records(path, to_messages)
+
+
+def convert_records(path: str | Path, convert) -> list[tuple[int, object]]:
+    """(line number, convert(record)) for every record of the file, in file order; a RecordError
+    from convert becomes a DataError naming the file and the record's line."""
     path = Path(path)
     records = read_records(path)
     if not records:
@@ -259,7 +265,7 @@ def load_conversations_with_lines(path: str | Path) -> list[tuple[int, list[dict
     out = []
     for line, record in records:
         try:
-            out.append((line, to_messages(record)))
+            out.append((line, convert(record)))
         except RecordError as e:
             raise DataError(f"{path}:{line}: {e}") from None
     return out

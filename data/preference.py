@@ -30,7 +30,7 @@ import torch
 
 from .batching import collate
 from .dataset import trained_count
-from .formats import DataError, RecordError, read_records
+from .formats import DataError, RecordError, convert_records, read_records
 from .masking import mask_labels, reply_spans
 
 FIELDS = ("prompt", "chosen", "rejected")
@@ -109,17 +109,7 @@ def to_pair(record) -> tuple[list[dict], list[dict], list[dict]]:
 
 def load_pairs(path: str | Path) -> list[tuple[int, tuple]]:
     """(line, (prompt, chosen, rejected)) for every record of a preference file."""
-    path = Path(path)
-    records = read_records(path)
-    if not records:
-        raise DataError(f"{path}: no records")
-    out = []
-    for line, record in records:
-        try:
-            out.append((line, to_pair(record)))
-        except RecordError as e:
-            raise DataError(f"{path}:{line}: {e}") from None
-    return out
+    return convert_records(path, to_pair)
 
 
 def reply_labels(tok, prompt: list[dict], reply: list[dict]) -> tuple[str, list]:

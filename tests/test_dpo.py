@@ -475,31 +475,11 @@ def test_one_host_sync_per_step(tiny_chat_dir, pair_data, tmp_path, monkeypatch,
     """A DPO step, its reference forward included, waits for the device once, as an SFT step
     does (test_train.test_one_host_sync_per_optimizer_step, whose counter this is); under bf16
     autocast too."""
-    import train as train_module
-    from test_train import DeviceSyncs
-    counter = DeviceSyncs()
-    real_to_device, real_tolist = train_module.to_device, torch.Tensor.tolist
-
-    def to_device(*a, **kw):
-        counter.paused = True
-        try:
-            return real_to_device(*a, **kw)
-        finally:
-            counter.paused = False
-
-    def tolist(t):
-        counter.count += not counter.paused
-        return real_tolist(t)
-    monkeypatch.setattr(train_module, "to_device", to_device)
-    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
-    counts = {}
-    for steps in (2, 5):
-        counter.count = 0
-        with counter:
-            train(dpo_config(tiny_chat_dir, pair_data, tmp_path / f"run{steps}", max_steps=steps, grad_accum=2,
-                             micro_batch_size=2, precision=precision, dpo_precompute_ref=precompute))
-        counts[steps] = counter.count
-    assert (counts[5] - counts[2]) / 3 == 1, counts
+    from test_train import syncs_per_step
+    run = lambda steps: train(dpo_config(tiny_chat_dir, pair_data, tmp_path / f"run{steps}", max_steps=steps,
+                                         grad_accum=2, micro_batch_size=2, precision=precision,
+                                         dpo_precompute_ref=precompute))
+    assert syncs_per_step(monkeypatch, run) == 1
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

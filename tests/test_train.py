@@ -260,8 +260,9 @@ class DeviceSyncs(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_one_host_sync_per_optimizer_step(tiny_chat_dir, chat_data, tmp_path, monkeypatch, precision):
+def syncs_per_step(monkeypatch, run) -> float:
+    """Host syncs per optimizer step of run(steps, out) (a training run), counted by DeviceSyncs
+    as the difference between a 5-step and a 2-step run: what the steps themselves cost."""
     counter = DeviceSyncs()
     real_to_device, real_tolist = train_module.to_device, torch.Tensor.tolist
 
@@ -278,13 +279,19 @@ def test_one_host_sync_per_optimizer_step(tiny_chat_dir, chat_data, tmp_path, mo
     monkeypatch.setattr(train_module, "to_device", to_device)
     monkeypatch.setattr(torch.Tensor, "tolist", tolist)
     counts = {}
-    for steps in (2, 5):  # the difference is what the steps themselves cost
+    for steps in (2, 5):
         counter.count = 0
         with counter:
-            train(config(tiny_chat_dir, chat_data, tmp_path / f"run{steps}", max_steps=steps, grad_accum=2,
-                         micro_batch_size=2, precision=precision))
+            run(steps)
         counts[steps] = counter.count
-    assert (counts[5] - counts[2]) / 3 == 1, counts
+    return (counts[5] - counts[2]) / 3
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_one_host_sync_per_optimizer_step(tiny_chat_dir, chat_data, tmp_path, monkeypatch, precision):
+    run = lambda steps: train(config(tiny_chat_dir, chat_data, tmp_path / f"run{steps}", max_steps=steps,
+                                     grad_accum=2, micro_batch_size=2, precision=precision))
+    assert syncs_per_step(monkeypatch, run) == 1
 
 
 def test_qlora_trains_on_cpu(tiny_chat_dir, chat_data, tmp_path):
