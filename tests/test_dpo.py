@@ -205,9 +205,9 @@ def pair_batch(tiny_chat_dir, pairs_file):
     return to_device(data.make_pair_batch(ds.examples, [0, 1, 2], tokenizer(tiny_chat_dir).pad_id), "cpu")
 
 
-@pytest.mark.parametrize("loss_type, smoothing, rpo", [("sigmoid", 0.0, 0.0), ("sigmoid", 0.2, 0.0),
-                                                     ("ipo", 0.0, 0.0), ("sigmoid", 0.0, 0.7), ("ipo", 0.0, 0.7)])
-@pytest.mark.parametrize("path", ["fast", "reference"])
+@pytest.mark.parametrize("loss_type, smoothing, rpo, path", [
+    ("sigmoid", 0.0, 0.0, "fast"), ("sigmoid", 0.2, 0.0, "fast"), ("ipo", 0.0, 0.0, "fast"), ("sigmoid", 0.0, 0.7, "fast"),
+    ("ipo", 0.0, 0.7, "fast"), ("sigmoid", 0.2, 0.7, "reference"), ("ipo", 0.0, 0.0, "reference")])
 def test_loss_rewards_and_grads_equal_the_formula_on_peft(tiny_chat_dir, pair_batch, monkeypatch, loss_type,
                                                           smoothing, rpo, path):
     """Float64 throughout: ours (PreferenceLoss on our Llama with LoRA) against the formula on
@@ -470,7 +470,7 @@ def test_sweeps_vary_dpo_settings():
         settings.parse_config(["--objective", "dpo", "--dpo-label-smoothing", "0.1", "--sweep", "dpo_loss=sigmoid,ipo"])
 
 
-@pytest.mark.parametrize("precision, precompute", [("fp32", False), ("bf16", True)])
+@pytest.mark.parametrize("precision, precompute", [("bf16", True)])
 def test_one_host_sync_per_step(tiny_chat_dir, pair_data, tmp_path, monkeypatch, precision, precompute):
     """A DPO step, its reference forward included, waits for the device once, as an SFT step
     does (test_train.test_one_host_sync_per_optimizer_step, whose counter this is); under bf16
@@ -482,7 +482,7 @@ def test_one_host_sync_per_step(tiny_chat_dir, pair_data, tmp_path, monkeypatch,
     assert syncs_per_step(monkeypatch, run) == 1
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("precision", ["fp16"])  # bf16: test_one_host_sync_per_step runs it
 def test_mixed_precision_runs_learn_the_preference(tiny_chat_dir, pair_data, tmp_path, precision):
     """bf16 autocast, and fp16 with the loss scaler, on the CPU: finite losses that fall from
     ln 2 and a reward accuracy that rises; the LoRA weights stay float32."""
