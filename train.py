@@ -373,7 +373,7 @@ class Step:
     loss: float  # sum of token losses / trained tokens, over the whole step and all ranks
     grad_norm: float  # the global norm of the LoRA gradients, before clipping
     tokens: int  # tokens in the step (padding excluded), all ranks
-    trained_tokens: int  # of which trained (the loss's denominator)
+    trained_tokens: int  # of which trained (SFT: the loss's denominator; DPO: the replies' tokens, over pairs)
     loss_scale: float | None  # fp16: the scale GradScaler used this step
     skipped: bool  # fp16: GradScaler skipped the update, a gradient having overflowed
     stats: dict  # DPO: rewards, reward accuracy and margin, log-probs (means over the step's pairs)
