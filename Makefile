@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 
-.PHONY: demo test venv lock test-latest clean
+.PHONY: demo test venv lock test-latest test-llama-cpp clean
 
 venv: $(STAMP)
 
@@ -39,5 +39,25 @@ lock:
 test-latest:
 	PYTHON=$(PYTHON) .ci/test-latest
 
+# Not CI: GGUF exports checked in real llama.cpp (tests/test_llama_cpp.py, skipped elsewhere), in
+# their own venv: the lock, then llama-cpp-python built from source with the tools pinned in
+# requirements-llama.lock (the build takes ~12 min on 2 cores, once).
+LLAMA_VENV := .venv-llama
+LLAMA_STAMP := $(LLAMA_VENV)/.installed
+$(LLAMA_STAMP): pyproject.toml $(LOCK) requirements-llama.lock
+	rm -rf $(LLAMA_VENV)
+	$(PYTHON) -m venv $(LLAMA_VENV)
+	$(LLAMA_VENV)/bin/python -m pip install -q $$(grep '^pip==' $(LOCK))
+	$(LLAMA_VENV)/bin/python -m pip install -q --no-deps -r $(LOCK)
+	$(LLAMA_VENV)/bin/python -m pip install -q --no-deps $$(grep -v -e '^#' -e '^llama-cpp-python' requirements-llama.lock)
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(LLAMA_VENV)/bin/python -m pip install --no-deps \
+	    --no-build-isolation --no-binary llama-cpp-python $$(grep '^llama-cpp-python==' requirements-llama.lock)
+	$(LLAMA_VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(LLAMA_VENV)/bin/python -m pip check
+	touch $(LLAMA_STAMP)
+
+test-llama-cpp: $(LLAMA_STAMP)
+	$(LLAMA_VENV)/bin/python -m pytest -v -s tests/test_llama_cpp.py
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(LLAMA_VENV) .pytest_cache

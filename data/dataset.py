@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from .formats import DataError, load_conversations_with_lines, RecordError
 from .masking import IGNORE_INDEX, tokenize_conversations
+from .templates import ChatTemplateError
 
 CACHE_VERSION = "1"  # bump when tokenization changes, to invalidate old caches
 
@@ -106,7 +107,7 @@ def _tokenize(path: Path, tok, max_seq_len: int, mask: str) -> TokenizedData:
         encoded = tokenize_conversations(tok, [messages for _, messages in records], mask)
     except RecordError as e:
         raise DataError(f"{path}:{records[e.index][0]}: {e}") from None
-    except DataError as e:
+    except (DataError, ChatTemplateError) as e:
         raise DataError(f"{path}: {e}") from None
     examples, n_truncated, n_dropped, n_unterminated = [], 0, 0, 0
     for (line, _), (ids, labels, unterminated) in zip(records, encoded):

@@ -101,7 +101,7 @@ def test_the_graph_sees_imports():
     assert "lora.fused" in edges["lora.layer"] and "model.fused" in edges["lora.layer"]
     assert {"model", "lora", "data", "settings"} <= edges["train"]
     assert "model.gguf" in edges["model.load"]  # a function-level import counts
-    assert "safetensors" in outside["model.files"] and "jinja2" in outside["data.templates"]
+    assert "safetensors" in outside["model.files"] and "jinja2" in outside["model.chat_template"]
     assert sys.modules  # (conftest put ROOT on sys.path)
 
 
