@@ -2,7 +2,14 @@
 its magnitude, m * W' / ||W'||_row), one shard at a time.
 
     python merge.py --base MODEL --adapter ADAPTER_DIR --output OUT_DIR [--dtype bf16|fp16|fp32]
-                    [--gguf OUT.gguf [--gguf-type f16|bf16|q8_0]]
+                    [--gguf OUT.gguf [--gguf-type f32|f16|bf16|q8_0|q5_1|q5_0|q4_1|q4_0]]
+    python merge.py --base MODEL --adapter ADAPTER_DIR --adapter-gguf OUT.gguf [--base-gguf BASE.gguf]
+
+--gguf also writes OUT.Modelfile for Ollama (`ollama create NAME -f OUT.Modelfile`), whose TEMPLATE
+and SYSTEM prompt the model exactly as its chat template does (model/ollama.py). --adapter-gguf
+merges nothing: it writes the adapter alone as llama.cpp's LoRA GGUF (lora/gguf.py; llama.cpp
+`--lora`, Ollama `ADAPTER`) with a Modelfile over --base-gguf (the base exported once, with
+`python -m model.gguf export`), so one base file serves many fine-tunes.
 
 OUT_DIR is a plain Hugging Face model directory (sharded safetensors, config, tokenizer, chat
 template) that loads in transformers, in `model.load.load_model`, and in anything else.
@@ -33,13 +40,16 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 import lora
-from lora.adapter import PEFT_PREFIX, QUANT_KEY, WEIGHTS_FILE
+from lora.adapter import QUANT_KEY
 from model.config import LlamaConfig
 from model.errors import UserError, one_line, run_command
 from model.llama import Llama
 from model.runtime import DTYPES, peak_memory_gib
 from model.files import PICKLE_SUFFIXES, check_keys, expected_shapes, read_safetensors, safetensors_files
+from lora.gguf import ADAPTER_TYPES, adapter_pairs, export_adapter_gguf
+from model.gguf import OUT_TYPES, GGUFError, describe_modelfile, export_gguf
 from model.load import load_model, resolve_model_dir
+from model.ollama import modelfile_path
 
 INDEX_FILE = "model.safetensors.index.json"
 NOT_COPIED = (".safetensors", ".gguf") + PICKLE_SUFFIXES  # weights are written, never copied
@@ -67,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--base", required=True, help="base model directory (or hub id), safetensors")
     p.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json + "
                    "adapter_model.safetensors), ours or peft's")
-    p.add_argument("--output", required=True, help="new directory for the merged model")
+    p.add_argument("--output", help="new directory for the merged model (required unless --adapter-gguf)")
     p.add_argument("--dtype", choices=DTYPES, help="dtype of the merged weights "
                    "(default: each tensor keeps the base checkpoint's dtype)")
     p.add_argument("--max-shard-size", type=parse_size, default="2GB",
@@ -76,9 +86,23 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="compare merged and base+adapter logits on a probe input (default: on "
                    f"for models under {CHECK_MAX_PARAMS / 1e9:g}B parameters; it loads the model in fp32)")
     p.add_argument("--gguf", type=Path, help="also export the merged model to this GGUF file")
-    p.add_argument("--gguf-type", choices=["f16", "bf16", "q8_0"], default="f16",
-                   help="GGUF tensor type (default f16)")
-    return p.parse_args(argv)
+    p.add_argument("--gguf-type", choices=list(OUT_TYPES), default="f16",
+                   help="GGUF tensor type (default f16; f32 is exact; q4_0..q5_1 are llama.cpp's block "
+                   "quantizations; for k-quants, run llama-quantize on an f16 file)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --gguf or --adapter-gguf "
+                   "file and its Modelfile (never --output)")
+    p.add_argument("--adapter-gguf", type=Path, help="write the adapter alone as a llama.cpp LoRA GGUF "
+                   "(and its Modelfile), instead of merging")
+    p.add_argument("--adapter-gguf-type", choices=list(ADAPTER_TYPES), default="f32",
+                   help="tensor type of --adapter-gguf (default f32)")
+    p.add_argument("--base-gguf", type=Path, help="the base model's GGUF, for the adapter's Modelfile "
+                   "FROM line (default: BASE.gguf beside --adapter-gguf)")
+    args = p.parse_args(argv)
+    if args.output is None and args.gguf is not None:
+        p.error("--gguf exports the merged model: it needs --output")
+    if args.output is None and args.adapter_gguf is None:
+        p.error("--output is required (or --adapter-gguf, to export the adapter alone)")
+    return args
 
 
 # ----------------------------------------------------------------------------- validate
@@ -92,43 +116,30 @@ def plan_merge(args) -> dict:
     with torch.device("meta"):  # shapes only, no memory
         model = Llama(config)
     key_file = check_keys(files, expected_shapes(model))  # the base must be loadable as it is
-    lora_cfg = lora.read_adapter_config(args.adapter)
-    tensors, metadata = lora.read_adapter_tensors(args.adapter)
-    try:
-        lora.inject_lora(model, lora_cfg)  # on the meta model: which modules, which shapes
-    except lora.LoRAError as e:
-        raise lora.LoRAError(f"{args.adapter}: does not fit the base {base_dir}: {e}") from None
-    lora.check_adapter_tensors(model, tensors, Path(args.adapter) / WEIGHTS_FILE)
-    check_finite(tensors, Path(args.adapter) / WEIGHTS_FILE)
-    pairs = {f"{name}.weight": (tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"],  # (r, in)
-                                tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"],  # (out, r)
-                                tensors.get(f"{PEFT_PREFIX}{name}.lora_magnitude_vector"))  # DoRA: (out,)
-             for name in lora.lora_modules(model)}
+    lora_cfg, modules, metadata = adapter_pairs(args.adapter, config, base_dir)  # checked: keys, shapes, finite
+    pairs = {f"{name}.weight": pair for name, pair in modules.items()}  # A (r, in), B (out, r), DoRA (out,)
     n_params = sum(p.numel() for n, p in model.named_parameters() if ".lora_" not in n)
     return dict(base_dir=base_dir, key_file=key_file, config=config, lora_cfg=lora_cfg, pairs=pairs,
                 quantized=metadata.get(QUANT_KEY), n_params=n_params)
 
 
-def check_finite(tensors: dict[str, torch.Tensor], source: Path):
-    """A NaN or inf in A or B would spread through W + s * B @ A into every output of the layer."""
-    for key, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise MergeError(f"{source}: tensor {key} holds NaN or inf ({(~torch.isfinite(t)).sum()} of "
-                             f"{t.numel()} values; a diverged run?); refusing to merge it")
-
-
 def check_destinations(args):
-    out = Path(args.output)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise MergeError(f"--output {out}: already exists and is not an empty directory")
-    if args.gguf is not None:
-        if args.gguf.is_dir() or args.gguf.suffix != ".gguf":
-            raise MergeError(f"--gguf {args.gguf}: expected a file name ending in .gguf")
-        if args.gguf.exists():
-            raise MergeError(f"--gguf {args.gguf}: already exists")
-        modelfile = args.gguf.with_name("Modelfile")  # written beside the GGUF (model/gguf.py)
-        if modelfile.exists():
-            raise MergeError(f"--gguf {args.gguf}: {modelfile} already exists (it would be replaced)")
+    if args.output is not None:
+        out = Path(args.output)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise MergeError(f"--output {out}: already exists and is not an empty directory")
+    for flag in ("gguf", "adapter_gguf"):
+        path = getattr(args, flag)
+        name = "--" + flag.replace("_", "-")
+        if path is None:
+            continue
+        if path.is_dir() or path.suffix != ".gguf":
+            raise MergeError(f"{name} {path}: expected a file name ending in .gguf")
+        for p in (path, modelfile_path(path)):  # the Modelfile is written beside the GGUF
+            if p.exists() and not args.overwrite:
+                raise MergeError(f"{name} {path}: {p} already exists (pass --overwrite to replace it)")
+    if args.gguf is not None and args.gguf == args.adapter_gguf:
+        raise MergeError(f"--gguf and --adapter-gguf are the same file {args.gguf}")
 
 
 # ----------------------------------------------------------------------------- merge
@@ -222,6 +233,10 @@ def probe_check(plan: dict, adapter_dir, merged_dir: Path, dtype: torch.dtype | 
 def merge(args):
     check_destinations(args)
     plan = plan_merge(args)
+    if args.adapter_gguf is not None:
+        write_adapter_gguf(plan, args)
+    if args.output is None:
+        return
     cfg, out = plan["lora_cfg"], Path(args.output)
     print(f"adapter: {len(plan['pairs'])} modules, r={cfg.r}, alpha={cfg.alpha:g}, "
           f"scaling={cfg.scaling:g}{' (rsLoRA)' if cfg.rslora else ''}{' (DoRA)' if cfg.dora else ''}")
@@ -259,18 +274,30 @@ def merge(args):
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"merged model: {out}")
     if args.gguf is not None:
-        write_gguf(out, args.gguf, args.gguf_type)
+        write_gguf(out, args.gguf, args.gguf_type, args.overwrite)
     print(f"peak memory (max RSS): {peak_memory_gib() * 1024:.0f} MiB")
 
 
-def write_gguf(out: Path, gguf_path: Path, gguf_type: str):
-    """The merged model as a llama.cpp / Ollama GGUF (model/gguf.py), with a Modelfile beside it."""
-    from model.gguf import GGUFError, export_gguf
+def write_gguf(out: Path, gguf_path: Path, gguf_type: str, overwrite: bool):
+    """The merged model as a llama.cpp / Ollama GGUF (model/gguf.py), with its Modelfile beside it."""
     try:
-        export_gguf(out, gguf_path, gguf_type)
+        chat = export_gguf(out, gguf_path, gguf_type, overwrite=overwrite)
     except GGUFError as e:
         raise MergeError(f"--gguf {gguf_path}: {e} (the merged model is complete in {out})") from None
-    print(f"gguf: {gguf_path} ({gguf_type}) and {gguf_path.with_name('Modelfile')}")
+    print(f"gguf: {gguf_path} ({gguf_type})")
+    print(describe_modelfile(gguf_path, chat))
+
+
+def write_adapter_gguf(plan: dict, args):
+    """The adapter alone as llama.cpp's LoRA GGUF, with a Modelfile (FROM the base's GGUF, ADAPTER)."""
+    base_gguf = args.base_gguf or args.adapter_gguf.with_name(plan["base_dir"].resolve().name + ".gguf")
+    try:
+        chat = export_adapter_gguf(args.adapter, plan["base_dir"], args.adapter_gguf, base_gguf,
+                                   args.adapter_gguf_type, overwrite=args.overwrite)
+    except GGUFError as e:
+        raise MergeError(f"--adapter-gguf {args.adapter_gguf}: {e}") from None
+    print(f"adapter gguf: {args.adapter_gguf} ({args.adapter_gguf_type}), for the base {base_gguf}")
+    print(describe_modelfile(args.adapter_gguf, chat))
 
 
 def main(argv=None) -> int:

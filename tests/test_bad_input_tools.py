@@ -184,8 +184,8 @@ def merge_disk_full_safetensors(d):
 
 
 def merge_modelfile_exists(d):
-    (d / "Modelfile").write_text("FROM ./mine.gguf\n")
-    return merge_argv(d, "--gguf", d / "m.gguf"), [f"{d / 'Modelfile'} already exists"]
+    (d / "m.Modelfile").write_text("FROM ./mine.gguf\n")
+    return merge_argv(d, "--gguf", d / "m.gguf"), [f"{d / 'm.Modelfile'} already exists"]
 
 
 def export_argv(d, *more):
@@ -204,8 +204,8 @@ def export_target_is_a_directory(d):
 
 
 def export_modelfile_exists(d):
-    (d / "Modelfile").write_text("FROM ./mine.gguf\n")
-    return export_argv(d), [f"{d / 'Modelfile'}: already exists"]
+    (d / "m.Modelfile").write_text("FROM ./mine.gguf\n")
+    return export_argv(d), [f"{d / 'm.Modelfile'}: already exists"]
 
 
 def export_disk_full(d):
@@ -334,12 +334,14 @@ def test_bad_input_is_one_line_and_changes_nothing(case, d, capsys, monkeypatch)
 
 def test_export_overwrite_replaces_only_the_gguf_and_modelfile(d, capsys):
     (d / "m.gguf").write_bytes(b"my other model")
-    (d / "Modelfile").write_text("FROM ./mine.gguf\n")
+    (d / "m.Modelfile").write_text("FROM ./mine.gguf\n")
+    (d / "other.Modelfile").write_text("FROM ./other.gguf\n")  # another export's, in the same folder
     (d / "notes.txt").write_text("mine")
     assert model.gguf.main([str(a) for a in export_argv(d, "--overwrite")]) == 0, capsys.readouterr().err
-    assert (d / "m.gguf").read_bytes()[:4] == b"GGUF" and "FROM ./m.gguf" in (d / "Modelfile").read_text()
-    assert (d / "notes.txt").read_text() == "mine"
-    assert sorted(p.name for p in d.iterdir()) == ["Modelfile", "adapter", "chats.jsonl", "m.gguf", "model", "notes.txt"]
+    assert (d / "m.gguf").read_bytes()[:4] == b"GGUF" and "FROM ./m.gguf" in (d / "m.Modelfile").read_text()
+    assert (d / "notes.txt").read_text() == "mine" and (d / "other.Modelfile").read_text() == "FROM ./other.gguf\n"
+    assert sorted(p.name for p in d.iterdir()) == ["adapter", "chats.jsonl", "m.Modelfile", "m.gguf", "model",
+                                                   "notes.txt", "other.Modelfile"]
 
 
 def test_adapter_save_on_a_full_disk_names_the_file(d, monkeypatch):

@@ -31,7 +31,8 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, assert_logits_match, break_model, fp32_logits_bound, rel, save_tiny_hf
+from conftest import (ROOT, TINY_CHAT_TEMPLATE, assert_logits_match, break_model, fp32_logits_bound, rel, save_tiny_hf,
+                      write_byte_level_tokenizer)
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from model.gguf import PRE_TOKENIZERS, GGUFError, export_gguf, import_gguf, main, permute_qk, unpermute_qk
@@ -50,8 +51,6 @@ TOKENIZER_TEXTS = [
     "emoji 😀👍🏽🇫🇷 and accents ÀÉÎõü",
     "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
 ]
-TINY_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                      "{% endfor %}")
 
 
 def logits_of(model, ids: list[int]) -> torch.Tensor:
@@ -185,7 +184,8 @@ ROUND_TRIP_TOLERANCE = {"f16": dict(max_logit=0.1, kl=1e-4), "q8_0": dict(max_lo
 
 @pytest.mark.parametrize("out_type", ["f16", "q8_0"])
 def test_export_round_trip(smollm2_dir, tmp_path, ours, our_logits, prompt_ids, out_type):
-    out = export_gguf(smollm2_dir, tmp_path / f"smollm2-{out_type}.gguf", out_type)
+    out = tmp_path / f"smollm2-{out_type}.gguf"
+    chat = export_gguf(smollm2_dir, out, out_type)
     back = import_gguf(out, tmp_path / "back")
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert json.loads((back / name).read_text()) == json.loads((smollm2_dir / name).read_text()), name
@@ -200,8 +200,9 @@ def test_export_round_trip(smollm2_dir, tmp_path, ours, our_logits, prompt_ids, 
     print(f"\nexport {out_type} -> import: max |Δlogits| = {diff:.2e}, max KL = {kl:.1e}, same top-1: {same_top1}")
     tol = ROUND_TRIP_TOLERANCE[out_type]
     assert diff < tol["max_logit"] and kl < tol["kl"] and same_top1
-    modelfile = (tmp_path / "Modelfile").read_text()
+    modelfile = (tmp_path / f"smollm2-{out_type}.Modelfile").read_text()
     assert f"FROM ./{out.name}" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert chat.family == "ChatML" and f'SYSTEM """{chat.system}"""' in modelfile and "SmolLM" in chat.system
     # (transformers reading our exported files is checked on tiny models below: it is slow here)
 
 
@@ -211,23 +212,6 @@ def next_token_kl(p_logits, q_logits) -> float:
     return (p.exp() * (p - q)).sum(-1).max().item()
 
 
-def write_byte_level_tokenizer(model_dir, pre: str = "smollm", vocab_size: int = 128, add_bos: bool = False):
-    """A small byte-level BPE tokenizer.json (+ tokenizer_config.json) that fits a tiny model."""
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # the 256 characters that spell bytes
-    base = alphabet[: vocab_size - 4]
-    merges = [(base[0], base[1]), (base[2], base[3])]
-    vocab = {t: i for i, t in enumerate(base + [a + b for a, b in merges])}
-    tok = Tokenizer(models.BPE(vocab, merges))
-    tok.pre_tokenizer = PRE_TOKENIZERS[pre]()
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken("<|im_start|>", special=True, normalized=False),
-                            AddedToken("<|im_end|>", special=True, normalized=False)])
-    tok.save(str(model_dir / "tokenizer.json"))
-    config = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": TINY_CHAT_TEMPLATE,
-              "add_bos_token": add_bos}
-    (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
-
-
 @pytest.mark.parametrize("arch, pre, out_type", [("llama", "llama-bpe", "f16"), ("qwen2", "qwen2", "f16"),
                                                   ("llama", "gpt-2", "q8_0")])
 def test_tiny_export_round_trip(tmp_path, arch, pre, out_type):
@@ -235,7 +219,8 @@ def test_tiny_export_round_trip(tmp_path, arch, pre, out_type):
     write_byte_level_tokenizer(model_dir, pre)
     from transformers import AutoModelForCausalLM
     original = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    out = export_gguf(model_dir, tmp_path / "tiny.gguf", out_type)
+    out = tmp_path / "tiny.gguf"
+    export_gguf(model_dir, out, out_type)
     back = load_model(import_gguf(out, tmp_path / "back"))
     assert json.loads((tmp_path / "back" / "tokenizer_config.json").read_text())["chat_template"] == TINY_CHAT_TEMPLATE
     ids = torch.randint(0, 128, (24,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -255,7 +240,8 @@ def test_tiny_export_round_trip(tmp_path, arch, pre, out_type):
 def test_add_bos_survives_round_trip(tmp_path):
     model_dir = save_tiny_hf(tmp_path / "tiny")
     write_byte_level_tokenizer(model_dir, "llama-bpe", add_bos=True)
-    back = import_gguf(export_gguf(model_dir, tmp_path / "tiny.gguf"), tmp_path / "back")
+    export_gguf(model_dir, tmp_path / "tiny.gguf")
+    back = import_gguf(tmp_path / "tiny.gguf", tmp_path / "back")
     from transformers import AutoTokenizer
     bos = 126  # <|im_start|>, once, first
     assert Tokenizer.from_file(str(back / "tokenizer.json")).encode("hi").ids[:2] == [bos, 71]
@@ -282,7 +268,8 @@ def test_llama3_rope_scaling_exports_rope_freqs(tmp_path):
                "original_max_position_embeddings": 256}
     model_dir = save_tiny_hf(tmp_path / "tiny", rope_scaling=scaling, max_position_embeddings=1024)
     write_byte_level_tokenizer(model_dir)
-    out = export_gguf(model_dir, tmp_path / "tiny.gguf", "q8_0")
+    out = tmp_path / "tiny.gguf"
+    export_gguf(model_dir, out, "q8_0")
     tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
     got = np.asarray(tensors["rope_freqs.weight"].data)
     want = llama_cpp_rope_factors(10000.0, 16, 8.0, 1.0, 4.0, 256)

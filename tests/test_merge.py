@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import numpy as np
 import torch
 import torch.nn as nn
 from safetensors import safe_open
@@ -171,19 +172,66 @@ def test_merge_py_cli_exit_code_and_existing_output(tmp_path):
     assert base.exists()
 
 
-def test_merge_py_gguf_export_is_wired(tmp_path, capsys, monkeypatch):
-    import model.gguf
-    calls = []
-    monkeypatch.setattr(model.gguf, "export_gguf", lambda *args: calls.append(args))
+@pytest.mark.parametrize("rslora", [False, True])
+def test_adapter_gguf_is_the_merge_delta_in_gguf_layout(tmp_path, capsys, rslora):
+    """merge.py --gguf (f32) and --adapter-gguf on one tiny Llama (GQA, so q and k permute over
+    different head counts): every merged GGUF tensor equals the base GGUF's plus llama.cpp's
+    alpha / r * lora_b @ lora_a, read back from the files with the gguf package. So names, the
+    A/B layout, the q/k row order and alpha are what llama.cpp's --lora computes with (the test
+    against llama.cpp itself is tests/test_llama_cpp.py). rsLoRA checks alpha = scaling * r."""
+    import gguf
+
+    from conftest import write_byte_level_tokenizer
+    from model.gguf import export_gguf
+    base = save_tiny_hf(tmp_path / "base")
+    write_byte_level_tokenizer(base)
+    peft_adapter(base, tmp_path / "adapter", use_rslora=rslora)
+    code, out, err = run_merge(capsys, "--base", base, "--adapter", tmp_path / "adapter", "--output", tmp_path / "out",
+                               "--dtype", "fp32", "--gguf", tmp_path / "merged.gguf", "--gguf-type", "f32",
+                               "--adapter-gguf", tmp_path / "adapter.gguf", "--base-gguf", tmp_path / "base.gguf")
+    assert code == 0, err
+    assert "ChatML TEMPLATE" in out
+    export_gguf(base, tmp_path / "base.gguf", "f32")
+    read = lambda name: {t.name: np.array(t.data) for t in gguf.GGUFReader(tmp_path / name).tensors}  # noqa: E731
+    merged, plain, adapter = read("merged.gguf"), read("base.gguf"), read("adapter.gguf")
+    fields = gguf.GGUFReader(tmp_path / "adapter.gguf").fields
+    assert fields["general.type"].contents() == "adapter" and fields["adapter.type"].contents() == "lora"
+    alpha = fields["adapter.lora.alpha"].contents()
+    assert alpha == pytest.approx((16 / 8 ** 0.5 if rslora else 2.0) * 8)
+    adapted = {k.removesuffix(".lora_a") for k in adapter if k.endswith(".lora_a")}
+    assert len(adapted) == 2 * 7 and len(adapter) == 2 * len(adapted)
+    for name, w in merged.items():
+        if name in adapted:
+            a, b = adapter[f"{name}.lora_a"], adapter[f"{name}.lora_b"]  # (r, in), (out, r)
+            delta = alpha / a.shape[0] * b.astype(np.float64) @ a
+            assert np.abs(delta).max() > 1e-3, name  # the adapter moves this weight
+            np.testing.assert_allclose(w, plain[name] + delta, atol=1e-5, err_msg=name)  # fp32 rounding
+        else:
+            np.testing.assert_array_equal(w, plain[name], err_msg=name)
+    modelfile = (tmp_path / "adapter.Modelfile").read_text()
+    assert "FROM ./base.gguf\nADAPTER ./adapter.gguf\nTEMPLATE" in modelfile
+    # Without --output nothing is merged; an existing adapter GGUF is refused unless --overwrite.
+    args = ("--base", base, "--adapter", tmp_path / "adapter", "--adapter-gguf", tmp_path / "adapter.gguf")
+    code, _, err = run_merge(capsys, *args)
+    assert code == 2 and "already exists (pass --overwrite" in err
+    assert run_merge(capsys, *args, "--overwrite")[0] == 0
+
+
+def test_merge_py_gguf_flags_are_checked(tmp_path, capsys):
     base = save_tiny_hf(tmp_path / "base")
     peft_adapter(base, tmp_path / "adapter")
-    code, out, err = run_merge(capsys, "--base", base, "--adapter", tmp_path / "adapter", "--output",
-                               tmp_path / "out", "--gguf", tmp_path / "m.gguf", "--gguf-type", "q8_0")
-    assert code == 0, err
-    assert calls == [(tmp_path / "out", tmp_path / "m.gguf", "q8_0")]
-    code, _, err = run_merge(capsys, "--base", base, "--adapter", tmp_path / "adapter", "--output",
-                             tmp_path / "out2", "--gguf", tmp_path / "m.txt")
+    common = ("--base", base, "--adapter", tmp_path / "adapter")
+    code, _, err = run_merge(capsys, *common, "--output", tmp_path / "out2", "--gguf", tmp_path / "m.txt")
     assert code == 2 and "--gguf" in err and not (tmp_path / "out2").exists()
+    for more, why in [((), "--output is required (or --adapter-gguf"),
+                      (("--gguf", tmp_path / "m.gguf"), "--gguf exports the merged model: it needs --output")]:
+        with pytest.raises(SystemExit) as exit_:  # argparse's own usage error
+            run_merge(capsys, *common, *more)
+        assert exit_.value.code == 2 and why in capsys.readouterr().err
+    dora = tmp_path / "dora"
+    peft_adapter(base, dora, use_dora=True)
+    code, _, err = run_merge(capsys, "--base", base, "--adapter", dora, "--adapter-gguf", tmp_path / "d.gguf")
+    assert code == 2 and "DoRA adapter has no llama.cpp form" in err and not (tmp_path / "d.gguf").exists()
 
 
 def test_merge_smollm2_with_peak_ram(tmp_path, smollm2_dir):
