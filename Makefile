@@ -41,7 +41,10 @@ test-latest:
 
 # Not CI: GGUF exports checked in real llama.cpp (tests/test_llama_cpp.py, skipped elsewhere), in
 # their own venv: the lock, then llama-cpp-python built from source with the tools pinned in
-# requirements-llama.lock (the build takes ~12 min on 2 cores, once).
+# requirements-llama.lock (the build takes ~7-12 min on 2 cores, once). Not -march=native: on a CPU
+# with AMX, llama.cpp's AMX kernels for Q4/Q8 crash in some containers (seen here), so the build
+# targets AVX2 (every x86-64 CPU of the last decade; ignored elsewhere).
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 LLAMA_VENV := .venv-llama
 LLAMA_STAMP := $(LLAMA_VENV)/.installed
 $(LLAMA_STAMP): pyproject.toml $(LOCK) requirements-llama.lock
@@ -50,7 +53,7 @@ $(LLAMA_STAMP): pyproject.toml $(LOCK) requirements-llama.lock
 	$(LLAMA_VENV)/bin/python -m pip install -q $$(grep '^pip==' $(LOCK))
 	$(LLAMA_VENV)/bin/python -m pip install -q --no-deps -r $(LOCK)
 	$(LLAMA_VENV)/bin/python -m pip install -q --no-deps $$(grep -v -e '^#' -e '^llama-cpp-python' requirements-llama.lock)
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(LLAMA_VENV)/bin/python -m pip install --no-deps \
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(LLAMA_VENV)/bin/python -m pip install --no-deps \
 	    --no-build-isolation --no-binary llama-cpp-python $$(grep '^llama-cpp-python==' requirements-llama.lock)
 	$(LLAMA_VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
 	$(LLAMA_VENV)/bin/python -m pip check

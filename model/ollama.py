@@ -253,7 +253,9 @@ def _run(nodes, dot, root, out):
             out.append(value)
         elif kind == "print":
             v = _eval(value, dot, root)
-            out.append("<no value>" if v is None else str(v))
+            if isinstance(v, (dict, list)):
+                raise GoTemplateError(f"{{{{ {value} }}}} prints a collection (Go's own format)")
+            out.append("<no value>" if v is None else str(v).lower() if isinstance(v, bool) else str(v))
         elif kind == "range":
             (cond, body), = value
             for item in _eval(cond, dot, root) or []:

@@ -237,6 +237,43 @@ def test_tiny_export_round_trip(tmp_path, arch, pre, out_type):
     assert [ours.encode(t).ids for t in texts] == [theirs.encode(t).ids for t in texts]
 
 
+# The block quantizations: blocks of 32 along a row. Q4_0 and Q5_0 store d = max|w| / 8 (or 16)
+# with levels -8..7 (-16..15) times d: error <= d/2, except the block's largest value of the wrong
+# sign, which can lose one step more; Q4_1/Q5_1 store min and step (max-min)/15 (/31), error <=
+# step/2. d itself is an f16, hence the 2^-11. A wrong layout (unpermuted q/k, swapped blocks)
+# errs by ~|w|, 5-10x these.
+BLOCK_STEPS = {"q4_0": (1 / 8, 1.5), "q5_0": (1 / 16, 1.5), "q4_1": (2 / 15, 0.5), "q5_1": (2 / 31, 0.5)}
+
+
+@pytest.mark.parametrize("out_type", ["f32", *BLOCK_STEPS])
+def test_f32_and_block_quant_exports_round_trip(tmp_path, out_type):
+    """f32 is exact; the 4- and 5-bit types within their step; the output matrix stays Q8_0 in
+    those (token_embd when tied to it), as llama-quantize keeps it at 6 bits or more."""
+    tied = out_type == "q4_0"
+    model_dir = save_tiny_hf(tmp_path / "tiny", intermediate_size=128, tie_word_embeddings=tied)
+    write_byte_level_tokenizer(model_dir)
+    export_gguf(model_dir, tmp_path / "tiny.gguf", out_type)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "tiny.gguf").tensors}
+    assert types["blk.0.attn_q.weight"] == out_type.upper() and types["blk.0.attn_norm.weight"] == "F32"
+    output = "token_embd.weight" if tied else "output.weight"
+    assert types[output] == ("F32" if out_type == "f32" else "Q8_0")
+    original = load_model(model_dir).state_dict()
+    restored = load_model(import_gguf(tmp_path / "tiny.gguf", tmp_path / "back")).state_dict()
+    for key, w in original.items():
+        err = (restored[key] - w).abs()
+        if out_type == "f32" or w.ndim == 1:
+            assert torch.equal(restored[key], w), key
+        elif key == "lm_head.weight" or (tied and key.endswith("embed_tokens.weight")):
+            assert (err <= rounding_bound(w, "q8_0")).all(), key
+        else:
+            share, steps = BLOCK_STEPS[out_type]
+            blocks = w.reshape(*w.shape[:-1], -1, 32)
+            span = (blocks.abs().amax(-1, keepdim=True) if out_type.endswith("_0")
+                    else blocks.amax(-1, keepdim=True) - blocks.amin(-1, keepdim=True))
+            bound = span * share * steps * (1 + 2.0 ** -9) + 1e-6
+            assert (err.reshape(blocks.shape) <= bound).all(), (key, err.max())
+
+
 def test_add_bos_survives_round_trip(tmp_path):
     model_dir = save_tiny_hf(tmp_path / "tiny")
     write_byte_level_tokenizer(model_dir, "llama-bpe", add_bos=True)

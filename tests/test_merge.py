@@ -210,11 +210,31 @@ def test_adapter_gguf_is_the_merge_delta_in_gguf_layout(tmp_path, capsys, rslora
             np.testing.assert_array_equal(w, plain[name], err_msg=name)
     modelfile = (tmp_path / "adapter.Modelfile").read_text()
     assert "FROM ./base.gguf\nADAPTER ./adapter.gguf\nTEMPLATE" in modelfile
+    # python -m lora.gguf export writes the same file (the base from adapter_config.json).
+    import lora.gguf
+    assert lora.gguf.main(["export", str(tmp_path / "adapter"), str(tmp_path / "cli" / "a.gguf"),
+                           "--base", str(base)]) == 0
+    cli = read("cli/a.gguf")
+    assert cli.keys() == adapter.keys() and all(np.array_equal(cli[k], adapter[k]) for k in cli)
+    assert "FROM ./base.gguf\nADAPTER ./a.gguf" in (tmp_path / "cli" / "a.Modelfile").read_text()
     # Without --output nothing is merged; an existing adapter GGUF is refused unless --overwrite.
     args = ("--base", base, "--adapter", tmp_path / "adapter", "--adapter-gguf", tmp_path / "adapter.gguf")
     code, _, err = run_merge(capsys, *args)
     assert code == 2 and "already exists (pass --overwrite" in err
     assert run_merge(capsys, *args, "--overwrite")[0] == 0
+
+
+def test_lora_gguf_cli_errors(tmp_path, capsys):
+    import lora.gguf
+    base = save_tiny_hf(tmp_path / "base")
+    peft_adapter(base, tmp_path / "adapter")
+    config = tmp_path / "adapter" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": None}))
+    assert lora.gguf.main(["export", str(tmp_path / "adapter"), str(tmp_path / "a.gguf")]) == 2
+    assert "names no base model; pass --base" in capsys.readouterr().err
+    assert lora.gguf.main(["export", str(tmp_path / "adapter"), str(tmp_path / "a.txt"), "--base", str(base)]) == 2
+    assert "expected a file name ending in .gguf" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]
 
 
 def test_merge_py_gguf_flags_are_checked(tmp_path, capsys):
