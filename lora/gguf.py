@@ -138,14 +138,10 @@ def _relative(path: Path, start: Path) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lora.gguf", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    exp = sub.add_parser("export", help="adapter directory -> llama.cpp LoRA GGUF (+ its Ollama Modelfile)")
-    exp.add_argument("adapter_dir")
-    exp.add_argument("out_gguf")
+    exp = model_gguf.export_parser(sub, "adapter_dir", "adapter directory", ADAPTER_TYPES, "f32")
     exp.add_argument("--base", help="the base model directory (default: the adapter's base_model_name_or_path)")
     exp.add_argument("--base-gguf", help="the base's GGUF, for the Modelfile's FROM (default: BASE_NAME.gguf "
                      "beside OUT.gguf)")
-    exp.add_argument("--type", default="f32", choices=list(ADAPTER_TYPES))
-    exp.add_argument("--overwrite", action="store_true", help="replace an existing OUT.gguf and its Modelfile")
     return run_command("python -m lora.gguf", export, parser.parse_args(argv))
 
 

@@ -552,13 +552,19 @@ def main(argv=None) -> int:
     imp = sub.add_parser("import", help="GGUF file -> Hugging Face directory (float32)")
     imp.add_argument("gguf_file")
     imp.add_argument("out_dir")
-    exp = sub.add_parser("export", help="Hugging Face directory -> GGUF file (+ its Ollama Modelfile)")
-    exp.add_argument("hf_dir")
-    exp.add_argument("out_gguf")
-    exp.add_argument("--type", default="f16", choices=list(OUT_TYPES))
-    exp.add_argument("--overwrite", action="store_true", help="replace an existing OUT.gguf and its Modelfile")
+    export_parser(sub, "hf_dir", "Hugging Face directory", OUT_TYPES, "f16")
     args = parser.parse_args(argv)
     return run_command("python -m model.gguf", convert, args)
+
+
+def export_parser(sub, source: str, what: str, types, default: str) -> argparse.ArgumentParser:
+    """The `export SOURCE OUT.gguf [--type] [--overwrite]` subcommand (here and in lora.gguf)."""
+    exp = sub.add_parser("export", help=f"{what} -> GGUF file (+ its Ollama Modelfile)")
+    exp.add_argument(source)
+    exp.add_argument("out_gguf")
+    exp.add_argument("--type", default=default, choices=list(types), help=f"tensor type (default {default})")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing OUT.gguf and its Modelfile")
+    return exp
 
 
 def convert(args):
