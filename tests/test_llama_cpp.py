@@ -6,7 +6,10 @@ Skipped unless `llama_cpp` imports: `make test-llama-cpp` builds it into .venv-l
   SYSTEM give, exactly as chat.py tokenizes the chat template's prompt.
 - f32 with an f32 KV cache: logits within 1e-3 of ours (float32 in both, different kernels and
   summation orders through 30 layers; measured ~1e-4).
-- f16: the greedy replies to the demo prompts equal chat.py's (float32 from the imported model).
+- f16: the greedy replies to the demo prompts equal chat.py's (float32 from the imported model),
+  except where chat.py's own greedy path passes a near tie (two tokens within TIE of each other,
+  which f16's rounding of the weights may flip: SmolLM2's first reply token to the Chinese prompt
+  is such a tie, 'I' and a Chinese byte at 28.208 both); those are reported, not compared.
 - The adapter alone (lora/gguf.py), applied with llama.cpp's --lora to the f32 base: logits within
   1e-3 of ours with the adapter on (unmerged), and greedy replies equal to the merged model's in
   llama.cpp and to chat.py's with the adapter.
@@ -35,6 +38,7 @@ N_PROMPTS = 5
 MAX_NEW = 40
 GREEDY = Namespace(max_new_tokens=MAX_NEW, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=0)
 LOGIT_TOLERANCE = 1e-3
+TIE = 0.05  # logits: two candidates this close are a coin toss for any rounding of the weights
 EXTRA_TEXTS = ["Hello World! IT'S 2024, isn't it?\n\n  \tx_1 = f(y)+12345;", "中文 Ünï 😀 --> ok"]
 
 
@@ -86,7 +90,18 @@ def ours(smollm2_dir, setup):
     model = load_model(smollm2_dir, torch.float32)
     with torch.no_grad():
         logits = [model(torch.tensor([ids]))[0].numpy() for ids in setup.prompt_ids]
-    return Namespace(model=model, logits=logits, replies=our_replies(model, setup.tok, setup.chats))
+    replies = our_replies(model, setup.tok, setup.chats)
+    return Namespace(model=model, logits=logits, replies=replies,
+                     margins=[greedy_margin(model, setup.tok, ids, r) for ids, r in zip(setup.prompt_ids, replies)])
+
+
+def greedy_margin(model, tok, prompt_ids, reply: str) -> float:
+    """The smallest gap between the best and second-best logit along a greedy reply."""
+    ids = prompt_ids + tok.encode(reply)[:MAX_NEW]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]))[0, len(prompt_ids) - 1:]
+    top2 = logits.topk(2, dim=-1).values
+    return (top2[:, 0] - top2[:, 1]).min().item()
 
 
 def test_tokens_and_ollama_prompt_equal_chat_py(smollm2_dir, setup):
@@ -113,16 +128,19 @@ def test_every_export_type(smollm2_dir, setup, ours):
                    for ids, want in zip(setup.prompt_ids, ours.logits))
         replies = [setup.tok.decode(llama_greedy(llm, ids, setup.tok.stop_ids), skip_special_tokens=True)
                    for ids in setup.prompt_ids]
-        same = sum(a == b for a, b in zip(replies, ours.replies))
-        rows.append((out_type, diff, same, path.stat().st_size / 2**20))
+        clear = [i for i, m in enumerate(ours.margins) if m > TIE]  # replies without a near tie
+        same = sum(replies[i] == ours.replies[i] for i in clear)
+        rows.append((out_type, diff, same, len(clear), path.stat().st_size / 2**20))
         del llm
-    print("\n| type | max abs logit diff vs nanolora fp32 | greedy replies equal to chat.py's | file MiB |")
+    ties = len(setup.chats) - rows[0][3]
+    print(f"\n| type | max abs logit diff vs nanolora fp32 | greedy replies equal to chat.py's "
+          f"({ties} of {len(setup.chats)} left out: a near tie) | file MiB |")
     print("|---|---|---|---|")
-    for out_type, diff, same, size in rows:
-        print(f"| {out_type} | {diff:.2e} | {same}/{len(setup.chats)} | {size:.0f} |")
+    for out_type, diff, same, n, size in rows:
+        print(f"| {out_type} | {diff:.2e} | {same}/{n} | {size:.0f} |")
     table = {r[0]: r for r in rows}
-    assert table["f32"][1] < LOGIT_TOLERANCE
-    assert table["f16"][2] == len(setup.chats)
+    assert table["f32"][1] < LOGIT_TOLERANCE and table["f32"][2] == table["f32"][3]
+    assert table["f16"][2] == table["f16"][3] >= 3
 
 
 def test_adapter_gguf_with_lora_equals_merged(smollm2_dir, setup, ours, capsys):
