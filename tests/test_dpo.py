@@ -443,12 +443,18 @@ def test_two_ranks_equal_one_process(tiny_chat_dir, pair_data, tmp_path, mode, p
     assert_same_adapter(adapter(ranks), adapter(single))
     a, b = metrics(ranks), metrics(single)
     assert [m["step"] for m in a] == [m["step"] for m in b] == [0, 1, 2, 3, 4]
+    compared = 0
     for m, n in zip(a, b):
         assert m.keys() == n.keys() and m.get("trained_tokens") == n.get("trained_tokens")
         for k in ("loss", "reward_margin", "val_loss", "val_reward_margin"):
             if k in n:
                 assert abs(m[k] - n[k]) <= dpo_tolerance(n), (k, m[k], n[k])
-        assert m.get("reward_accuracy") == n.get("reward_accuracy")
+        # Accuracy counts pairs whose reward margin is > 0: while the policy still is the reference
+        # (step 1, loss ln 2) every margin is rounding noise and the count a coin toss.
+        if max(abs(n.get("rewards_chosen", 0)), abs(n.get("rewards_rejected", 0))) > 100 * dpo_tolerance(n):
+            assert m.get("reward_accuracy") == n.get("reward_accuracy")
+            compared += "reward_accuracy" in n
+    assert compared >= 2  # the later steps, once the policy has moved
 
 
 def dpo_tolerance(row: dict) -> float:
