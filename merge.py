@@ -46,7 +46,7 @@ from model.errors import UserError, one_line, run_command
 from model.llama import Llama
 from model.runtime import DTYPES, peak_memory_gib
 from model.files import PICKLE_SUFFIXES, check_keys, expected_shapes, read_safetensors, safetensors_files
-from lora.gguf import ADAPTER_TYPES, adapter_pairs, export_adapter_gguf
+from lora.gguf import ADAPTER_TYPES, adapter_pairs, default_base_gguf, export_adapter_gguf
 from model.gguf import OUT_TYPES, GGUFError, describe_modelfile, export_gguf
 from model.load import load_model, resolve_model_dir
 from model.ollama import modelfile_path
@@ -120,7 +120,7 @@ def plan_merge(args) -> dict:
     pairs = {f"{name}.weight": pair for name, pair in modules.items()}  # A (r, in), B (out, r), DoRA (out,)
     n_params = sum(p.numel() for n, p in model.named_parameters() if ".lora_" not in n)
     return dict(base_dir=base_dir, key_file=key_file, config=config, lora_cfg=lora_cfg, pairs=pairs,
-                quantized=metadata.get(QUANT_KEY), n_params=n_params)
+                modules=modules, quantized=metadata.get(QUANT_KEY), n_params=n_params)
 
 
 def check_destinations(args):
@@ -290,10 +290,11 @@ def write_gguf(out: Path, gguf_path: Path, gguf_type: str, overwrite: bool):
 
 def write_adapter_gguf(plan: dict, args):
     """The adapter alone as llama.cpp's LoRA GGUF, with a Modelfile (FROM the base's GGUF, ADAPTER)."""
-    base_gguf = args.base_gguf or args.adapter_gguf.with_name(plan["base_dir"].resolve().name + ".gguf")
+    base_gguf = args.base_gguf or default_base_gguf(args.adapter_gguf, plan["base_dir"])
     try:
         chat = export_adapter_gguf(args.adapter, plan["base_dir"], args.adapter_gguf, base_gguf,
-                                   args.adapter_gguf_type, overwrite=args.overwrite)
+                                   args.adapter_gguf_type, overwrite=args.overwrite,
+                                   adapter=(plan["lora_cfg"], plan["modules"]))
     except GGUFError as e:
         raise MergeError(f"--adapter-gguf {args.adapter_gguf}: {e}") from None
     print(f"adapter gguf: {args.adapter_gguf} ({args.adapter_gguf_type}), for the base {base_gguf}")

@@ -67,15 +67,16 @@ def adapter_pairs(adapter_dir, config: LlamaConfig, base_name) -> tuple:
 
 
 def export_adapter_gguf(adapter_dir, base_dir, out_path, base_gguf=None, out_type: str = "f32",
-                        overwrite: bool = False) -> ollama.OllamaChat:
+                        overwrite: bool = False, adapter: tuple | None = None) -> ollama.OllamaChat:
     """Write the adapter as a llama.cpp LoRA GGUF, and OUT.Modelfile (FROM base_gguf, ADAPTER out).
 
     base_dir: the base model directory the adapter was trained on (its config gives the tensor
     names and q/k order; its chat template the Modelfile's TEMPLATE). base_gguf: the base's GGUF
-    for the Modelfile's FROM line (default: <base dir name>.gguf beside out_path)."""
+    for the Modelfile's FROM line (default: <base dir name>.gguf beside out_path). adapter: its
+    (LoRAConfig, pairs) when the caller has read them already (adapter_pairs)."""
     out_path = Path(out_path)
     base_dir = resolve_model_dir(base_dir)
-    base_gguf = Path(base_gguf) if base_gguf is not None else out_path.with_name(base_dir.resolve().name + ".gguf")
+    base_gguf = Path(base_gguf) if base_gguf is not None else default_base_gguf(out_path, base_dir)
     modelfile = ollama.modelfile_path(out_path)
     if out_type not in ADAPTER_TYPES:
         raise LoRAError(f"type {out_type!r}: choose one of {', '.join(ADAPTER_TYPES)}")
@@ -83,7 +84,7 @@ def export_adapter_gguf(adapter_dir, base_dir, out_path, base_gguf=None, out_typ
         raise LoRAError(f"{out_path}: expected a file name ending in .gguf")
     model_gguf.check_outputs([out_path, modelfile], overwrite)
     config = LlamaConfig.from_file(base_dir / "config.json")
-    cfg, pairs, _ = adapter_pairs(adapter_dir, config, base_dir)
+    cfg, pairs = adapter or adapter_pairs(adapter_dir, config, base_dir)[:2]
     if cfg.dora:
         raise LoRAError(f"{adapter_dir}: a DoRA adapter has no llama.cpp form (its magnitude rescales the "
                         "merged rows); merge it with merge.py --gguf instead")
@@ -104,10 +105,15 @@ def export_adapter_gguf(adapter_dir, base_dir, out_path, base_gguf=None, out_typ
     chat = model_gguf.ollama_chat(vocab)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with model_gguf.atomic_path(modelfile) as modelfile_tmp, model_gguf.atomic_path(out_path) as tmp:
-        text = ollama.modelfile(_relative(base_gguf, out_path.parent), chat, adapter_name=out_path.name)
+        text = ollama.modelfile(base_gguf, chat, adapter_path=out_path)
         modelfile_tmp.write_text(text, encoding="utf-8")
         _write(tmp, config, cfg.scaling * cfg.r, tensors, ADAPTER_TYPES[out_type], Path(adapter_dir).name)
     return chat
+
+
+def default_base_gguf(out_path: Path, base_dir: Path) -> Path:
+    """The base's GGUF when none is named: <base dir name>.gguf beside the adapter's."""
+    return out_path.with_name(Path(base_dir).resolve().name + ".gguf")
 
 
 def _write(path: Path, config: LlamaConfig, alpha: float, tensors, qtype, name: str):
@@ -125,14 +131,6 @@ def _write(path: Path, config: LlamaConfig, alpha: float, tensors, qtype, name: 
         writer.write_tensors_to_file()
     finally:
         writer.close()
-
-
-def _relative(path: Path, start: Path) -> str:
-    """`path` as the Modelfile beside the adapter should name it (Ollama reads FROM relative to it)."""
-    try:
-        return str(path.resolve().relative_to(start.resolve()))
-    except ValueError:
-        return str(path.resolve())
 
 
 def main(argv=None) -> int:

@@ -19,8 +19,8 @@ the output matrix (token_embd when it is tied to it) stays Q8_0, as llama-quanti
 
 OUT.Modelfile (model/ollama.py) has the TEMPLATE and SYSTEM that make Ollama prompt the model as
 its chat template does. Neither command overwrites anything unasked (export replaces an existing
-OUT.gguf and its Modelfile only with --overwrite), and both write under a temporary name renamed at the end, so a failure (a full
-disk, Ctrl-C) leaves nothing half-written.
+OUT.gguf and its Modelfile only with --overwrite), and both write under a temporary name renamed
+at the end, so a failure (a full disk, Ctrl-C) leaves nothing half-written.
 """
 
 import argparse
@@ -383,7 +383,7 @@ def export_gguf(hf_dir: str | Path, out_path: str | Path, out_type: str = "f16",
     # Both under temporary names; the GGUF is renamed first, then its Modelfile: a failure
     # anywhere leaves neither.
     with atomic_path(modelfile) as modelfile_tmp, atomic_path(out_path) as tmp:
-        modelfile_tmp.write_text(ollama.modelfile(out_path.name, chat), encoding="utf-8")
+        modelfile_tmp.write_text(ollama.modelfile(out_path, chat), encoding="utf-8")
         write_gguf_file(tmp, hf_dir.resolve().name, config, vocab, files, out_type)
     return chat
 
@@ -398,9 +398,8 @@ def check_outputs(paths: list[Path], overwrite: bool):
 
 def ollama_chat(vocab: dict) -> ollama.OllamaChat:
     """The Modelfile's TEMPLATE, SYSTEM and stops for this vocabulary's chat template."""
-    tokens = {f"{k}_token": vocab["tokens"][i] if (i := vocab["ids"][k]) is not None else None
-              for k in ("bos", "eos", "unk")}
-    tokens["pad_token"] = vocab["tokens"][i] if (i := vocab["ids"]["pad"]) is not None else None
+    ids = vocab["ids"]
+    tokens = {f"{k}_token": vocab["tokens"][ids[k]] if ids[k] is not None else None for k in ("bos", "eos", "unk", "pad")}
     return ollama.translate(vocab["chat_template"], tokens, vocab["add_bos"])
 
 

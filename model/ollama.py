@@ -21,8 +21,10 @@ use (text, {{ .Field }}, {{ range }}, {{ if }}/{{ else if }}/{{ else }}, eq/ne/n
 """
 
 import itertools
+import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .chat_template import ChatTemplateError, compile_template, render
 
@@ -92,13 +94,13 @@ def translate(chat_template: str | None, tokens: dict[str, str | None], add_bos:
     # The template's own BOS: llama.cpp's tokenizer puts BOS first when add_bos (chat.py then drops
     # the template's as a double); otherwise the Go template must write it too, as a lead.
     leads = [""] + ([bos] if bos and not add_bos else [])
+    wanted = [_as_read(e, bos, add_bos) for e in expected]
     for (name, (go_source, family_stops)), lead in itertools.product(FAMILIES.items(), leads):
         go_template = lead + go_source.replace("{eos}", eos or "")
-        system = _default_system(go_template, expected[0], bos, add_bos)
+        system = _default_system(go_template, wanted[0], bos, add_bos)
         if system is False:
             continue
-        ours = [ollama_prompt(go_template, m, system, bos, add_bos) for m in PROBES]
-        if ours != [_as_read(e, bos, add_bos) for e in expected]:
+        if [ollama_prompt(go_template, m, system, bos, add_bos) for m in PROBES] != wanted:
             continue
         if '"""' in go_template or (system and ('"""' in system or system.endswith('"'))):
             return OllamaChat(name, None, None, stops, problem='it holds """, which a Modelfile cannot quote')
@@ -137,10 +139,9 @@ def ollama_prompt(go_template: str, messages: list[dict], system: str | None, bo
     return (bos if add_bos and bos else "") + text
 
 
-def _default_system(go_template: str, rendered: str, bos: str, add_bos: bool) -> str | None | bool:
-    """The system prompt the chat template adds to PROBES[0] (which has none): None if it adds
-    none, False if the rendering does not fit this family at all."""
-    plain = _as_read(rendered, bos, add_bos)
+def _default_system(go_template: str, plain: str, bos: str, add_bos: bool) -> str | None | bool:
+    """The system prompt the chat template adds to PROBES[0] (which has none; `plain` is its
+    rendering as read): None if it adds none, False if the rendering does not fit this family."""
     if ollama_prompt(go_template, PROBES[0], None, bos, add_bos) == plain:
         return None
     before, _, after = ollama_prompt(go_template, PROBES[0], SYSTEM_MARK, bos, add_bos).partition(SYSTEM_MARK)
@@ -149,10 +150,13 @@ def _default_system(go_template: str, rendered: str, bos: str, add_bos: bool) ->
     return False
 
 
-def modelfile(gguf_name: str, chat: OllamaChat, adapter_name: str | None = None) -> str:
-    """The Modelfile text: FROM the GGUF beside it (and ADAPTER), TEMPLATE, SYSTEM, stops."""
-    create = gguf_name.removesuffix(".gguf")
-    lines = [f"# ollama create {create} -f {create}.Modelfile && ollama run {create}"]
+def modelfile(gguf_path: Path, chat: OllamaChat, adapter_path: Path | None = None) -> str:
+    """The text of modelfile_path(adapter_path or gguf_path): FROM the model's GGUF (and ADAPTER),
+    TEMPLATE, SYSTEM, stops. Paths are relative to the Modelfile, as Ollama reads them."""
+    path = modelfile_path(adapter_path or gguf_path)
+    here = lambda p: "./" + Path(os.path.relpath(Path(p).resolve(), path.parent.resolve())).as_posix()  # noqa: E731
+    name = path.name.removesuffix(".Modelfile")
+    lines = [f"# ollama create {name} -f {path.name} && ollama run {name}"]
     if chat.template is not None:
         lines.append(f"# TEMPLATE and SYSTEM give the prompt the model's chat template gives ({chat.family}"
                      f"{', its default system prompt included' if chat.system else ''}), checked at export "
@@ -162,9 +166,9 @@ def modelfile(gguf_name: str, chat: OllamaChat, adapter_name: str | None = None)
     else:
         lines.append(f"# No TEMPLATE: {chat.problem}. Ollama will guess one from the GGUF's chat template;")
         lines.append("# write a TEMPLATE (Go template syntax) if its prompts must match the model's.")
-    lines.append(f"FROM ./{gguf_name}")
-    if adapter_name is not None:
-        lines.append(f"ADAPTER ./{adapter_name}")
+    lines.append(f"FROM {here(gguf_path)}")
+    if adapter_path is not None:
+        lines.append(f"ADAPTER {here(adapter_path)}")
     if chat.template is not None:
         lines.append(f'TEMPLATE """{chat.template}"""')
     if chat.system:
@@ -173,7 +177,7 @@ def modelfile(gguf_name: str, chat: OllamaChat, adapter_name: str | None = None)
     return "\n".join(lines) + "\n"
 
 
-def modelfile_path(gguf_path):
+def modelfile_path(gguf_path: Path) -> Path:
     """Where a GGUF's Modelfile goes: beside it, named after it (one per GGUF in a folder)."""
     return gguf_path.with_name(gguf_path.name.removesuffix(".gguf") + ".Modelfile")
 
@@ -262,13 +266,9 @@ def _run(nodes, dot, root, out):
                 _run(body, item, root, out)
         else:  # if / else if / else
             for cond, body in value:
-                if cond is None or _truthy(_eval(cond, dot, root)):
+                if cond is None or bool(_eval(cond, dot, root)):  # Go: false, 0, "", nil, empty are false
                     _run(body, dot, root, out)
                     break
-
-
-def _truthy(v) -> bool:
-    return bool(v)  # Go: false, 0, "", nil and empty collections are false
 
 
 def _eval(pipeline: str, dot, root):
@@ -283,8 +283,8 @@ def _eval(pipeline: str, dot, root):
         if fn == "ne":
             return values[0] != values[1]
         if fn == "not":
-            return not _truthy(values[0])
-        pick = (lambda v: not _truthy(v)) if fn == "and" else _truthy
+            return not values[0]
+        pick = (lambda v: not v) if fn == "and" else bool  # the first false (and) or true (or) value
         return next((v for v in values if pick(v)), values[-1])
     if len(args) != 1:
         raise GoTemplateError(f"unsupported pipeline {pipeline!r}")

@@ -19,6 +19,7 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -77,7 +78,7 @@ def test_modelfile_prompts_as_the_chat_template(smollm2_dir, name, template, tok
         ollama = ollama_prompt(chat.template, messages, chat.system, tokens["bos_token"], add_bos)
         assert ollama == jinja_as_read(template, tokens, messages, add_bos), (name, messages)
     # The Modelfile carries exactly these, through Ollama's quoting.
-    text = modelfile("m.gguf", chat)
+    text = modelfile(Path("m.gguf"), chat)
     assert read_modelfile(text)["template"] == chat.template
     assert read_modelfile(text).get("system") == chat.system
     assert f"({family}" in text and ("default system prompt included" in text) == has_system
@@ -115,14 +116,17 @@ NO_SYSTEM = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exce
 def test_untranslatable_templates_say_why(template, why):
     chat = translate(template, LLAMA3_TOKENS, True)
     assert chat.template is None and why in chat.problem
-    text = modelfile("m.gguf", chat)
+    text = modelfile(Path("m.gguf"), chat)
     assert "TEMPLATE" not in read_modelfile(text) and f"# No TEMPLATE: {chat.problem}" in text
     assert 'PARAMETER stop "<|eot_id|>"' in text
 
 
-def test_adapter_modelfile_names_both_files():
+def test_adapter_modelfile_names_both_files(tmp_path):
+    """Paths relative to the Modelfile (the adapter's), as Ollama resolves them; the comment names
+    the Modelfile that holds it."""
     chat = translate(BUILTIN_TEMPLATES["chatml"], CHATML_TOKENS, False)
-    lines = modelfile("../base/base.gguf", chat, adapter_name="ft.gguf").splitlines()
+    lines = modelfile(tmp_path / "base" / "base.gguf", chat, adapter_path=tmp_path / "runs" / "ft.gguf").splitlines()
+    assert lines[0] == "# ollama create ft -f ft.Modelfile && ollama run ft"
     assert lines[2:4] == ["FROM ./../base/base.gguf", "ADAPTER ./ft.gguf"]
 
 
