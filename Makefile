@@ -43,18 +43,19 @@ test-latest:
 # their own venv: the lock, then llama-cpp-python built from source with the tools pinned in
 # requirements-llama.lock (the build took 4 to 7 min on 2 cores, once). Not -march=native: on a CPU
 # with AMX, llama.cpp's AMX kernels for Q4/Q8 crash in some containers (seen here), so the build
-# targets AVX2 (every x86-64 CPU of the last decade; ignored elsewhere).
+# targets AVX2 (every x86-64 CPU of the last decade; ignored elsewhere). --no-cache-dir: pip's wheel
+# cache ignores CMAKE_ARGS and would hand back a wheel built with other flags.
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 LLAMA_VENV := .venv-llama
 LLAMA_STAMP := $(LLAMA_VENV)/.installed
-$(LLAMA_STAMP): pyproject.toml $(LOCK) requirements-llama.lock
+$(LLAMA_STAMP): pyproject.toml $(LOCK) requirements-llama.lock Makefile  # Makefile: the build flags
 	rm -rf $(LLAMA_VENV)
 	$(PYTHON) -m venv $(LLAMA_VENV)
 	$(LLAMA_VENV)/bin/python -m pip install -q $$(grep '^pip==' $(LOCK))
 	$(LLAMA_VENV)/bin/python -m pip install -q --no-deps -r $(LOCK)
 	$(LLAMA_VENV)/bin/python -m pip install -q --no-deps $$(grep -v -e '^#' -e '^llama-cpp-python' requirements-llama.lock)
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(LLAMA_VENV)/bin/python -m pip install --no-deps \
-	    --no-build-isolation --no-binary llama-cpp-python $$(grep '^llama-cpp-python==' requirements-llama.lock)
+	    --no-build-isolation --no-binary llama-cpp-python --no-cache-dir $$(grep '^llama-cpp-python==' requirements-llama.lock)
 	$(LLAMA_VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
 	$(LLAMA_VENV)/bin/python -m pip check
 	touch $(LLAMA_STAMP)

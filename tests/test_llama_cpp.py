@@ -147,8 +147,8 @@ def test_adapter_gguf_with_lora_equals_merged(smollm2_dir, setup, ours, capsys):
     # A random adapter big enough to change the replies: B ~ N(0, 0.02^2) on every projection.
     model = load_model(smollm2_dir, torch.float32)
     cfg = lora.LoRAConfig(r=8, alpha=16, dropout=0.0, targets=lora.LLAMA_LINEARS)
+    torch.manual_seed(0)  # A is drawn at injection
     lora.inject_lora(model, cfg)
-    torch.manual_seed(0)
     with torch.no_grad():
         for m in lora.lora_modules(model).values():
             m.lora_B.weight.normal_(0, 0.02)
