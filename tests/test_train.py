@@ -377,7 +377,7 @@ def cycle():
 for _ in range(4):  # the heap settles: once in a while the second block lands past the first
     cycle()         # (a small allocation took the front of the freed one), then the two alternate
 before = faults()
-for _ in range(4):
+for _ in range(12):
     cycle()
 print(faults() - before)
 """
@@ -390,5 +390,7 @@ def test_keep_freed_memory_reuses_pages_instead_of_faulting_them_in():
                              capture_output=True, text=True, check=True)
         return int(out.stdout.split()[-1])
     pages = 64 * 2**20 // 4096
-    assert faults("default") > 2 * pages  # glibc mmaps it afresh: every page faults, every time
-    assert faults("keep") < pages // 20  # served again from the heap it went back to
+    assert faults("default") > 10 * pages  # glibc mmaps it afresh: every page faults, all 12 times
+    # Served again from the heap it went back to; now and then a small allocation takes the front of
+    # the freed block and the next one lands past it, faulting once more (seen: 0 to 2 blocks of 12).
+    assert faults("keep") < 3 * pages
