@@ -374,12 +374,14 @@ faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 def cycle():
     x = torch.ones(16 * 2**20)  # 64 MB, like a chunk of logits or a step's activations
     del x
-for _ in range(4):  # the heap settles: once in a while the second block lands past the first
-    cycle()         # (a small allocation took the front of the freed one), then the two alternate
-before = faults()
-for _ in range(12):
+for _ in range(4):  # the heap settles
     cycle()
-print(faults() - before)
+per_cycle = []
+for _ in range(16):
+    before = faults()
+    cycle()
+    per_cycle.append(faults() - before)
+print(*per_cycle)
 """
 
 
@@ -388,9 +390,13 @@ def test_keep_freed_memory_reuses_pages_instead_of_faulting_them_in():
     def faults(mode):
         out = subprocess.run([sys.executable, "-c", FAULTS_ON_REALLOCATION, mode], cwd=ROOT,
                              capture_output=True, text=True, check=True)
-        return int(out.stdout.split()[-1])
-    pages = 64 * 2**20 // 4096
-    assert faults("default") > 10 * pages  # glibc mmaps it afresh: every page faults, all 12 times
-    # Served again from the heap it went back to; now and then a small allocation takes the front of
-    # the freed block and the next one lands past it, faulting once more (seen: 0 to 2 blocks of 12).
-    assert faults("keep") < 3 * pages
+        return [int(n) for n in out.stdout.split()]
+    block = 64 * 2**20 // 4096  # pages in one 64 MB block
+    # glibc mmaps it afresh and unmaps it on free: every page of every cycle faults.
+    assert all(n >= 0.9 * block for n in faults("default"))
+    # Served again from the heap it went back to. Now and then a small allocation takes the front of
+    # the freed block and the next one lands past it, faulting a whole block once (seen: 0 to 3 cycles
+    # of 12, on different machines), so the check is on the typical cycle, not the total: at least
+    # half the cycles fault under a tenth of a block. Without the setting none of them does.
+    keep = faults("keep")
+    assert sum(n < 0.1 * block for n in keep) >= len(keep) // 2, keep
