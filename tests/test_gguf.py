@@ -9,7 +9,8 @@ What this proves:
 - The directory is a valid Hugging Face checkpoint: transformers loads it, with the same logits,
   and tokenizer_config.json carries the chat template and special tokens.
 - Export is the inverse of import up to the output format's rounding: f16 and q8_0 files import
-  back with every weight within that rounding, logits close, config and tokenizer identical.
+  back with every weight within that rounding, logits close, config and tokenizer identical; a
+  q4_1 export of the Q4_1 demo file gives back its tensors byte for byte.
 - Tiny random Llama and Qwen2 checkpoints survive export -> import (GQA permutation, biases, BOS
   handling), and transformers reads our exported files to the same logits as our re-import;
   Llama-3.1 rope scaling is exported as llama.cpp's rope_freqs (its formula, written out here).
@@ -204,6 +205,22 @@ def test_export_round_trip(smollm2_dir, tmp_path, ours, our_logits, prompt_ids, 
     assert f"FROM ./{out.name}" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
     assert chat.family == "ChatML" and f'SYSTEM """{chat.system}"""' in modelfile and "SmolLM" in chat.system
     # (transformers reading our exported files is checked on tiny models below: it is slow here)
+
+
+def test_q4_1_export_gives_back_the_source_file_byte_for_byte(smollm2_gguf, smollm2_dir, tmp_path):
+    """The demo model ships as Q4_1 (its token_embd Q8_0, norms F32). Each dequantized block is
+    d * q + m with q spanning 0..15, so quantizing it again recovers the same d, m and q: exporting
+    the import to q4_1 must give the source's tensors back bit for bit. This checks the whole export
+    layout at once: names, the q/k row permutation, block order, and which tensor gets which type
+    (a permutation off by a head, or the output matrix at 4 bits, changes bytes)."""
+    out = tmp_path / "smollm2-q4_1.gguf"
+    export_gguf(smollm2_dir, out, "q4_1")
+    source = {t.name: t for t in gguf.GGUFReader(smollm2_gguf).tensors}
+    exported = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    assert exported.keys() == source.keys()
+    for name, t in source.items():
+        assert exported[name].tensor_type == t.tensor_type, name
+        assert np.asarray(exported[name].data).tobytes() == np.asarray(t.data).tobytes(), name
 
 
 def next_token_kl(p_logits, q_logits) -> float:
