@@ -14,7 +14,8 @@ architectures with byte-level BPE tokenizers. Command line:
 Types: f32 is exact; f16 and bf16 round each weight; q8_0, q5_x and q4_x are llama.cpp's block
 quantizations, written by the `gguf` package. The k-quants (Q4_K_M and the like) are not offered:
 the `gguf` package can read them but not write them (only llama.cpp's llama-quantize does), and we
-never hand-write a quant format; run llama-quantize on an f16 export for those. In the q5/q4 files
+never hand-write a quant format; run llama-quantize on an f16 export for those. (It also writes
+TQ1_0/TQ2_0, ternary, and MXFP4, power-of-two scales: for models trained so.) In the q5/q4 files
 the output matrix (token_embd when it is tied to it) stays Q8_0, as llama-quantize keeps it at Q6_K.
 
 OUT.Modelfile (model/ollama.py) has the TEMPLATE and SYSTEM that make Ollama prompt the model as

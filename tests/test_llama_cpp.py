@@ -15,10 +15,16 @@ Skipped unless `llama_cpp` imports: `make test-llama-cpp` builds it into .venv-l
   llama.cpp and to chat.py's with the adapter.
 - Every export type, for the table in the README: max logit difference and whether the greedy
   replies equal chat.py's (printed with -s; only f32/f16 are asserted: 4 and 8 bits change replies).
+- Every rounded or quantized type is byte for byte what llama.cpp's own quantizer (llama-quantize's
+  library call) writes from our f32 export, so a 4- or 5-bit file's distance from the f32 model is
+  the format's, not an error of ours.
 """
 
 from argparse import Namespace
 
+import ctypes
+
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -117,27 +123,63 @@ def test_tokens_and_ollama_prompt_equal_chat_py(smollm2_dir, setup):
     assert chat_settings.system and "SmolLM" in chat_settings.system
 
 
+def exported(smollm2_dir, setup, out_type: str):
+    """Our export of SmolLM2 to `out_type`, written once per module."""
+    path = setup.tmp / f"smollm2-{out_type}.gguf"
+    if not path.exists():
+        export_gguf(smollm2_dir, path, out_type)
+    return path
+
+
+def llama_quantize(source, dest, out_type: str):
+    """llama.cpp's quantizer (what llama-quantize runs) on `source`, told to lay the file out as our
+    export does: every 2-D tensor in `out_type` (pure: no per-tensor mixture), the tied output
+    matrix (token_embd) in Q8_0 for the 4- and 5-bit types; 1-D tensors stay F32 in both."""
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{out_type.upper()}")
+    params.pure = True
+    if out_type[1] in "45":
+        params.token_embedding_type = llama_cpp.GGML_TYPE_Q8_0
+    assert llama_cpp.llama_model_quantize(str(source).encode(), str(dest).encode(), ctypes.byref(params)) == 0
+
+
+def test_exports_are_llama_cpp_quantizer_output_byte_for_byte(smollm2_dir, setup, capfd):
+    f32 = exported(smollm2_dir, setup, "f32")
+    for out_type in OUT_TYPES:
+        if out_type == "f32":
+            continue
+        theirs = setup.tmp / f"llama-quantize-{out_type}.gguf"
+        llama_quantize(f32, theirs, out_type)
+        capfd.readouterr()  # llama.cpp logs every tensor it writes
+        ours = {t.name: t for t in gguf.GGUFReader(exported(smollm2_dir, setup, out_type)).tensors}
+        reference = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
+        assert ours.keys() == reference.keys(), out_type
+        for name, t in reference.items():
+            assert ours[name].tensor_type == t.tensor_type, (out_type, name)
+            assert np.asarray(ours[name].data).tobytes() == np.asarray(t.data).tobytes(), (out_type, name)
+        theirs.unlink()
+
+
 def test_every_export_type(smollm2_dir, setup, ours):
     rows = []
     for out_type in OUT_TYPES:
-        path = setup.tmp / f"smollm2-{out_type}.gguf"
-        if not path.exists():
-            export_gguf(smollm2_dir, path, out_type)
+        path = exported(smollm2_dir, setup, out_type)
         llm = open_llama(path)
-        diff = max(float(np.abs(llama_logits(llm, ids) - want).max())
-                   for ids, want in zip(setup.prompt_ids, ours.logits))
+        theirs = [llama_logits(llm, ids) for ids in setup.prompt_ids]
+        diff = max(float(np.abs(got - want).max()) for got, want in zip(theirs, ours.logits))
+        top1 = np.concatenate([got.argmax(-1) == want.argmax(-1) for got, want in zip(theirs, ours.logits)]).mean()
         replies = [setup.tok.decode(llama_greedy(llm, ids, setup.tok.stop_ids), skip_special_tokens=True)
                    for ids in setup.prompt_ids]
         clear = [i for i, m in enumerate(ours.margins) if m > TIE]  # replies without a near tie
         same = sum(replies[i] == ours.replies[i] for i in clear)
-        rows.append((out_type, diff, same, len(clear), path.stat().st_size / 2**20))
+        rows.append((out_type, diff, same, len(clear), path.stat().st_size / 2**20, top1))
         del llm
     ties = len(setup.chats) - rows[0][3]
-    print(f"\n| type | max abs logit diff vs nanolora fp32 | greedy replies equal to chat.py's "
-          f"({ties} of {len(setup.chats)} left out: a near tie) | file MiB |")
-    print("|---|---|---|---|")
-    for out_type, diff, same, n, size in rows:
-        print(f"| {out_type} | {diff:.2e} | {same}/{n} | {size:.0f} |")
+    print(f"\n| type | max abs logit diff vs nanolora fp32 | prompt positions with the same top next token | "
+          f"greedy replies equal to chat.py's ({ties} of {len(setup.chats)} left out: a near tie) | file MiB |")
+    print("|---|---|---|---|---|")
+    for out_type, diff, same, n, size, top1 in rows:
+        print(f"| {out_type} | {diff:.2e} | {top1:.0%} | {same}/{n} | {size:.0f} |")
     table = {r[0]: r for r in rows}
     assert table["f32"][1] < LOGIT_TOLERANCE and table["f32"][2] == table["f32"][3]
     assert table["f16"][2] == table["f16"][3] >= 3
@@ -157,9 +199,7 @@ def test_adapter_gguf_with_lora_equals_merged(smollm2_dir, setup, ours, capsys):
         adapted_logits = [model(torch.tensor([ids]))[0].numpy() for ids in setup.prompt_ids]
     adapted_replies = our_replies(model, setup.tok, setup.chats)
     assert adapted_replies != ours.replies  # the adapter matters
-    base_gguf = setup.tmp / "smollm2-f32.gguf"
-    if not base_gguf.exists():
-        export_gguf(smollm2_dir, base_gguf, "f32")
+    base_gguf = exported(smollm2_dir, setup, "f32")
     code = merge.main([str(a) for a in ("--base", smollm2_dir, "--adapter", setup.tmp / "adapter",
                                         "--output", setup.tmp / "merged", "--dtype", "fp32",
                                         "--gguf", setup.tmp / "merged-f32.gguf", "--gguf-type", "f32",
