@@ -58,6 +58,10 @@ PROBES = [
 # text/template has no trim, and Ollama adds none. Reported in the Modelfile, not a refusal.
 WHITESPACE_PROBE = [{"role": "user", "content": " padded \n"}]
 SYSTEM_MARK = "\x00system\x00"
+# Sampling as chat.py does by default: greedy, no repetition penalty (Ollama's own defaults are
+# temperature 0.8, top_k 40, top_p 0.9 and repeat_penalty 1.1, which change the replies).
+# tests/test_ollama.py checks these against chat.py's flag defaults.
+SAMPLING = {"temperature": 0, "repeat_penalty": 1}
 
 
 @dataclass
@@ -152,7 +156,7 @@ def _default_system(go_template: str, plain: str, bos: str, add_bos: bool) -> st
 
 def modelfile(gguf_path: Path, chat: OllamaChat, adapter_path: Path | None = None) -> str:
     """The text of modelfile_path(adapter_path or gguf_path): FROM the model's GGUF (and ADAPTER),
-    TEMPLATE, SYSTEM, stops. Paths are relative to the Modelfile, as Ollama reads them."""
+    TEMPLATE, SYSTEM, stops, chat.py's greedy sampling. Paths are relative to the Modelfile, as Ollama reads them."""
     path = modelfile_path(adapter_path or gguf_path)
     here = lambda p: "./" + Path(os.path.relpath(Path(p).resolve(), path.parent.resolve())).as_posix()  # noqa: E731
     name = path.name.removesuffix(".Modelfile")
@@ -174,6 +178,8 @@ def modelfile(gguf_path: Path, chat: OllamaChat, adapter_path: Path | None = Non
     if chat.system:
         lines.append(f'SYSTEM """{chat.system}"""')
     lines += [f'PARAMETER stop "{s}"' for s in chat.stops]
+    lines.append("# Greedy, as chat.py answers by default; for Ollama's sampling instead, delete the next two lines.")
+    lines += [f"PARAMETER {k} {v}" for k, v in SAMPLING.items()]
     return "\n".join(lines) + "\n"
 
 

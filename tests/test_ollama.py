@@ -130,6 +130,16 @@ def test_adapter_modelfile_names_both_files(tmp_path):
     assert lines[2:4] == ["FROM ./../base/base.gguf", "ADAPTER ./ft.gguf"]
 
 
+def test_modelfile_samples_as_chat_py_does_by_default():
+    """Ollama's defaults sample (temperature 0.8, repeat_penalty 1.1); the Modelfile sets chat.py's."""
+    import chat
+    defaults = chat.parse_args([])
+    text = modelfile(Path("m.gguf"), translate(BUILTIN_TEMPLATES["chatml"], CHATML_TOKENS, False))
+    params = dict(re.findall(r"^PARAMETER (temperature|repeat_penalty) (\S+)$", text, re.M))
+    assert float(params["temperature"]) == defaults.temperature == 0
+    assert float(params["repeat_penalty"]) == defaults.repetition_penalty == 1
+
+
 def read_modelfile(text: str) -> dict:
     """TEMPLATE/SYSTEM/FROM values as Ollama's parser reads them: a value is its whole trimmed
     text up to the end of the line, unless it opens with \"\"\", which runs to the next \"\"\"."""
