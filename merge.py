@@ -46,7 +46,7 @@ from model.errors import UserError, one_line, run_command
 from model.llama import Llama
 from model.runtime import DTYPES, peak_memory_gib
 from model.files import PICKLE_SUFFIXES, check_keys, expected_shapes, read_safetensors, safetensors_files
-from lora.gguf import ADAPTER_TYPES, adapter_pairs, default_base_gguf, export_adapter_gguf
+from lora.gguf import ADAPTER_TYPES, adapter_pairs, default_base_gguf, export_adapter_gguf, missing_base_note
 from model.gguf import OUT_TYPES, GGUFError, describe_modelfile, export_gguf
 from model.load import load_model, resolve_model_dir
 from model.ollama import modelfile_path
@@ -299,6 +299,8 @@ def write_adapter_gguf(plan: dict, args):
         raise MergeError(f"--adapter-gguf {args.adapter_gguf}: {e}") from None
     print(f"adapter gguf: {args.adapter_gguf} ({args.adapter_gguf_type}), for the base {base_gguf}")
     print(describe_modelfile(args.adapter_gguf, chat))
+    if note := missing_base_note(base_gguf, plan["base_dir"]):
+        print(note)
 
 
 def main(argv=None) -> int:

@@ -101,6 +101,9 @@ def export_adapter_gguf(adapter_dir, base_dir, out_path, base_gguf=None, out_typ
         if heads := model_gguf.permuted_heads(names[weight], config):
             B = model_gguf.permute_qk(B, heads)
         tensors += [(f"{names[weight]}.lora_a", A.float().numpy()), (f"{names[weight]}.lora_b", B)]
+    if base_gguf.exists():
+        needed = {names[f"{m}.weight"]: (A.shape[1], B.shape[0]) for m, (A, B, _) in pairs.items()}
+        check_base_gguf(base_gguf, config, needed, adapter_dir)
     vocab = model_gguf.vocab_from_hf(base_dir, config)  # the base's chat template, for the Modelfile
     chat = model_gguf.ollama_chat(vocab)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,6 +112,31 @@ def export_adapter_gguf(adapter_dir, base_dir, out_path, base_gguf=None, out_typ
         modelfile_tmp.write_text(text, encoding="utf-8")
         _write(tmp, config, cfg.scaling * cfg.r, tensors, ADAPTER_TYPES[out_type], Path(adapter_dir).name)
     return chat
+
+
+def check_base_gguf(base_gguf: Path, config: LlamaConfig, needed: dict, adapter_dir):
+    """Refuse a base GGUF that llama.cpp would refuse the adapter on (another architecture, an
+    adapter, a missing tensor, other shapes), before the Modelfile points Ollama at it.
+    needed: {GGUF weight name: (in, out)}, the shapes the adapter's B @ A has."""
+    reader = model_gguf.open_gguf(base_gguf)
+    field = lambda key: reader.fields[key].contents() if key in reader.fields else None  # noqa: E731
+    arch = model_gguf.GGUF_ARCH[config.architecture]
+    if field("general.type") == "adapter" or field("general.architecture") != arch:
+        raise LoRAError(f"--base-gguf {base_gguf}: not a {arch} model GGUF (general.type "
+                        f"{field('general.type')!r}, architecture {field('general.architecture')!r})")
+    shapes = {t.name: tuple(int(n) for n in t.shape) for t in reader.tensors}  # GGUF order: (in, out)
+    for weight, shape in needed.items():
+        if shapes.get(weight) != shape:
+            raise LoRAError(f"--base-gguf {base_gguf}: not the base of {adapter_dir} ({weight} is "
+                            f"{shapes.get(weight, 'missing')}, the adapter's update is {shape})")
+
+
+def missing_base_note(base_gguf: Path, base_dir) -> str | None:
+    """What to run when the Modelfile's FROM does not exist yet."""
+    if Path(base_gguf).exists():
+        return None
+    return (f"note: the Modelfile's FROM, {base_gguf}, does not exist yet: write it once with "
+            f"python -m model.gguf export {base_dir} {base_gguf}")
 
 
 def default_base_gguf(out_path: Path, base_dir: Path) -> Path:
@@ -150,6 +178,9 @@ def export(args):
     chat = export_adapter_gguf(args.adapter_dir, base, args.out_gguf, args.base_gguf, args.type, args.overwrite)
     print(args.out_gguf)
     print(model_gguf.describe_modelfile(Path(args.out_gguf), chat))
+    base_gguf = args.base_gguf or default_base_gguf(Path(args.out_gguf), resolve_model_dir(base))
+    if note := missing_base_note(base_gguf, base):
+        print(note)
 
 
 if __name__ == "__main__":

@@ -235,6 +235,25 @@ def test_lora_gguf_cli_errors(tmp_path, capsys):
     assert lora.gguf.main(["export", str(tmp_path / "adapter"), str(tmp_path / "a.txt"), "--base", str(base)]) == 2
     assert "expected a file name ending in .gguf" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]
+    # A base GGUF the adapter does not fit (llama.cpp would refuse it at load): refused, nothing written.
+    from conftest import write_byte_level_tokenizer
+    from model.gguf import export_gguf
+    other = save_tiny_hf(tmp_path / "other", intermediate_size=128)
+    write_byte_level_tokenizer(other)
+    write_byte_level_tokenizer(base)
+    export_gguf(other, tmp_path / "other.gguf", "f16")
+    export = ["export", str(tmp_path / "adapter"), str(tmp_path / "out" / "a.gguf"), "--base", str(base)]
+    capsys.readouterr()  # transformers' save progress
+    assert lora.gguf.main(export + ["--base-gguf", str(tmp_path / "other.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert "other.gguf: not the base of" in err and "blk.0.ffn_gate.weight is (64, 128)" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists(), err
+    # A base GGUF that does not exist yet: written, with the command that makes it.
+    assert lora.gguf.main(export) == 0
+    assert f"python -m model.gguf export {base} {tmp_path / 'out' / 'base.gguf'}" in capsys.readouterr().out
+    # The adapter GGUF is no base.
+    assert lora.gguf.main(export[:2] + [str(tmp_path / "b.gguf")] + export[3:] + ["--base-gguf", export[2]]) == 2
+    assert "not a llama model GGUF (general.type 'adapter'" in capsys.readouterr().err
 
 
 def test_merge_py_gguf_flags_are_checked(tmp_path, capsys):
