@@ -175,10 +175,11 @@ def export(args):
     base = args.base or read_adapter_config(args.adapter_dir).base_model_name_or_path
     if not base:
         raise LoRAError(f"{args.adapter_dir}: its adapter_config.json names no base model; pass --base")
-    chat = export_adapter_gguf(args.adapter_dir, base, args.out_gguf, args.base_gguf, args.type, args.overwrite)
+    base_dir = resolve_model_dir(base)
+    base_gguf = args.base_gguf or default_base_gguf(Path(args.out_gguf), base_dir)
+    chat = export_adapter_gguf(args.adapter_dir, base_dir, args.out_gguf, base_gguf, args.type, args.overwrite)
     print(args.out_gguf)
     print(model_gguf.describe_modelfile(Path(args.out_gguf), chat))
-    base_gguf = args.base_gguf or default_base_gguf(Path(args.out_gguf), resolve_model_dir(base))
     if note := missing_base_note(base_gguf, base):
         print(note)
 

@@ -156,7 +156,8 @@ def _default_system(go_template: str, plain: str, bos: str, add_bos: bool) -> st
 
 def modelfile(gguf_path: Path, chat: OllamaChat, adapter_path: Path | None = None) -> str:
     """The text of modelfile_path(adapter_path or gguf_path): FROM the model's GGUF (and ADAPTER),
-    TEMPLATE, SYSTEM, stops, chat.py's greedy sampling. Paths are relative to the Modelfile, as Ollama reads them."""
+    TEMPLATE, SYSTEM, stops, chat.py's greedy sampling. Paths are relative to the Modelfile, as
+    Ollama reads them."""
     path = modelfile_path(adapter_path or gguf_path)
     here = lambda p: "./" + Path(os.path.relpath(Path(p).resolve(), path.parent.resolve())).as_posix()  # noqa: E731
     name = path.name.removesuffix(".Modelfile")

@@ -134,6 +134,18 @@ def smollm2_dir(smollm2_gguf, tmp_path_factory) -> Path:
     return import_gguf(smollm2_gguf, tmp_path_factory.mktemp("demo") / DEMO_NAME)
 
 
+def assert_gguf_tensors_equal(path: Path, reference: Path, what: str = ""):
+    """The same tensor names, types and bytes in two GGUF files (metadata aside)."""
+    import gguf
+    import numpy as np
+    ours = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    theirs = {t.name: t for t in gguf.GGUFReader(reference).tensors}
+    assert ours.keys() == theirs.keys(), what
+    for name, t in theirs.items():
+        assert ours[name].tensor_type == t.tensor_type, (what, name)
+        assert np.asarray(ours[name].data).tobytes() == np.asarray(t.data).tobytes(), (what, name)
+
+
 # ----------------------------------------------------------------------------- a tokenizer for tiny models
 
 TINY_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"

@@ -32,8 +32,8 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import (ROOT, TINY_CHAT_TEMPLATE, assert_logits_match, break_model, fp32_logits_bound, rel, save_tiny_hf,
-                      write_byte_level_tokenizer)
+from conftest import (ROOT, TINY_CHAT_TEMPLATE, assert_gguf_tensors_equal, assert_logits_match, break_model,
+                      fp32_logits_bound, rel, save_tiny_hf, write_byte_level_tokenizer)
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from model.gguf import PRE_TOKENIZERS, GGUFError, export_gguf, import_gguf, main, permute_qk, unpermute_qk
@@ -215,12 +215,7 @@ def test_q4_1_export_gives_back_the_source_file_byte_for_byte(smollm2_gguf, smol
     (a permutation off by a head, or the output matrix at 4 bits, changes bytes)."""
     out = tmp_path / "smollm2-q4_1.gguf"
     export_gguf(smollm2_dir, out, "q4_1")
-    source = {t.name: t for t in gguf.GGUFReader(smollm2_gguf).tensors}
-    exported = {t.name: t for t in gguf.GGUFReader(out).tensors}
-    assert exported.keys() == source.keys()
-    for name, t in source.items():
-        assert exported[name].tensor_type == t.tensor_type, name
-        assert np.asarray(exported[name].data).tobytes() == np.asarray(t.data).tobytes(), name
+    assert_gguf_tensors_equal(out, smollm2_gguf)
 
 
 def next_token_kl(p_logits, q_logits) -> float:

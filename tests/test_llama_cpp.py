@@ -20,15 +20,13 @@ Skipped unless `llama_cpp` imports: `make test-llama-cpp` builds it into .venv-l
   the format's, not an error of ours.
 """
 
+import ctypes
 from argparse import Namespace
 
-import ctypes
-
-import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, assert_gguf_tensors_equal
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make test-llama-cpp)")
 
@@ -36,7 +34,7 @@ import chat  # noqa: E402
 import data  # noqa: E402
 import lora  # noqa: E402
 import merge  # noqa: E402
-from model.gguf import OUT_TYPES, export_gguf  # noqa: E402
+from model.gguf import OUT_TYPES, OUTPUT_TYPE, export_gguf  # noqa: E402
 from model.load import load_model  # noqa: E402
 from model.ollama import ollama_prompt  # noqa: E402
 
@@ -138,8 +136,9 @@ def llama_quantize(source, dest, out_type: str):
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{out_type.upper()}")
     params.pure = True
-    if out_type[1] in "45":
-        params.token_embedding_type = llama_cpp.GGML_TYPE_Q8_0
+    qtype = OUT_TYPES[out_type][0]
+    if qtype in OUTPUT_TYPE:
+        params.token_embedding_type = int(OUTPUT_TYPE[qtype])  # gguf's enum values are ggml's
     assert llama_cpp.llama_model_quantize(str(source).encode(), str(dest).encode(), ctypes.byref(params)) == 0
 
 
@@ -151,12 +150,7 @@ def test_exports_are_llama_cpp_quantizer_output_byte_for_byte(smollm2_dir, setup
         theirs = setup.tmp / f"llama-quantize-{out_type}.gguf"
         llama_quantize(f32, theirs, out_type)
         capfd.readouterr()  # llama.cpp logs every tensor it writes
-        ours = {t.name: t for t in gguf.GGUFReader(exported(smollm2_dir, setup, out_type)).tensors}
-        reference = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
-        assert ours.keys() == reference.keys(), out_type
-        for name, t in reference.items():
-            assert ours[name].tensor_type == t.tensor_type, (out_type, name)
-            assert np.asarray(ours[name].data).tobytes() == np.asarray(t.data).tobytes(), (out_type, name)
+        assert_gguf_tensors_equal(exported(smollm2_dir, setup, out_type), theirs, out_type)
         theirs.unlink()
 
 
