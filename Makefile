@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 
-.PHONY: demo test venv lock test-latest test-llama-cpp clean
+.PHONY: demo test venv lock test-latest test-llama-cpp gpu-bundle clean
 
 venv: $(STAMP)
 
@@ -63,5 +63,11 @@ $(LLAMA_STAMP): pyproject.toml $(LOCK) requirements-llama.lock Makefile  # Makef
 test-llama-cpp: $(LLAMA_STAMP)
 	$(LLAMA_VENV)/bin/python -m pytest -v -s tests/test_llama_cpp.py
 
+# Not CI: .gpu/, what a lent GPU machine lacks to run bench/gpu_check.py (bench/gpu_bundle.py):
+# bitsandbytes at the lock's version, trimmed to its CPU and CUDA 13 libraries (7 MB of 43), and
+# gguf. It prints the run's carry and command, which installs them there and runs the check.
+gpu-bundle: $(STAMP)
+	$(PY) bench/gpu_bundle.py
+
 clean:
-	rm -rf $(VENV) $(LLAMA_VENV) .pytest_cache
+	rm -rf $(VENV) $(LLAMA_VENV) .pytest_cache .gpu
