@@ -11,7 +11,8 @@ and a debugger hooks, every intermediate tensor.
     RoPE / apply_rope    rotary embedding without a rotated copy of x     twin: llama.rope_rotate
     LinearCrossEntropy   lm_head and cross-entropy in chunks, no logits   twin: loss.reference_loss_sum
     LinearTokenCrossEntropy   the same, per token (DPO's log-probs)       twin: loss.reference_sequence_logps
-    varlen attention     packed rows without a mask (model/llama.py)      twin: SDPA with the mask
+    varlen attention     packed rows without a mask, one kernel call      twin: SDPA with the mask
+    document_attention   packed rows without a mask, a call per document  twin: SDPA with the mask
     shared_input         q/k/v (and gate/up) of one input together        twin: each layer on its own
 
 Cross entropy of logits z = h W^T against target y is  loss = logsumexp(z) - z_y,  and its gradient

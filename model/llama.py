@@ -5,6 +5,11 @@
 Module and parameter names are those of transformers' `LlamaForCausalLM` (`model.layers.0.self_attn.
 q_proj.weight`, ...), and RoPE rotates halves of each head as transformers does, so checkpoints
 load with no key map and no q/k permutation, and LoRA adapters carry the names PEFT uses.
+
+Packed rows (data.collate(..., pack=True): several documents a row) attend within their documents,
+by one of three kernels that compute the same thing (`packed_kernel` picks): FlashAttention's
+variable-length kernel, one SDPA call per document (`document_attention`), or SDPA with a
+block-diagonal mask, the twin the other two are tested against.
 """
 
 import inspect
@@ -128,35 +133,93 @@ class KVCache:
 
 
 class PackedDocuments(NamedTuple):
-    """Packed rows as variable-length attention reads them: the (B, T) rows flattened into one
-    sequence of B*T tokens, document k being tokens cu_seqlens[k] up to cu_seqlens[k + 1]."""
+    """Packed rows, each document kept apart from the others without a (B, 1, T, T) mask. Two
+    kernels read it (`packed_kernel` picks one): FlashAttention's variable-length kernel, reading
+    the (B, T) rows as one sequence of B*T tokens, document k being tokens cu_seqlens[k] up to
+    cu_seqlens[k + 1]; and `document_attention`, one SDPA call per document, reading `spans`."""
     cu_seqlens: torch.Tensor  # (documents + 1,) int32, 0 first and B*T last
     max_len: int  # the longest document's length
+    spans: torch.Tensor  # (documents, 3) int64, each document's (row, start, end); stays on the CPU
+    kernel: str = "documents"  # which reads it: "documents" (any device), or "varlen" (hidden_states sets it)
 
     def to(self, device, non_blocking: bool = False) -> "PackedDocuments":
+        """cu_seqlens on `device`; spans stay on the CPU, where reading them makes no one wait."""
         return self._replace(cu_seqlens=self.cu_seqlens.to(device, non_blocking=non_blocking))
 
 
 def packed_documents(document_ids: torch.Tensor) -> PackedDocuments:
     """PackedDocuments of document_ids (B, T), whose documents are runs of one id within a row
-    (data.collate's; its padding is a document of its own). It takes a nonzero() and a max(), which
-    on a GPU make the host wait: train.py computes it on the CPU, before the batch moves."""
+    (data.collate's; its padding is a document of its own). It takes a nonzero(), a max() and a
+    copy to the CPU, which on a GPU make the host wait: train.py computes it on the CPU, before the
+    batch moves, so that the step itself never waits."""
     B, T = document_ids.shape
     starts = torch.ones((B, T), dtype=torch.bool, device=document_ids.device)  # every row starts one
     starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
     cu = torch.cat([starts.flatten().nonzero().flatten(), torch.tensor([B * T], device=starts.device)])
-    return PackedDocuments(cu.to(torch.int32), int((cu[1:] - cu[:-1]).max()))
+    row, start = cu[:-1] // T, cu[:-1] % T  # no document crosses a row: every row starts one
+    spans = torch.stack([row, start, start + cu[1:] - cu[:-1]], dim=1).cpu()  # (documents, 3)
+    return PackedDocuments(cu.to(torch.int32), int((cu[1:] - cu[:-1]).max()), spans)
 
 
 def varlen_runs(x: torch.Tensor, config: LlamaConfig) -> bool:
     """Whether packed rows take FlashAttention's variable-length kernel for activations like x: a
     CUDA device of compute capability 8.0 or more, bf16 or fp16 (under autocast, its dtype), a head
-    size FlashAttention takes, and a torch that has the kernel. Elsewhere (the CPU, fp32) SDPA reads
-    the block-diagonal mask."""
+    size FlashAttention takes, and a torch that has the kernel."""
     if not (_VARLEN and x.is_cuda and config.head_dim % 8 == 0 and config.head_dim <= 256):
         return False
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
     return dtype in (torch.bfloat16, torch.float16) and torch.cuda.get_device_capability(x.device) >= (8, 0)
+
+
+def packed_kernel(x: torch.Tensor, config: LlamaConfig) -> str:
+    """How packed rows keep their documents apart, for activations like x:
+
+        "varlen"     FlashAttention's variable-length kernel, one call for all documents, where it
+                     runs (`varlen_runs`: CUDA, bf16/fp16, a torch that has it, as 2.12 does)
+        "documents"  one SDPA call per document (`document_attention`), elsewhere on CUDA (an
+                     older torch, fp32, a head size flash refuses): each call causal, no mask
+        "mask"       SDPA with the block-diagonal (B, 1, T, T) mask, on the CPU, whose SDPA reads
+                     a mask without forming the scores. On CUDA a mask keeps SDPA off flash, and
+                     with GQA (in many torch versions) off the memory-efficient kernel too: the
+                     math kernel then holds all B*H*T^2 scores in memory.
+
+    The three compute the same thing; the mask path is the twin the other two are tested against."""
+    if varlen_runs(x, config):
+        return "varlen"
+    return "documents" if x.is_cuda else "mask"
+
+
+@torch.compiler.disable  # see below
+def document_attention(q, k, v, spans, window: int | None = None):
+    """Causal attention within each packed document, one SDPA call per document. q (B, H, T, D);
+    k, v (B, Hkv, T, D), each K/V head shared by H / Hkv query heads; spans (documents, 3), the
+    (row, start, end) of each document, in order along each row and covering it (a CPU tensor)
+    -> (B, H, T, D). A query sees the keys of its own document at or before it; with a window,
+    only the last `window` of those, its own included.
+
+    It computes what SDPA with the block-diagonal mask computes (the mask path is its twin),
+    without the mask: each call is causal over one document, so CUDA's SDPA takes a kernel that
+    never holds the scores, and no block of the (T, T) grid between two documents is computed.
+    One kernel call per document is cheap for the few dozen documents of a packed micro-batch.
+    torch.compile leaves this function out (one graph break per block): traced, the loop would
+    be unrolled and recompiled for every new number of documents; as a tensor, spans are only
+    a size guard, that turns dynamic."""
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1 and not _SDPA_HAS_GQA:
+        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)  # (B, H, T, D)
+    gqa = {"enable_gqa": n_rep > 1} if _SDPA_HAS_GQA else {}
+    rows = [[] for _ in range(q.shape[0])]  # each row's documents' outputs, in order
+    for b, s, e in spans.tolist():  # host ints: the host never waits for the device
+        # (1, heads, L, D): kept 4-D, since SDPA's flash and memory-efficient kernels want that
+        qd, kd, vd = q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e]
+        if window is not None and e - s > window:  # a document longer than the window: its own mask
+            i = torch.arange(e - s, device=q.device)
+            # (L, L): query i sees keys j with i - window < j <= i
+            allowed = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+            rows[b].append(F.scaled_dot_product_attention(qd, kd, vd, attn_mask=allowed, **gqa))
+        else:
+            rows[b].append(F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, **gqa))
+    return torch.cat([torch.cat(pieces, dim=2) for pieces in rows])  # (B, H, T, D)
 
 
 class Attention(nn.Module):
@@ -173,7 +236,9 @@ class Attention(nn.Module):
         self.sliding_window = config.sliding_window
 
     def forward(self, x, cos, sin, mask, kv_cache: KVCache | None = None, layer: int = 0):
-        """mask: None (causal), a bool (B|1, 1, T, S) mask, or PackedDocuments (varlen attention)."""
+        """mask: None (causal), a bool (B|1, 1, T, S) mask, or PackedDocuments: packed rows, whose
+        documents are kept apart by FlashAttention's variable-length kernel (its kernel "varlen") or
+        by one SDPA call per document ("documents", document_attention)."""
         B, T, _ = x.shape
         if fused.enabled():  # LoRA layers compute q, k, v together (lora/fused.py)
             q, k, v = fused.shared_input(x, self.q_proj, self.k_proj, self.v_proj)
@@ -184,8 +249,12 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         rope = fused.apply_rope if fused.enabled() else rope_rotate
         q, k = rope(q, cos, sin), rope(k, cos, sin)
+        if isinstance(mask, PackedDocuments) and mask.kernel == "varlen":
+            y = self.varlen_attention(q, k, v, mask)  # (B*T, H, D)
+            return self.o_proj(y.view(B, T, self.n_heads * self.head_dim))
         if isinstance(mask, PackedDocuments):
-            return self.o_proj(self.packed_attention(q, k, v, mask).view(B, T, self.n_heads * self.head_dim))
+            y = document_attention(q, k, v, mask.spans, self.sliding_window)  # (B, H, T, D)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, Hkv, S, D), S = cached + T
         # mask None means plain causal attention over T == S positions: SDPA's `is_causal` path is
@@ -193,7 +262,7 @@ class Attention(nn.Module):
         # cache that is always so, whatever T: a constant, so torch.compile does not break the
         # graph on a symbolic T > 1 when the lengths of micro-batches vary.
         is_causal = mask is None and (kv_cache is None or (k.shape[2] == T and T > 1))
-        if not fused.enabled():
+        if not fused.enabled():  # the textbook twin: its (B, H, T, S) scores are in memory, by design
             y = attention(q, k, v, mask, is_causal)
             return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         if self.n_kv_heads != self.n_heads and not _SDPA_HAS_GQA:
@@ -203,7 +272,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, **gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
-    def packed_attention(self, q, k, v, documents: "PackedDocuments"):
+    def varlen_attention(self, q, k, v, documents: PackedDocuments):
         """Causal attention within each packed document, by FlashAttention's variable-length kernel:
         the B rows are one sequence of B*T tokens cut at documents.cu_seqlens. It computes what SDPA
         with the block-diagonal mask computes (the mask path is its twin), without the (B, 1, T, T)
@@ -305,9 +374,12 @@ class Llama(nn.Module):
     def hidden_states(self, input_ids, position_ids=None, document_ids=None, kv_cache=None, documents=None):
         """The final-normed hidden states (B, T, hidden_size): everything but lm_head.
 
-        Packed rows (document_ids) attend within their documents: through varlen attention where
-        it runs (`varlen_runs`), reading `documents` (packed_documents(document_ids), found here
-        when not given), else through a block-diagonal mask.
+        Packed rows (document_ids) attend within their documents, by the kernel `packed_kernel`
+        picks: FlashAttention's varlen kernel or one SDPA call per document, both reading
+        `documents` (packed_documents(document_ids), found here when not given: on a GPU that makes
+        the host wait), or SDPA with a block-diagonal mask (the CPU). The textbook path
+        (fused.reference_path) always takes the mask, into attention() written out: that twin
+        holds the (B, H, T, T) scores by design.
         """
         B, T = input_ids.shape
         start = kv_cache.length if kv_cache is not None else 0
@@ -317,10 +389,13 @@ class Llama(nn.Module):
         if self.neftune_alpha and self.training:
             x = neftune_noise(x, self.neftune_alpha)
         cos, sin = self.rope(position_ids, x.dtype)
-        if document_ids is not None and kv_cache is None and fused.enabled() and varlen_runs(x, self.config):
-            mask = (documents if documents is not None else packed_documents(document_ids)).to(x.device)
-        else:
+        packed = document_ids is not None and kv_cache is None and fused.enabled()
+        kernel = packed_kernel(x, self.config) if packed else "mask"
+        if kernel == "mask":
             mask = self.attention_mask(T, start, document_ids)
+        else:  # "varlen" or "documents": no mask
+            documents = documents if documents is not None else packed_documents(document_ids)
+            mask = documents.to(x.device)._replace(kernel=kernel)
         for i, layer in enumerate(self.model.layers):
             if self.grad_checkpointing and self.training:
                 # Non-reentrant: works although the embedding output does not require grad.

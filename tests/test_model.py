@@ -129,7 +129,7 @@ def test_packed_rows_through_varlen_attention_equal_the_mask(tmp_path, monkeypat
     by its definition, written per document (varlen_by_documents), so that what this test proves
     is the rest: the documents' bounds (packed_documents), the flattening of (B, H, T, D) to
     tokens and back, GQA and the sliding window, in float64, loss and every gradient equal to the
-    mask path's. test_varlen_kernel_on_cuda checks the kernel itself where there is one."""
+    mask path's. test_packed_kernels_on_cuda checks the kernel itself where there is one."""
     import data
     import model.llama as llama
     from model.loss import lm_loss_sum
@@ -166,29 +166,34 @@ def test_varlen_runs_only_where_the_kernel_is():
         assert not llama.varlen_runs(torch.zeros(1, dtype=dtype), config)  # the CPU keeps the mask
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention's varlen kernel needs CUDA")
-def test_varlen_kernel_on_cuda(tiny_llama_dir):
-    """The real kernel: packed rows' bf16 loss through varlen attention against the mask path, on
-    the GPU. Bound: bf16 rounding (8 bits) over two layers, as bench/gpu_check.py's."""
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the packed kernels' choice is CUDA's")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_packed_kernels_on_cuda(tiny_llama_dir, monkeypatch, dtype):
+    """The real kernels: packed rows' loss through varlen attention (where it runs) and one SDPA
+    call per document against the mask path, on the GPU. Bound: bf16 rounding (8 bits) over two
+    layers, as bench/gpu_check.py's; in fp32 1e-3, as SDPA's fp32 kernels may multiply in TF32 (10
+    bits) on Ampere and later. Attending across documents moves the loss far more."""
     import data
     import model.llama as llama
     from model.loss import lm_loss_sum
-    model = load_model(tiny_llama_dir, dtype=torch.bfloat16, device="cuda")
-    if not llama.varlen_runs(torch.zeros(1, dtype=torch.bfloat16, device="cuda"), model.config):
-        pytest.skip("this torch or GPU has no varlen FlashAttention")
+    model = load_model(tiny_llama_dir, dtype=dtype, device="cuda")
     rows = [[{"input_ids": list(range(1, n + 1)), "labels": list(range(1, n + 1))} for n in lengths]
             for lengths in ((30, 17), (40,))]
     batch = {k: v.cuda() for k, v in data.collate(rows, pad_id=0, pack=True).items()}
-    losses = []
-    for varlen in (True, False):
-        llama_runs = llama.varlen_runs
-        llama.varlen_runs = (lambda x, c: llama_runs(x, c)) if varlen else (lambda x, c: False)
-        try:
-            losses.append(lm_loss_sum(model, batch["input_ids"], batch["labels"], batch["position_ids"],
-                                      batch["document_ids"])[0].item())
-        finally:
-            llama.varlen_runs = llama_runs
-    assert abs(losses[0] - losses[1]) <= 3e-2 * abs(losses[1]), losses
+    assert llama.packed_kernel(model.model.embed_tokens.weight, model.config) != "mask"
+    kernels = ["documents"] + (["varlen"] if llama.varlen_runs(batch["input_ids"].new_zeros(1, dtype=dtype),
+                                                              model.config) else [])
+
+    def loss(kernel):
+        monkeypatch.setattr(llama, "packed_kernel", lambda x, config: kernel)
+        return lm_loss_sum(model, batch["input_ids"], batch["labels"], batch["position_ids"],
+                           batch["document_ids"])[0].item()
+
+    bound = 3e-2 if dtype == torch.bfloat16 else 1e-3
+    mask = loss("mask")
+    for kernel in kernels:
+        ours = loss(kernel)
+        assert abs(ours - mask) <= bound * abs(mask), (kernel, ours, mask)
 
 
 @pytest.mark.parametrize("overrides", [{}, {"arch": "qwen2", "tie_word_embeddings": True},
