@@ -12,8 +12,9 @@ a kill); only the newest `keep` checkpoints are kept. A checkpoint that fails to
 path, with the previous one offered.
 
 Under torchrun every rank takes part in saving (FSDP2 shards are gathered whole) and rank 0 writes
-the same files a single process does, plus each rank's RNG state; so a checkpoint resumes with any
-number of ranks, DDP or FSDP (dropout reproduces exactly when the number of ranks is the same).
+the same files a single process does, plus each rank's RNG states (CPU, Python, and its own GPU's
+alone); so a checkpoint resumes with any number of ranks or visible GPUs, DDP or FSDP (dropout
+reproduces exactly when the number of ranks is the same).
 Every rank reads the checkpoint on --resume: across machines, --output-dir must be shared.
 """
 
@@ -41,18 +42,42 @@ def checkpoint_dir(output_dir: Path, step: int) -> Path:
 
 
 def rng_states() -> dict:
+    """The random states this process draws from: torch's CPU generator, Python's and, once CUDA is
+    in use, the generator of this process's own GPU (under torchrun, its LOCAL_RANK's). Only that
+    one: a state for every visible GPU would not restore where fewer are visible."""
     states = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_initialized():  # a CPU run on a GPU machine saves none (and creates no CUDA context)
+        states["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return states
 
 
 def set_rng_states(states: dict):
+    """Restore rng_states(): the "cuda" state goes to this process's GPU. Checkpoints written before
+    hold a list there, a state per GPU visible then: this GPU's entry is restored, if it has one."""
     torch.set_rng_state(states["torch"])
     version, internal, gauss = states["python"]
     random.setstate((version, tuple(internal), gauss))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    cuda = states.get("cuda")
+    if cuda is None or not torch.cuda.is_initialized():  # saved on the CPU, or resumed there
+        return
+    device = torch.cuda.current_device()
+    if isinstance(cuda, (list, tuple)):
+        if device >= len(cuda):
+            return  # this GPU's index was not visible when the list was saved: nothing to restore
+        cuda = cuda[device]
+    if not isinstance(cuda, torch.Tensor):
+        raise TypeError(f"the CUDA state is a {type(cuda).__name__}, not a tensor")
+    torch.cuda.set_rng_state(cuda, device)
+
+
+def restore_rng(state: dict):
+    """This rank's RNG states from training_state.pt (rank 0's, when the number of ranks changed:
+    dropout then draws differently from the interrupted run)."""
+    try:
+        per_rank = state.get("rng_ranks", [state["rng"]])
+        set_rng_states(per_rank[parallel.rank()] if len(per_rank) == parallel.world_size() else state["rng"])
+    except (RuntimeError, TypeError, ValueError, KeyError, IndexError) as e:
+        raise ValueError(f"{STATE_FILE}: RNG state: {type(e).__name__}: {e}") from None
 
 
 def save_checkpoint(output_dir, step: int, model, lora_config, base_model: str, optimizer, scaler,
@@ -133,8 +158,7 @@ def load_checkpoint(path: Path, model, optimizer, scaler) -> dict:
         state = torch.load(path / STATE_FILE, weights_only=True, map_location="cpu")
         parallel.load_optimizer_state(optimizer, state["optimizer"])
         scaler.load_state_dict(state["scaler"])
+        restore_rng(state)
     except (OSError, UserError, RuntimeError, KeyError, ValueError) as e:  # truncated, foreign or torn files
         raise CheckpointError(unreadable(path, str(e).split("\n")[0].split(". ")[0])) from None
-    per_rank = state.get("rng_ranks", [state["rng"]])
-    set_rng_states(per_rank[parallel.rank()] if len(per_rank) == parallel.world_size() else state["rng"])
     return trainer_state

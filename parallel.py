@@ -22,6 +22,10 @@ Every rank runs the same loop of train.py; this file holds what differs from one
               holds the whole model, in memory or on the GPU
     saving    LoRA weights and optimizer state are gathered whole on every rank and rank 0 writes
               the files a single process writes, so checkpoints move freely between the two
+    numbers   what the host holds (token counts, the stop flag) is summed over a gloo group beside
+              nccl, which waits for the other ranks but never for the GPU (`all_reduce_sum`); the
+              step's loss sums are summed on the device (`all_reduce_tensor`) and read once, with
+              the grad norm: a step waits for the GPU once, as in one process
     failures  collectives time out after --parallel-timeout seconds; a rank that raises prints
               its error with its rank and exits non-zero, and torchrun then stops the others
 
@@ -53,20 +57,27 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+_host_group = None  # a gloo group of all ranks beside the device's, made by init: all_reduce_sum's
+
+
 def init(device: str, timeout_s: float):
-    """Join the other ranks (nccl on CUDA, gloo on the CPU) if a launcher started this process.
+    """Join the other ranks (nccl on CUDA, gloo on the CPU) if a launcher started this process, and
+    make a second group of them on gloo, for the numbers the host holds (all_reduce_sum); on the
+    CPU both groups are gloo.
 
     On CUDA each rank takes the GPU of its LOCAL_RANK, so "cuda" means that GPU from here on.
     A collective that waits longer than `timeout_s` for a rank fails instead of hanging.
     """
+    global _host_group
     if not launched_by_torchrun() or dist.is_initialized():
         return
     device_id = None
     if device == "cuda":
         device_id = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device_id)
-    dist.init_process_group("nccl" if device == "cuda" else "gloo",
-                            timeout=timedelta(seconds=timeout_s), device_id=device_id)
+    timeout = timedelta(seconds=timeout_s)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=timeout, device_id=device_id)
+    _host_group = dist.new_group(backend="gloo", timeout=timeout)
 
 
 def shutdown():
@@ -75,9 +86,11 @@ def shutdown():
     The barrier also lets gloo's worker thread release the last collectives' tensors first: that
     needs the GIL, which the main thread holds while DDP tears the group down (a deadlock seen
     here; pytorch/pytorch#56297)."""
+    global _host_group
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # every group, the host group too
+    _host_group = None
 
 
 def rank() -> int:
@@ -126,13 +139,25 @@ def empty_batch(pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def all_reduce_sum(*values):
-    """The sums over all ranks of some Python numbers (ints stay ints); in one process, the numbers."""
+    """The sums over all ranks of some Python numbers (ints stay ints); in one process, the numbers.
+
+    For numbers the host already holds (token counts, a stop flag): they go over init's gloo group,
+    in a CPU tensor, so the host waits for the other ranks to get there but never for the GPU (over
+    nccl they would be copied to the GPU and read back, behind the queued kernels)."""
     if not dist.is_initialized():
         return values
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    dist.all_reduce(t, group=_host_group)
     return tuple(type(v)(x) for v, x in zip(values, t.tolist()))
+
+
+def all_reduce_tensor(t: torch.Tensor) -> torch.Tensor:
+    """`t` summed over all ranks where it lies (nccl on the GPU: queued behind the kernels that make
+    it, the host does not wait); in one process, `t` itself. For values still on the device (the
+    loss sums of a step), so that they are read once, with the rest of the step's figures."""
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
 
 
 def any_rank(flag: bool) -> bool:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import parallel
 from model.errors import UserError
-from model.runtime import peak_memory_gib
+from model.runtime import peak_memory_gib, peak_reserved_gib
 
 LOCK_FILE = ".lock"
 CONFIG_FILE = "run_config.json"
@@ -279,7 +279,8 @@ class RunLog:
 
     def step(self, row: dict):
         self.write(row)
-        for k in ("loss", "lr", "grad_norm", "tokens_per_s", "max_memory_gib", "loss_scale", *DPO_METRICS):
+        for k in ("loss", "lr", "grad_norm", "tokens_per_s", "max_memory_gib", "max_reserved_gib", "loss_scale",
+                  *DPO_METRICS):
             if k in row:
                 self.writer.add_scalar(f"train/{k}", row[k], row["step"])
         if self.log_every and row["step"] % self.log_every == 0 and not self.console.is_terminal:
@@ -329,5 +330,5 @@ def print_grad_table(console, step, rows: list[tuple[str, dict]]):
 def write_summary(out: Path, **figures):
     """summary.json: how a run ended, finished or diverged (an interrupted run has none; a sweep reads it)."""
     if parallel.is_main():
-        figures["peak_memory_gib"] = peak_memory_gib()
+        figures.update(peak_memory_gib=peak_memory_gib(), peak_reserved_gib=peak_reserved_gib())
         (out / SUMMARY_FILE).write_text(json.dumps(figures, indent=2))

@@ -14,7 +14,8 @@ The file reads in the order a run happens. The settings (settings.py: TrainConfi
 any work) go through named phases, each a function below: `start_run` (device, dtype, output
 directory), `load_data`, `plan_steps` (how many steps; with --resume, where to continue), `build_model`
 (the frozen base, LoRA injected), `build_optimizer`. Then `run_training`'s loop: per optimizer step,
-`train_step` (micro-batches, backward, clip, update), logging, `evaluate`, `save_checkpoint`.
+`train_step` (micro-batches, backward, clip, update), logging, `evaluate`, `save_checkpoint`; the
+steps' micro-batches are collated a step or two ahead, on a thread of their own (`step_batches`).
 """
 
 import math
@@ -41,10 +42,11 @@ from model import load_model, resolve_model_dir
 from model.errors import run_command
 from model.fused import reference_path
 from model.generate import generate
-from model.llama import packed_documents
+from model.llama import PackedDocuments, packed_documents
 from model.load import meta_model
 from model.loss import IGNORE_INDEX, LanguageModelLoss, trained_positions
-from model.runtime import choose_device, choose_dtype, keep_freed_memory, peak_memory_gib, reset_peak_memory
+from model.runtime import (choose_device, choose_dtype, indexed_device, keep_freed_memory, peak_memory_gib,
+                           peak_reserved_gib, reset_peak_memory)
 from settings import DEMO_VALIDATION, TrainConfig, TrainError, betas, parse_config
 
 
@@ -79,44 +81,41 @@ def run_training(cfg: TrainConfig) -> dict:
     losses, row, streak = [], first_val, 0  # streak: fp16 steps skipped in a row
 
     # --- the loop: one iteration is one optimizer step of grad_accum micro-batches
-    stream = micro_batch_stream(ds.lengths, cfg, pos.epoch, pos.index)
     stop, bar = StopRequest(), ProgressBar(run.console, plan.total_steps, pos.step)
-    while pos.step < plan.total_steps:
-        t0 = time.perf_counter()
-        lr = lr_at(pos.step, cfg, plan.total_steps, plan.warmup)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_ratio", 1.0)  # LoRA+: B's groups at ratio x lr
-        # Collate the whole step first: the loss is normalised by the trained tokens of all of it.
-        batches = []
-        for _ in range(cfg.grad_accum):
-            pos.epoch, pos.index, idx = next(stream)
-            batches.append(ds.batch(idx))
-        before = lora_weights(model) if cfg.debug_grads else None  # for |dA|/|A|, |dB|/|B|
-        result = train_step(train_loss_fn, batches, optimizer, scaler, trainable, cfg.max_grad_norm, run.autocast,
-                            loss_fn.STATS)
-        streak = streak + 1 if result.skipped else 0
-        check_finite(result, streak, cfg, model, run, pos.step + 1)  # stops a diverged run, before saving
-        pos.step += 1
-        if cfg.debug_grads:  # the step's gradients are still there to read: zero_grad comes next step
-            logs.grads(pos.step, grad_report(model, before))
+    batches_ahead = step_batches(ds, cfg, pos.epoch, pos.index, plan.total_steps - pos.step)
+    with data.Prefetcher(batches_ahead) as steps:  # collated on a thread, ahead of the steps
+        while pos.step < plan.total_steps:
+            t0 = time.perf_counter()
+            lr = lr_at(pos.step, cfg, plan.total_steps, plan.warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_ratio", 1.0)  # LoRA+: B's groups at ratio x lr
+            pos.epoch, pos.index, batches = next(steps)  # this step's micro-batches; the position after them
+            before = lora_weights(model) if cfg.debug_grads else None  # for |dA|/|A|, |dB|/|B|
+            result = train_step(train_loss_fn, batches, optimizer, scaler, trainable, cfg.max_grad_norm,
+                                run.autocast, loss_fn.STATS)
+            streak = streak + 1 if result.skipped else 0
+            check_finite(result, streak, cfg, model, run, pos.step + 1)  # stops a diverged run, before saving
+            pos.step += 1
+            if cfg.debug_grads:  # the step's gradients are still there to read: zero_grad comes next step
+                logs.grads(pos.step, grad_report(model, before))
 
-        # --- log, evaluate, checkpoint
-        row = result.row(pos.step, lr, time.perf_counter() - t0, run, pos.epoch)
-        if cfg.eval_every and pos.step % cfg.eval_every == 0 or pos.step == plan.total_steps:
-            row.update(logs.eval(pos.step, *evaluation()))
-        logs.step(row)
-        losses.append(result.loss)
-        bar.update(pos.step, row)
-        stopping = parallel.any_rank(stop.signal is not None)  # every rank stops after the same step
-        if cfg.save_every and pos.step % cfg.save_every == 0 or pos.step == plan.total_steps or stopping:
-            save_checkpoint(run.out, pos.step, model, lora_cfg, str(cfg.model), optimizer, scaler,
-                            {"epoch": pos.epoch, "index": pos.index}, cfg.keep_checkpoints)
-        if stopping:
-            bar.stop()
-            signum = stop.signal or signal.SIGTERM
-            run.console.print(f"stopped by signal {signum} after step {pos.step}; checkpoint saved, "
-                              "continue with --resume")
-            sys.exit(128 + signum)
+            # --- log, evaluate, checkpoint
+            row = result.row(pos.step, lr, time.perf_counter() - t0, run, pos.epoch)
+            if cfg.eval_every and pos.step % cfg.eval_every == 0 or pos.step == plan.total_steps:
+                row.update(logs.eval(pos.step, *evaluation()))
+            logs.step(row)
+            losses.append(result.loss)
+            bar.update(pos.step, row)
+            stopping = parallel.any_rank(stop.signal is not None)  # every rank stops after the same step
+            if cfg.save_every and pos.step % cfg.save_every == 0 or pos.step == plan.total_steps or stopping:
+                save_checkpoint(run.out, pos.step, model, lora_cfg, str(cfg.model), optimizer, scaler,
+                                {"epoch": pos.epoch, "index": pos.index}, cfg.keep_checkpoints)
+            if stopping:
+                bar.stop()
+                signum = stop.signal or signal.SIGTERM
+                run.console.print(f"stopped by signal {signum} after step {pos.step}; checkpoint saved, "
+                                  "continue with --resume")
+                sys.exit(128 + signum)
     bar.stop()
 
     parallel.save_adapter(model, lora_cfg, run.out / "adapter", str(cfg.model))  # gathered, rank 0 writes
@@ -177,7 +176,7 @@ class TrainData:
     val_batches: list[dict]  # on the device, this rank's share
     pack: bool
     pairs: bool  # --objective dpo: the examples are preference pairs
-    device: str
+    device: torch.device  # with its index (cuda:1), for the batches made on the prefetcher's thread
 
     @property
     def lengths(self) -> list[int]:
@@ -227,7 +226,7 @@ def load_data(cfg: TrainConfig, run: Run) -> TrainData:
     if not train_examples:
         raise TrainError(f"--data {cfg.data}: no training examples left")
     ds = TrainData(tok, train_examples, val_examples, val_file and str(val_file), [], cfg.pack,
-                   cfg.objective == "dpo", run.device)
+                   cfg.objective == "dpo", indexed_device(run.device))  # the batch prefetcher's thread copies there
     ds.make_val_batches(cfg.micro_batch_size)
     return ds
 
@@ -310,7 +309,7 @@ def build_model(cfg: TrainConfig, run: Run, lora_cfg: lora.LoRAConfig, resuming:
     train_loss_fn = parallel.wrap(loss_fn, cfg.parallel, run.device) if parallel.launched_by_torchrun() else loss_fn
     if run.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
-    reset_peak_memory()  # max_memory_gib and the summary's peak: of training, not of loading
+    reset_peak_memory()  # max_memory_gib, max_reserved_gib and the summary's peaks: of training, not loading
     return model, loss_fn, train_loss_fn
 
 
@@ -386,8 +385,8 @@ class Step:
         row.update(self.stats)
         if self.loss_scale is not None:
             row.update(loss_scale=self.loss_scale, skipped=self.skipped)  # a skipped step did not update A, B
-        if run.device == "cuda":
-            row["max_memory_gib"] = peak_memory_gib()
+        if run.device == "cuda":  # allocated, and held by the caching allocator (what the GPU needs free)
+            row.update(max_memory_gib=peak_memory_gib(), max_reserved_gib=peak_reserved_gib())
         return row
 
 
@@ -401,7 +400,8 @@ def train_step(loss_fn, batches, optimizer, scaler, params, max_grad_norm: float
     n_loss counts: trained tokens (SFT) or preference pairs (DPO). A loss module with stat_names
     (DPO's) returns their sums beside the loss; the step reports their means."""
     optimizer.zero_grad(set_to_none=True)
-    # Counts were taken on the CPU (to_device): the step waits for the device once, below.
+    # Counts were taken on the CPU (to_device) and are summed over ranks there (gloo): the step
+    # waits for the device once, below.
     n_loss, trained_tokens, tokens = parallel.all_reduce_sum(*(sum(b[k] for b in batches)
                                                                for k in ("n_loss", "n_trained", "n_tokens")))
     device = batches[0]["input_ids"].device
@@ -415,14 +415,13 @@ def train_step(loss_fn, batches, optimizer, scaler, params, max_grad_norm: float
         loss_sum += loss.detach()
         if stat_names:
             stat_sums += extra.detach().float()
+    sums = parallel.all_reduce_tensor(torch.cat([loss_sum[None], stat_sums]))  # over ranks, on the device
     scaler.unscale_(optimizer)  # true gradients, before clipping and before they are logged
     grad_norm = clip_gradients(params, max_grad_norm)  # the norm before clipping, logged
     loss_scale = scaler.get_scale() if scaler.is_enabled() else None  # the scale this step used
     scaler.step(optimizer)  # fp16: skipped if a gradient overflowed (GradScaler checks, and syncs)
     scaler.update()
-    loss_sum, grad_norm, *stat_sums = torch.cat([torch.stack([loss_sum, grad_norm.float()]),
-                                                 stat_sums]).tolist()  # the step's one sync
-    loss_sum, *stat_sums = parallel.all_reduce_sum(loss_sum, *stat_sums)
+    loss_sum, *stat_sums, grad_norm = torch.cat([sums, grad_norm.float()[None]]).tolist()  # the step's one sync
     stats = mean_stats(stat_names, stat_sums, n_loss)
     return Step(loss_sum / n_loss, grad_norm, tokens, trained_tokens, loss_scale,
                 skipped=scaler.is_enabled() and not math.isfinite(grad_norm), stats=stats)
@@ -513,12 +512,31 @@ def micro_batch_stream(lengths, cfg: TrainConfig, epoch: int, index: int):
         epoch, index = epoch + 1, 0
 
 
+def step_batches(ds: TrainData, cfg: TrainConfig, epoch: int, index: int, steps: int):
+    """Yield (epoch, next index, micro-batches) for `steps` steps from the data position (epoch,
+    index): each step's grad_accum micro-batches collated, counted and on the device (the whole step
+    first: the loss is normalised by the trained tokens of all of it), and the position after them,
+    which the step's checkpoint saves. run_training reads it through data.Prefetcher, on a thread of
+    its own ahead of the steps, so the device never waits on collation; it draws no random numbers."""
+    stream = micro_batch_stream(ds.lengths, cfg, epoch, index)
+    for _ in range(steps):
+        batches = []
+        for _ in range(cfg.grad_accum):
+            epoch, index, idx = next(stream)
+            batches.append(ds.batch(idx))
+        yield epoch, index, batches
+
+
 def to_device(batch: dict, device) -> dict:
     """The batch on `device`, with what the step reads of it counted first, on the CPU (counted on
     a GPU, each would make the host wait): n_trained and n_tokens, n_loss (what the loss is a mean
     over), trained_index, the positions the loss gathers (model.loss.trained_positions), for
     packed rows the documents' bounds that varlen attention reads (model.llama.packed_documents),
-    and for DPO's pairs the row of each trained position and the trained tokens of each row."""
+    and for DPO's pairs the row of each trained position and the trained tokens of each row.
+
+    On CUDA the tensors are pinned first (page-locked): only from there does a non_blocking copy
+    leave the host free at once (from pageable memory CUDA stages it through a pinned buffer of its
+    own, with the host waiting). `device` has its index: another thread's "cuda" may be another GPU."""
     batch = {**batch, "trained_index": trained_positions(batch["labels"])}
     if "document_ids" in batch:
         batch["documents"] = packed_documents(batch["document_ids"])
@@ -528,7 +546,22 @@ def to_device(batch: dict, device) -> dict:
         counts["n_loss"] = counts["pairs"] = batch.pop("pairs")
         batch["trained_rows"] = batch["trained_index"] // batch["labels"].shape[1]
         batch["reply_tokens"] = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1)  # (2B,): IPO's averages
+    if pins_memory(device):
+        batch = {k: pinned(v) for k, v in batch.items()}
     return {**{k: v.to(device, non_blocking=True) for k, v in batch.items()}, **counts}
+
+
+def pins_memory(device) -> bool:
+    """Whether batches for `device` are pinned before their copy: on CUDA (on the CPU there is no
+    copy, and pin_memory needs an accelerator)."""
+    return torch.device(device).type == "cuda"
+
+
+def pinned(value):
+    """A tensor in page-locked memory; of PackedDocuments, its cu_seqlens (the tensor it holds)."""
+    if isinstance(value, PackedDocuments):
+        return value._replace(cu_seqlens=value.cu_seqlens.pin_memory())
+    return value.pin_memory()
 
 
 def forward_loss(loss_fn, batch, autocast):
@@ -578,6 +611,7 @@ def sample_replies(model, tok, prompts, max_new_tokens, autocast) -> list[str]:
     return replies
 
 
+@torch.no_grad()
 def clip_gradients(params, max_norm: float) -> torch.Tensor:
     """Scale the gradients so that their global L2 norm is at most max_norm (0: leave them), as
     clip_grad_norm_ does, and return the norm before clipping as a 0-dim tensor, with no host
@@ -585,8 +619,8 @@ def clip_gradients(params, max_norm: float) -> torch.Tensor:
 
     A non-finite norm leaves the gradients as they are, so the module that made it can be named
     (the caller stops the run, or under fp16 GradScaler skips the update). Under FSDP the
-    gradients are shards (DTensors): their norm is combined over the ranks (parallel.full) and the
-    factor applied per shard as a number, which takes one sync."""
+    gradients are shards (DTensors): their norm is combined over the ranks (parallel.full, an
+    all-reduce on the device) and the factor multiplies each shard's local tensor, as in one process."""
     grads = [p.grad for p in params if p.grad is not None]
     sharded = any(parallel.is_shard(g) for g in grads)
     norms = [torch.linalg.vector_norm(g) for g in grads] if sharded else torch._foreach_norm(grads)
@@ -594,11 +628,8 @@ def clip_gradients(params, max_norm: float) -> torch.Tensor:
     if max_norm > 0:
         factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # clip_grad_norm_'s factor
         factor = torch.where(torch.isfinite(norm), factor, torch.ones_like(factor))
-        if sharded:
-            for g in grads:
-                g.mul_(factor.item())
-        else:
-            torch._foreach_mul_(grads, factor)
+        local = [g.to_local() if parallel.is_shard(g) else g for g in grads]  # views of the shards' storage
+        torch._foreach_mul_(local, factor)
     return norm
 
 

@@ -6,13 +6,14 @@
     split_validation(examples, fraction, seed)    -> (train, val)
     micro_batches(lengths, micro_batch_size, seed, epoch, ...)  -> lists of example indices
     collate(examples, pad_id, pack) / make_batch(examples, micro_batch, pad_id, pack) -> tensors
+    Prefetcher(items)                    an iterator's items made on a background thread, ahead of use
     tokenize_pairs(path, tok, max_seq_len)        DPO's {"prompt", "chosen", "rejected"} -> PreferenceData
     make_pair_batch(pairs, idx, pad_id)           B pairs -> one (2B, T) batch, chosen rows first
 
 `python -m data.inspect --model M --data F` shows which tokens are trained.
 """
 
-from .batching import collate, make_batch, micro_batches, pack_rows
+from .batching import Prefetcher, collate, make_batch, micro_batches, pack_rows
 from .dataset import TokenizedData, split_validation, tokenize_file, trained_count
 from .formats import TEXT_ROLE, DataError, load_conversations
 from .masking import IGNORE_INDEX, MASK_MODES, mask_labels, tokenize_conversations
@@ -22,7 +23,7 @@ from .templates import BUILTIN_TEMPLATES
 from .tokenizer import ChatTokenizer, load_tokenizer
 
 __all__ = ["BUILTIN_TEMPLATES", "ChatTokenizer", "DataError", "GREETING", "IGNORE_INDEX", "MASK_MODES",
-           "PreferenceData", "SIGN_OFF", "TEXT_ROLE", "TokenizedData", "collate", "load_conversations", "load_tokenizer",
+           "PreferenceData", "Prefetcher", "SIGN_OFF", "TEXT_ROLE", "TokenizedData", "collate", "load_conversations", "load_tokenizer",
            "make_batch", "mask_labels", "micro_batches", "pack_rows", "shows_style", "split_validation",
            "tokenize_conversations", "tokenize_file", "trained_count", "is_preference_file", "make_pair_batch",
            "tokenize_pairs"]

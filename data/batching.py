@@ -13,10 +13,15 @@ example indices:
 
     pack=False:  [[7, 2, 9], [4, 0, 5], ...]              micro-batch = examples, one row each
     pack=True:   [[[7, 2], [9, 4, 0]], [[5, 1]], ...]     micro-batch = rows of examples
+
+`Prefetcher` runs an iterator on a background thread, a few items ahead: train.py collates the
+next steps' micro-batches with it while the current step runs.
 """
 
 import bisect
+import queue
 import random
+import threading
 
 import torch
 
@@ -125,3 +130,67 @@ def make_batch(examples: list[dict], micro_batch: list, pad_id: int, pack: bool 
     if pack:
         return collate([[examples[i] for i in row] for row in micro_batch], pad_id, pack=True)
     return collate([examples[i] for i in micro_batch], pad_id)
+
+
+class Prefetcher:
+    """An iterator's items produced on a background thread, up to `depth` ahead of the reader, so
+    that making the next items (collating, counting and copying a step's micro-batches) overlaps
+    the work on this one. Read it as the iterator itself:
+
+        with Prefetcher(step_batches(...)) as steps:
+            batches = next(steps)      # made while the previous step ran
+
+    An exception raised making an item is raised again where that item is read; leaving the
+    `with` block (or close()) stops the thread, also mid-run, on an error or a signal."""
+
+    _END = object()  # the iterator is exhausted
+
+    def __init__(self, items, depth: int = 2):
+        self.ready = queue.Queue(maxsize=depth)  # (item, None) or (None, exception)
+        self.closed, self.ended = threading.Event(), False
+        self.thread = threading.Thread(target=self._produce, args=(iter(items),), name="prefetch", daemon=True)
+        self.thread.start()
+
+    def _produce(self, items):
+        try:
+            for item in items:
+                if not self._put((item, None)):
+                    return  # closed: the reader is gone
+            self._put((self._END, None))
+        except BaseException as e:  # any error goes to the reader, who raises it
+            self._put((None, e))
+
+    def _put(self, entry) -> bool:
+        """Queue an entry, waiting while the queue is full; False once the reader has closed."""
+        while not self.closed.is_set():
+            try:
+                self.ready.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.ended:
+            raise StopIteration
+        item, error = self.ready.get()
+        self.ended = error is not None or item is self._END  # the thread made its last entry
+        if error is not None:
+            raise error
+        if item is self._END:
+            raise StopIteration
+        return item
+
+    def close(self):
+        """Stop the thread: it finishes the item it is making, then ends."""
+        self.closed.set()
+        self.thread.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -6,6 +6,7 @@ all of them.
     dtype = choose_dtype("auto", device)       # bf16 on a CUDA GPU that has it, else fp32
     ...
     peak_memory_gib()                          # CUDA's peak allocation, or the process's peak RSS
+    peak_reserved_gib()                        # CUDA's peak reserved (allocations + its cache), or peak RSS
 """
 
 import ctypes
@@ -36,6 +37,16 @@ def choose_device(name: str = "auto") -> str:
     return name
 
 
+def indexed_device(name: str) -> torch.device:
+    """The torch.device a "cpu" or "cuda" flag means here, the GPU's index filled in: "cuda" is the
+    calling thread's current GPU (under torchrun the rank's own, which parallel.init sets), and the
+    current GPU is kept per thread: "cuda" on another thread (train.py's batch prefetcher) is GPU 0."""
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def choose_dtype(precision: str, device: str) -> torch.dtype:
     """The dtype for a --precision flag: "auto" is bf16 on a CUDA GPU that supports it (Ampere and
     later), else fp32; fp16 on the CPU is slow, and bf16 there is an explicit choice."""
@@ -52,8 +63,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def reset_peak_memory():
-    """Start the peak count afresh, so that peak_memory_gib covers what comes after (training, not
-    loading): CUDA's peak statistics, and on Linux the process's VmHWM ("5" to clear_refs)."""
+    """Start the peak count afresh, so that peak_memory_gib and peak_reserved_gib cover what comes
+    after (training, not loading): CUDA's peak statistics, and on Linux the process's VmHWM ("5" to
+    clear_refs)."""
     if torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats()
     try:
@@ -80,6 +92,17 @@ def peak_memory_gib() -> float:
         return float("nan")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**30 if sys.platform == "darwin" else rss / 2**20
+
+
+def peak_reserved_gib() -> float:
+    """The peak memory CUDA's caching allocator held, in GiB: the allocations of peak_memory_gib plus
+    the blocks it keeps cached for reuse and loses to fragmentation; what the GPU must have free,
+    and what nvidia-smi shows (less the CUDA context). On the CPU, the peak resident set, the same
+    figure as peak_memory_gib: there the process's memory is all the allocator holds (what glibc
+    keeps after keep_freed_memory is resident, so it is already in it)."""
+    if torch.cuda.is_initialized():
+        return torch.cuda.max_memory_reserved() / 2**30
+    return peak_memory_gib()
 
 
 def keep_freed_memory():

@@ -1,7 +1,10 @@
 """Mask modes, truncation and dropping, the on-disk cache, validation splits, shuffling, padding and
-packing: a packed row gives each example exactly the loss it has alone."""
+packing: a packed row gives each example exactly the loss it has alone. The prefetcher gives its
+iterator's items in order, at most `depth` ahead, raises its errors where they are read, and stops
+its thread when closed."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -197,3 +200,44 @@ def test_packed_row_loss_equals_the_examples_losses(tok, tmp_path, mask):
     # Without the block-diagonal mask the examples would see each other: the loss changes.
     leaky, _ = lm_loss_sum(model, b["input_ids"], b["labels"], b["position_ids"])
     assert not torch.allclose(leaky, packed_loss)
+
+
+def test_prefetcher_gives_the_items_in_order_a_bounded_way_ahead():
+    made = []
+
+    def items():
+        for i in range(6):
+            made.append(i)
+            yield i
+    with data.Prefetcher(items(), depth=2) as ahead:
+        time.sleep(0.3)  # the thread fills the queue, then waits
+        assert len(made) <= 3  # 2 queued and 1 waiting for room
+        assert next(ahead) == 0
+        assert list(ahead) == [1, 2, 3, 4, 5]
+        assert next(ahead, "end") == "end"  # ended, it stays ended
+    assert not ahead.thread.is_alive()
+
+
+def test_prefetcher_raises_the_error_where_its_item_is_read():
+    def items():
+        yield 1
+        raise ValueError("example 7: no assistant turn")
+    with data.Prefetcher(items()) as ahead:
+        assert next(ahead) == 1  # the items made before the error come first
+        with pytest.raises(ValueError, match="example 7"):
+            next(ahead)
+        assert next(ahead, "end") == "end"  # read again, it ends rather than waits
+    assert not ahead.thread.is_alive()
+
+
+def test_prefetcher_stops_its_thread_when_the_reader_leaves_early():
+    def endless():
+        i = 0
+        while True:
+            i += 1
+            yield i
+    with pytest.raises(KeyboardInterrupt):
+        with data.Prefetcher(endless(), depth=1) as ahead:
+            assert next(ahead) == 1
+            raise KeyboardInterrupt  # as a second Ctrl-C in the loop does
+    assert not ahead.thread.is_alive()

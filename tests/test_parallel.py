@@ -3,7 +3,8 @@
 2 ranks x micro-batch 2 give the adapter of 1 process x micro-batch 4 (fp32, to rounding), under
 DDP and under FSDP2, through an epoch end where one rank's slice of a micro-batch is empty;
 checkpoints move between one process and FSDP2 in both directions; DDP resume (with dropout) is
-bit for bit; a rank that fails ends the job with its error, and one that hangs times out.
+bit for bit; a step waits for the device once, as in one process; a rank that fails ends the job
+with its error, and one that hangs times out.
 The tiny model and data are those of test_train.py.
 """
 
@@ -186,6 +187,21 @@ def test_ddp_resume_reproduces_uninterrupted_run(tiny_chat_dir, chat_data, tmp_p
     assert figures(cut) == figures(full)  # bit for bit
     a, b = adapter(full), adapter(cut)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_a_step_waits_for_the_device_once(tiny_chat_dir, chat_data, tmp_path, mode):
+    """Under torchrun a step reads device values once, as one process does (tests/torchrun_syncs.py
+    counts, on each rank): the token counts and the stop flag are summed over the gloo host group,
+    in CPU tensors, two reductions a step; the loss sums on the device, before the step's one read;
+    and clipping FSDP2's shards reads nothing."""
+    out = tmp_path / "run"
+    cfg = config(tiny_chat_dir, chat_data, out, micro_batch_size=2, grad_accum=2, max_steps=6, parallel=mode)
+    result = torchrun(cfg, script=ROOT / "tests" / "torchrun_syncs.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        got = json.loads((out / f"syncs.rank{rank}.json").read_text())
+        assert got == {"syncs_per_step": 1, "host_reductions_per_step": 2, "misplaced": []}, (rank, got)
 
 
 FAILING_RANK = """

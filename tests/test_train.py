@@ -1,4 +1,5 @@
-"""train.py: accumulation is exact, resume is bit for bit, failures are caught and named.
+"""train.py: accumulation is exact, resume is bit for bit (the batches made ahead on a thread, the
+data position saved that of the step), failures are caught and named, a step waits for the device once.
 
 Runs on a tiny random Llama (2 layers, 64 wide) that carries the real SmolLM2 tokenizer and chat
 template, on a small data set written here, in fp32 on the CPU.
@@ -9,6 +10,7 @@ import math
 import shutil
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -120,6 +122,21 @@ def test_resume_reproduces_uninterrupted_run(tiny_chat_dir, chat_data, tmp_path)
     assert losses(cut) == losses(full)  # bit for bit
     a, b = adapter(full), adapter(cut)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoints_save_the_data_position_of_their_own_step(tiny_chat_dir, chat_data, tmp_path):
+    """The steps' batches are made ahead of them, on a thread (data.Prefetcher); a checkpoint still
+    holds the position after its own step's micro-batches, not after those read ahead. 24 examples
+    in micro-batches of 2 and steps of 4 of them: 3 steps an epoch, then the next epoch."""
+    out = tmp_path / "run"
+    train(config(tiny_chat_dir, chat_data, out, max_steps=5, save_every=1, keep_checkpoints=5, micro_batch_size=2,
+                 grad_accum=4))
+    saved = [json.loads((p / "trainer_state.json").read_text()) for p in sorted((out / "checkpoints").iterdir())]
+    assert [(s["step"], s["epoch"], s["index"]) for s in saved] == [(1, 0, 4), (2, 0, 8), (3, 0, 12), (4, 1, 4),
+                                                                      (5, 1, 8)]
+    assert [m["epoch"] for m in metrics(out)] == [0, 0, 0, 1, 1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["peak_reserved_gib"] == pytest.approx(summary["peak_memory_gib"], rel=0.05)  # the CPU: peak RSS
 
 
 def test_loss_falls_and_only_lora_changes(tiny_chat_dir, chat_data, tmp_path):
@@ -243,41 +260,53 @@ def test_fp16_nan_loss_stops_at_once(tiny_chat_dir, chat_data, tmp_path, monkeyp
 class DeviceSyncs(TorchDispatchMode):
     """Counts the operations that make the host wait for a GPU: reading a value (item, int, float,
     bool: aten._local_scalar_dense), shapes that depend on values (nonzero, masked_select, boolean
-    indexing), and tolist. Ops inside `paused` (train.to_device, which counts on the CPU before
-    the copy, by design) are not counted."""
+    indexing), and tolist (`count_tolist`). It counts on the thread that made it, the loop's: the
+    batch prefetcher's thread counts on the CPU, before the copy, by design (and dispatch modes
+    are per thread). Not counted either: ops while `paused` is set (train.to_device, on the loop's
+    thread for the validation batches) and reads of tensors marked host-only (`host_only`: under
+    torchrun, the CPU tensors reduced over the gloo host group, in which no GPU takes part)."""
     SYNCING = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
                torch.ops.aten.masked_select.default, torch.ops.aten.is_nonzero.default}
 
     def __init__(self):
         super().__init__()
-        self.count, self.paused = 0, False
+        self.count, self.paused, self.thread = 0, False, threading.get_ident()
+
+    def counts(self, tensor) -> bool:
+        return (threading.get_ident() == self.thread and not self.paused
+                and not getattr(tensor, "host_only", False))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         bool_index = func is torch.ops.aten.index.Tensor and any(
             i is not None and i.dtype == torch.bool for i in args[1])
-        if not self.paused and (func in self.SYNCING or bool_index):
+        if (func in self.SYNCING or bool_index) and self.counts(args[0]):
             self.count += 1
         return func(*args, **(kwargs or {}))
+
+    def count_tolist(self, monkeypatch):
+        """Count Tensor.tolist too (it reads without a dispatched op), and pause in train.to_device."""
+        real_to_device, real_tolist = train_module.to_device, torch.Tensor.tolist
+
+        def to_device(*a, **kw):
+            mine = threading.get_ident() == self.thread
+            self.paused |= mine
+            try:
+                return real_to_device(*a, **kw)
+            finally:
+                self.paused &= not mine
+
+        def tolist(t):
+            self.count += self.counts(t)
+            return real_tolist(t)
+        monkeypatch.setattr(train_module, "to_device", to_device)
+        monkeypatch.setattr(torch.Tensor, "tolist", tolist)
 
 
 def syncs_per_step(monkeypatch, run) -> float:
     """Host syncs per optimizer step of run(steps, out) (a training run), counted by DeviceSyncs
     as the difference between a 5-step and a 2-step run: what the steps themselves cost."""
     counter = DeviceSyncs()
-    real_to_device, real_tolist = train_module.to_device, torch.Tensor.tolist
-
-    def to_device(*a, **kw):
-        counter.paused = True
-        try:
-            return real_to_device(*a, **kw)
-        finally:
-            counter.paused = False
-
-    def tolist(t):
-        counter.count += not counter.paused
-        return real_tolist(t)
-    monkeypatch.setattr(train_module, "to_device", to_device)
-    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    counter.count_tolist(monkeypatch)
     counts = {}
     for steps in (2, 5):
         counter.count = 0
