@@ -531,7 +531,7 @@ def to_device(batch: dict, device) -> dict:
     """The batch on `device`, with what the step reads of it counted first, on the CPU (counted on
     a GPU, each would make the host wait): n_trained and n_tokens, n_loss (what the loss is a mean
     over), trained_index, the positions the loss gathers (model.loss.trained_positions), for
-    packed rows the documents' bounds that varlen attention reads (model.llama.packed_documents),
+    packed rows the documents' bounds that varlen and per-document attention read (packed_documents),
     and for DPO's pairs the row of each trained position and the trained tokens of each row.
 
     On CUDA the tensors are pinned first (page-locked): only from there does a non_blocking copy

@@ -1,296 +1,296 @@
-"""The one-shot GPU check: run on a lent H100/H200, it proves or disproves the CUDA paths in one table.
+"""The one-shot GPU check: on a lent H100/H200, the CUDA paths proved or disproved in one table.
 
-    python bench/gpu_check.py                  # on a CUDA machine; table and logs under $OUT (or --out)
-    python bench/gpu_check.py --dry-run        # on the CPU: every check but the CUDA kernels, tiny shapes
-    python bench/gpu_check.py --skip torchrun  # without the checks named so
+    python bench/gpu_check.py --out "$OUT"          # on a CUDA machine (make gpu-bundle: the command)
+    python bench/gpu_check.py --dry-run             # every row on the CPU, at the same shapes
+    python bench/gpu_check.py --budget 200 --skip speed --row-timeout 60
+    python bench/gpu_check.py --only "torchrun fsdp" speed   # a rerun of some rows
 
-Checks, each a row (PASS / FAIL with the measured figure and the bound it was held to):
-  precision   bf16 and fp16 (autocast, LoRA A and B fp32) against fp32 on the same device: the
-              step's loss and every LoRA gradient
-  nf4         NF4 logits on the device against the CPU's (bitsandbytes' kernels on both)
-  checkpoint  LoRA gradients with gradient checkpointing on and off
-  packing     a packed row's loss against the same examples unpacked (fp32: SDPA with the
-              block-diagonal mask); in bf16, packed rows through FlashAttention's varlen kernel
-              against the same rows through the mask
-  torchrun    train.py under `torchrun --nproc-per-node 1` (nccl; gloo in the dry run) with DDP
-              and FSDP, and a DDP run stopped at step 2 and resumed, against one run of 4 steps
-  speed       bench/train_speed.py's GPU cases against transformers+PEFT (CUDA only: the dry
-              run skips them, the CPU case being bench/train_speed.py's own)
+Every row runs in a process of its own with its own timeout, so a crash, a sticky CUDA error, a hang
+or a timeout costs that row alone: it is marked ERROR or TIMEOUT with the end of its log, and the
+next row runs. Rows run in order of value, correctness first, then the speed cases: a row whose
+estimate no longer fits in --budget seconds is SKIPPED, saying so. A row that cannot test what it
+names here says SKIP and why (varlen without the kernel, NF4 without bitsandbytes), never PASS.
 
-Models are random, in a small Llama shape, with a byte-level tokenizer and ChatML written here:
-nothing is downloaded. The machine needs torch, transformers and peft (speed), bitsandbytes (nf4).
+What comes back, and nothing else, in --out ($OUT by default): gpu_check.md (the table),
+gpu_check.json (the same, for tools) and logs.tar.gz (each row's log), all three rewritten after
+every row, so a run killed half-way leaves the rows it finished. Scratch (the random model, the
+runs) lives in a temporary directory under /tmp and is removed at the end.
+
+Rows (bench/gpu_rows.py holds the checks):
+  precision    bf16 and fp16 (autocast, LoRA fp32) against fp32: the loss and every LoRA gradient
+  packed       varlen and per-document attention against the block-diagonal mask; packed against
+               unpacked; gradient checkpointing on against off
+  nf4          NF4 logits on the GPU against the CPU's (bitsandbytes)
+  torchrun     train.py under torchrun (nccl) with DDP and FSDP2, fp32 and bf16, against one
+               process; a DDP run resumed from its step-2 checkpoint against the whole run
+  memory       loading (bf16, NF4 while loading) takes the model plus one layer, never two copies
+  speed        bench/train_speed.py's GPU cases against transformers+PEFT (tokens/s, GiB allocated
+               and reserved)
+
+GPU_CHECK_HANG=<row name> makes that row sleep (to see a TIMEOUT end it while the others go on).
 """
 
 import argparse
+import importlib.metadata
+import io
 import json
 import os
+import platform
 import shutil
+import signal
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
-import traceback
+from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from model.loss import IGNORE_INDEX  # noqa: E402
-from model.runtime import DTYPES  # noqa: E402
 
-SHAPES = {  # (dry run, CUDA): small enough to build in seconds, NF4-able widths (multiples of 64)
-    "dry": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16),
-    "cuda": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
-                 num_key_value_heads=4, head_dim=64),
-}
-VOCAB = 260  # 256 byte tokens and ChatML's two special tokens, and room to spare
-# Bounds: the rounding of the low-precision dtype (bf16 8 bits of mantissa, fp16 11) carried
-# through a few layers and a sum over hundreds of tokens; fp32 paths are equal up to fp32 sums.
-BOUNDS = {"bf16": 3e-2, "fp16": 5e-3, "fp32": 1e-5, "nf4": 1e-2}
+LOG_TAIL = 15  # lines of a failed row's log quoted in the table's JSON
+LOG_BYTES = 1 << 20  # the end of each row's log kept in logs.tar.gz
 
 
-def write_model(path: Path, shape: dict, seed: int = 0) -> Path:
-    """A random Llama (nanolora's own init, norms near 1) with a byte-level BPE tokenizer and ChatML."""
-    from safetensors.torch import save_file
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    from data.templates import BUILTIN_TEMPLATES
-    from model.config import LlamaConfig
-    from model.llama import Llama
-    path.mkdir(parents=True, exist_ok=True)
-    config = LlamaConfig(vocab_size=VOCAB, eos_token_id=257, **shape)
-    torch.manual_seed(seed)
-    model = Llama(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * (0.1 if "norm" in name else 0.05) + ("norm" in name))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path / "model.safetensors",
-              metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(config.to_hf(), indent=2))
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE({ch: i for i, ch in enumerate(alphabet)}, []))
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps(
-        {"eos_token": "<|im_end|>", "chat_template": BUILTIN_TEMPLATES["chatml"]}))
-    return path
+@dataclass
+class Row:
+    name: str
+    check: str  # a function of gpu_rows
+    args: tuple = ()
+    cuda_s: float = 20  # seconds it is expected to take on an H100, process start included (a guess
+    #                     until a GPU run measures it: the table's s column)
+    dry_s: float = 20  # on a 2-core CPU, --dry-run at the CUDA shape (measured: 459 s in all)
+    # A torchrun row of a precision also makes the one-process run it compares with (the first
+    # such row pays for it), hence the ddp rows' larger estimates.
 
 
-def write_chats(path: Path, n: int = 32) -> Path:
-    rows = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
-                          {"role": "assistant", "content": f"Ahoy! {i} plus {i} is {2 * i}." + " Aye." * (i % 5)}]}
-            for i in range(n)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+# In order of value: the correctness of what users run first, then what it costs.
+ROWS = [
+    Row("precision bf16", "check_precision", ("bf16",), 20, 25),
+    Row("precision fp16", "check_precision", ("fp16",), 20, 25),
+    Row("packed varlen vs mask bf16", "check_packed_kernel", ("varlen", "bf16"), 15, 8),
+    Row("packed documents vs mask fp32", "check_packed_kernel", ("documents", "fp32"), 15, 15),
+    Row("packed documents vs mask bf16", "check_packed_kernel", ("documents", "bf16"), 15, 15),
+    Row("packed vs unpacked", "check_packing", (), 15, 10),
+    Row("grad checkpointing", "check_checkpointing", (), 15, 25),
+    Row("nf4 device vs cpu", "check_nf4", (), 25, 20),
+    Row("torchrun ddp bf16", "check_torchrun", ("ddp", "bf16"), 50, 90),
+    Row("torchrun fsdp bf16", "check_torchrun", ("fsdp", "bf16"), 35, 40),
+    Row("torchrun ddp fp32", "check_torchrun", ("ddp", "fp32"), 50, 85),
+    Row("torchrun fsdp fp32", "check_torchrun", ("fsdp", "fp32"), 35, 30),
+    Row("torchrun ddp resume", "check_resume", (), 35, 30),
+    Row("memory load bf16", "check_load_memory", (None,), 15, 10),
+    Row("memory load nf4", "check_load_memory", ("nf4",), 15, 10),
+    Row("speed llama-3.2-1b", "check_speed", ("llama-3.2-1b",), 60, 30),
+    Row("speed deepseek-llm-7b", "check_speed", ("deepseek-llm-7b",), 90, 30),
+    Row("speed llama-3.1-8b-qlora", "check_speed", ("llama-3.1-8b-qlora",), 120, 40),
+]
+ROW_NAMES = [r.name for r in ROWS]
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+# ----------------------------------------------------------------------------- one row, in its own process
+
+class Context:
+    """What a row reads: the device, the model's shape and directory, the scratch directory."""
+
+    def __init__(self, device: str, shape_name: str, scratch: Path):
+        import gpu_rows
+        self.device, self.shape, self.scratch = device, gpu_rows.SHAPES[shape_name], scratch
+        self.model_dir = scratch / "model"
 
 
-def lora_model(model_dir, dtype, device, quantize=None, dropout=0.0):
-    """The model with LoRA on every projection, B random (so that every gradient is non-zero)."""
-    import lora
-    from model import load_model
-    model = load_model(model_dir, dtype, device)
-    cfg = lora.LoRAConfig(r=8, alpha=16, dropout=dropout, targets=lora.LLAMA_LINEARS)
-    torch.manual_seed(1)
-    lora.inject_lora(model, cfg, quantize=quantize, compute_dtype=dtype)
-    for m in lora.lora_modules(model).values():
-        torch.nn.init.normal_(m.lora_B.weight, std=0.02)
-        m.lora_A.weight.data, m.lora_B.weight.data = m.lora_A.weight.data.float(), m.lora_B.weight.data.float()
-    return model.train()
+def run_one(args):
+    """Run the row args.one and write its result to args.result (the parent reads it)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_rows
+    row = next(r for r in ROWS if r.name == args.one)
+    if os.environ.get("GPU_CHECK_HANG") == row.name:
+        time.sleep(10**6)  # a hang, on request: the parent's timeout must end it
+    ctx = Context("cpu" if args.dry_run else "cuda", args.shape, args.scratch)
+    extra = (row.name.replace(" ", "-"),) if row.check in ("check_torchrun", "check_resume") else ()
+    try:
+        result = getattr(gpu_rows, row.check)(ctx, *row.args, *extra)
+    except gpu_rows.Skip as e:
+        result = {"status": "SKIP", "what": str(e)}
+    else:
+        if isinstance(result, gpu_rows.Measured):
+            result = {"status": "MEASURED", "what": result.what, "figures": result.figures}
+        else:
+            result = {"status": "PASS" if result.figure <= result.bound else "FAIL", "figure": result.figure,
+                      "bound": result.bound, "what": result.what}
+    args.result.write_text(json.dumps(result))
 
 
-def loss_and_grads(model, ids, dtype, device) -> tuple[float, dict]:
-    """The mean token loss and the LoRA gradients; under fp16 the loss is scaled by 2^16 before
-    backward and the gradients unscaled after, as GradScaler does (fp16 gradients underflow without)."""
-    from model.loss import lm_loss_sum
-    model.zero_grad(set_to_none=True)
-    with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
-        loss, n = lm_loss_sum(model, ids, ids)
-    scale = 2.0**16 if dtype == torch.float16 else 1.0
-    (loss / n * scale).backward()
-    grads = {name: p.grad.detach().float().cpu() / scale for name, p in model.named_parameters()
-             if p.grad is not None}
-    return loss.item() / n, grads
+# ----------------------------------------------------------------------------- the runner
 
-
-def batch(device, B=4, T=256):
-    g = torch.Generator().manual_seed(0)
-    return torch.randint(0, 256, (B, T), generator=g).to(device)
-
-
-# ----------------------------------------------------------------------------- the checks
-
-def check_precision(model_dir, device, name):
-    dtype = DTYPES[name]
-    ids = batch(device)
-    ref_loss, ref = loss_and_grads(lora_model(model_dir, torch.float32, device), ids, torch.float32, device)
-    loss, grads = loss_and_grads(lora_model(model_dir, dtype, device), ids, dtype, device)
-    worst = max(grads, key=lambda k: rel(grads[k], ref[k]))
-    figure = max(abs(loss - ref_loss) / abs(ref_loss), rel(grads[worst], ref[worst]))
-    return figure, BOUNDS[name], f"loss {loss:.5f} vs {ref_loss:.5f}; worst gradient {worst.split('.lora')[0]}"
-
-
-def check_nf4(model_dir, device):
-    ids = batch(device, B=2, T=64)
-    with torch.no_grad():
-        here = lora_model(model_dir, torch.bfloat16, device, quantize="nf4")(ids).float().cpu()
-        cpu = lora_model(model_dir, torch.bfloat16, "cpu", quantize="nf4")(ids.cpu()).float()
-    return rel(here, cpu), BOUNDS["nf4"], f"NF4 logits on {device} vs the CPU (bf16 compute)"
-
-
-def check_checkpointing(model_dir, device):
-    ids = batch(device)
-    model = lora_model(model_dir, torch.float32, device)
-    _, plain = loss_and_grads(model, ids, torch.float32, device)
-    model.grad_checkpointing = True
-    _, ckpt = loss_and_grads(model, ids, torch.float32, device)
-    return max(rel(ckpt[k], plain[k]) for k in plain), BOUNDS["fp32"], "LoRA gradients, checkpointing on vs off"
-
-
-def packing_examples():
-    g = torch.Generator().manual_seed(2)
-    return [{"input_ids": ids, "labels": [IGNORE_INDEX] * 5 + ids[5:]}
-            for ids in (torch.randint(0, 256, (n,), generator=g).tolist() for n in (40, 97, 23))]
-
-
-def check_packing(model_dir, device):
-    import data
-    from model.loss import lm_loss_sum
-    examples = packing_examples()
-    model = lora_model(model_dir, torch.float32, device).eval()
-    losses = []
-    with torch.no_grad():
-        for b in (data.collate(examples, 0), data.collate([examples], 0, pack=True)):
-            b = {k: v.to(device) for k, v in b.items()}
-            losses.append(lm_loss_sum(model, b["input_ids"], b["labels"], b.get("position_ids"),
-                                      b.get("document_ids"))[0].item())
-    unpacked, packed = losses
-    return abs(packed - unpacked) / abs(unpacked), BOUNDS["fp32"], f"loss sum packed {packed:.4f} vs unpacked {unpacked:.4f}"
-
-
-def check_varlen(model_dir, device):
-    """bf16 packed rows (two of them, so documents cross rows) through varlen attention and through
-    the mask: the loss and every LoRA gradient."""
-    import data
-    import model.llama as llama
-    from model.loss import lm_loss_sum
-    examples = packing_examples()
-    b = {k: v.to(device) for k, v in data.collate([examples[:2], examples[2:]], 0, pack=True).items()}
-    model = lora_model(model_dir, torch.bfloat16, device)
-    runs = llama.varlen_runs
-    results = []
-    for varlen in (True, False):
-        llama.varlen_runs = runs if varlen else (lambda x, config: False)
-        try:
-            model.zero_grad(set_to_none=True)
-            with torch.autocast(device, dtype=torch.bfloat16):
-                loss, n = lm_loss_sum(model, b["input_ids"], b["labels"], b["position_ids"], b["document_ids"])
-            (loss / n).backward()
-            results.append((loss.item() / n, {k: p.grad.float().cpu() for k, p in model.named_parameters()
-                                              if p.grad is not None}))
-        finally:
-            llama.varlen_runs = runs
-    (loss, grads), (ref_loss, ref) = results
-    kernel = "varlen" if runs(b["input_ids"].new_zeros(1, dtype=torch.bfloat16), model.config) else "mask (no varlen here)"
-    figure = max(abs(loss - ref_loss) / abs(ref_loss), max(rel(grads[k], ref[k]) for k in ref))
-    return figure, BOUNDS["bf16"], f"bf16 loss {loss:.5f} ({kernel}) vs {ref_loss:.5f} (mask) and LoRA gradients"
-
-
-def train_cli(args, log: Path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", str(ROOT / "train.py"), *args]
+def run_row(row: Row, args, scratch: Path, timeout: float) -> dict:
+    """The row in a child process (its own session, so a timeout ends it and everything it started)."""
+    result_file, log = scratch / f"{row.name.replace(' ', '-')}.json", scratch / "logs" / f"{row.name.replace(' ', '-')}.log"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", row.name, "--result", str(result_file),
+           "--scratch", str(scratch), "--shape", args.shape] + ["--dry-run"] * args.dry_run
+    t = time.perf_counter()
     with open(log, "a") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, timeout=600).returncode
-    if rc != 0:
-        raise RuntimeError(f"train.py exited {rc}; see {log}")
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore"})
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            end_process_tree(proc)
+            rc = None
+    seconds = time.perf_counter() - t
+    if rc is None:
+        return {"status": "TIMEOUT", "what": f"still running after {timeout:.0f} s", "log": tail(log), "s": seconds}
+    if rc != 0 or not result_file.exists():
+        return {"status": "ERROR", "what": f"exited {rc}: {last_error(log)}", "log": tail(log), "s": seconds}
+    return {**json.loads(result_file.read_text()), "s": seconds}
 
 
-def check_torchrun(model_dir, device, work: Path, mode: str):
-    from safetensors.torch import load_file
-    chats = write_chats(work / "chats.jsonl")
-    base = ["--model", str(model_dir), "--data", str(chats), "--device", device, "--val-fraction", "0",
-            "--micro-batch-size", "4", "--grad-accum", "2", "--lr", "1e-2", "--lora-r", "4",
-            "--sample-prompts", "", "--parallel", "ddp" if mode == "resume" else mode, "--precision", "fp32"]
-    log = work / f"torchrun-{mode}.log"
-    whole = work / f"{mode}-whole"
-    train_cli(base + ["--output-dir", str(whole), "--max-steps", "4", "--save-every", "2", "--overwrite"], log)
-    adapter = lambda run: load_file(run / "adapter" / "adapter_model.safetensors")
-    if mode != "resume":
-        rows = [json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()]
-        finite = all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if "loss" in r)
-        return 0.0 if finite and len(rows) >= 4 else 1.0, 0.5, f"4 steps, losses finite: {finite}"
-    cut = work / "resume-cut"  # the same run as if it had been stopped after its step-2 checkpoint
-    shutil.rmtree(cut, ignore_errors=True)
-    shutil.copytree(whole, cut)
-    for later in ("checkpoints/step-000004", "adapter"):
-        shutil.rmtree(cut / later)
-    train_cli(base + ["--output-dir", str(cut), "--max-steps", "4", "--resume"], log)
-    a, b = adapter(cut), adapter(whole)
-    return max(rel(a[k], b[k]) for k in b), BOUNDS["fp32"], "adapter after 2 + 2 resumed steps vs 4 steps"
+def end_process_tree(proc: subprocess.Popen):
+    """SIGKILL the row's process and all it started: its process group, and any descendant that
+    made a session of its own (torchrun's ranks may)."""
+    try:
+        import psutil
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except Exception:  # psutil missing, or the process already gone
+        family = []
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for p in family:
+        try:
+            p.kill()
+        except Exception:
+            pass
+    proc.wait()
 
 
-def check_speed(work: Path):
-    cmd = [sys.executable, str(ROOT / "bench" / "train_speed.py"), "--case", "llama-3.2-1b",
-           "--case", "llama-3.1-8b-qlora", "--case", "deepseek-llm-7b", "--scratch", str(work / "speed")]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=420)
-    (work / "speed.log").write_text(out.stdout + out.stderr)
-    return out.stdout
+def tail(log: Path, n: int = LOG_TAIL) -> list[str]:
+    try:
+        return log.read_text(errors="replace").splitlines()[-n:]
+    except OSError:
+        return []
 
 
-# ----------------------------------------------------------------------------- the table
+def last_error(log: Path) -> str:
+    """The last line of a traceback's message, or the log's last line."""
+    lines = [line for line in tail(log, 200) if line.strip()]
+    errors = [line for line in lines if not line.startswith((" ", "\t")) and ("Error" in line or "error" in line)]
+    return (errors or lines or ["(no output)"])[-1].strip()[:300]
+
+
+def environment(args) -> dict:
+    """What the table was measured on."""
+    import torch
+    env = {"torch": torch.__version__, "python": platform.python_version(), "budget_s": args.budget}
+    env["device"] = "CPU (dry run)" if args.dry_run else device_name()
+    if not args.dry_run:
+        env["cuda"] = torch.version.cuda
+    for name in ("bitsandbytes", "transformers", "peft"):  # versions from metadata: nothing imported here
+        try:
+            env[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            env[name] = "missing"
+    return env
+
+
+def device_name() -> str:
+    """The GPU's name, asked in a child process: this one never touches CUDA, so that no error of
+    the device's can end it."""
+    code = "import torch; print(torch.cuda.get_device_name())"
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        return out.stdout.strip() or f"a CUDA device (its name: {out.stderr.strip()[-200:]})"
+    except subprocess.TimeoutExpired:
+        return "a CUDA device (its name did not come within 120 s)"
+
+
+def write_report(out: Path, env: dict, rows: list[dict], scratch: Path, done: bool):
+    """gpu_check.md, gpu_check.json and logs.tar.gz in `out`, each replaced whole (written beside,
+    then renamed): a run killed at any moment leaves the last complete report."""
+    out.mkdir(parents=True, exist_ok=True)
+    head = f"# gpu_check on {env['device']}: torch {env['torch']}, Python {env['python']}"
+    extras = ", ".join(f"{k} {env[k]}" for k in ("cuda", "bitsandbytes", "transformers", "peft") if k in env)
+    lines = [head, "", extras, "", "| row | result | figure | bound | what | s |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        figure = f"{r['figure']:.2e}" if "figure" in r else "-"
+        bound = f"{r['bound']:.2e}" if "bound" in r else "-"
+        lines.append(f"| {r['name']} | {r['status']} | {figure} | {bound} | {r['what'].replace('|', '/')} | "
+                     f"{r.get('s', 0):.0f} |")
+    total = sum(r.get("s", 0) for r in rows)
+    lines += ["", f"{len(rows)} of {len(ROWS)} rows, {total:.0f} s" + ("" if done else " (still running)")]
+    replace(out / "gpu_check.md", "\n".join(lines) + "\n")
+    replace(out / "gpu_check.json", json.dumps({"environment": env, "rows": rows, "complete": done}, indent=1))
+    tmp = out / "logs.tar.gz.tmp"
+    with tarfile.open(tmp, "w:gz") as tar:
+        for log in sorted((scratch / "logs").glob("*.log")):
+            data = log.read_bytes()[-LOG_BYTES:]
+            info = tarfile.TarInfo(f"logs/{log.name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    tmp.rename(out / "logs.tar.gz")
+
+
+def replace(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.rename(path)
+
+
+def run_all(args) -> int:
+    import gpu_rows
+    rows = [r for r in ROWS if not any(r.name.startswith(w) for w in args.skip)
+            and (not args.only or any(r.name.startswith(w) for w in args.only))]
+    scratch = Path(tempfile.mkdtemp(prefix="gpu_check-", dir="/tmp"))
+    (scratch / "logs").mkdir()
+    try:
+        gpu_rows.write_model(scratch / "model", gpu_rows.SHAPES[args.shape])  # on the CPU: no CUDA here
+        env, results, t0 = environment(args), [], time.perf_counter()
+        for row in rows:
+            left = args.budget - (time.perf_counter() - t0)
+            estimate = row.dry_s if args.dry_run else row.cuda_s
+            if estimate > left:
+                result = {"status": "SKIPPED", "what": f"budget: needs about {estimate:.0f} s, {max(left, 0):.0f} s left"}
+            else:
+                timeout = min(args.row_timeout or max(3 * estimate, 60), left)
+                result = run_row(row, args, scratch, timeout)
+            results.append({"name": row.name, **result})
+            print(f"{row.name}: {result['status']} {result['what']}", flush=True)
+            write_report(args.out, env, results, scratch, done=False)
+        write_report(args.out, env, results, scratch, done=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print((args.out / "gpu_check.md").read_text())
+    return 1 if any(r["status"] in ("FAIL", "ERROR", "TIMEOUT") for r in results) else 0
+
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dry-run", action="store_true", help="on the CPU, tiny shapes, no CUDA kernels")
-    p.add_argument("--skip", nargs="*", default=[], metavar="CHECK",
-                   help="leave out the checks whose names start with these words (e.g. torchrun)")
-    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "runs" / "gpu-check")))
+    p.add_argument("--dry-run", action="store_true", help="every row on the CPU (no CUDA kernels), same shapes")
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or ROOT / "runs" / "gpu-check"),
+                   help="where the three files go (default $OUT, else runs/gpu-check)")
+    p.add_argument("--budget", type=float, default=420, help="seconds for all rows; rows that no longer fit are SKIPPED")
+    p.add_argument("--row-timeout", type=float, default=None,
+                   help="seconds each row may run (default: 3x its estimate, at least 60, at most the budget left)")
+    p.add_argument("--skip", nargs="*", default=[], metavar="ROW",
+                   help="leave out the rows whose names start with these words (e.g. torchrun speed)")
+    p.add_argument("--only", nargs="*", default=[], metavar="ROW",
+                   help="run only the rows whose names start with these words (a rerun of some rows)")
+    p.add_argument("--shape", choices=("cuda", "tiny"), default="cuda",
+                   help="the random model's shape (tiny: the test suite's quick pass over every row)")
+    p.add_argument("--one", choices=ROW_NAMES, help=argparse.SUPPRESS)
+    p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--scratch", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.budget <= 0 or (args.row_timeout is not None and args.row_timeout <= 0):
+        p.error("--budget and --row-timeout must be positive")
+    if args.one:
+        return run_one(args)
+    import torch
     if not args.dry_run and not torch.cuda.is_available():
-        sys.exit("gpu_check.py: error: no CUDA device; pass --dry-run to check everything else on the CPU")
-    device = "cpu" if args.dry_run else "cuda"
-    work = args.out / "work"
-    shutil.rmtree(work, ignore_errors=True)  # this script's own scratch, rebuilt each run
-    work.mkdir(parents=True)
-    t0 = time.perf_counter()
-    model_dir = write_model(work / "model", SHAPES["dry" if args.dry_run else "cuda"])
-    checks = [("precision bf16", lambda: check_precision(model_dir, device, "bf16")),
-              ("precision fp16", lambda: check_precision(model_dir, device, "fp16")),
-              ("nf4 device vs cpu", lambda: check_nf4(model_dir, device)),
-              ("grad checkpointing", lambda: check_checkpointing(model_dir, device)),
-              ("packed vs unpacked", lambda: check_packing(model_dir, device)),
-              ("packed varlen vs mask", lambda: check_varlen(model_dir, device)),
-              ("torchrun ddp", lambda: check_torchrun(model_dir, device, work, "ddp")),
-              ("torchrun fsdp", lambda: check_torchrun(model_dir, device, work, "fsdp")),
-              ("torchrun ddp resume", lambda: check_torchrun(model_dir, device, work, "resume"))]
-    checks = [(name, run) for name, run in checks if not any(name.startswith(w) for w in args.skip)]
-    rows = []
-    for name, run in checks:
-        t = time.perf_counter()
-        try:
-            figure, bound, what = run()
-            status = "PASS" if figure <= bound else "FAIL"
-            rows.append((name, status, f"{figure:.2e}", f"{bound:.0e}", what, time.perf_counter() - t))
-        except Exception as e:  # a check that cannot run is a row of the table, not the end of it
-            (work / f"{name.replace(' ', '-')}.error").write_text(traceback.format_exc())
-            rows.append((name, "ERROR", "-", "-", f"{type(e).__name__}: {str(e)[:100]}", time.perf_counter() - t))
-        print(f"{rows[-1][0]}: {rows[-1][1]} {rows[-1][2]} ({rows[-1][4]})", flush=True)
-    speed = "skipped (dry run: no CUDA)" if args.dry_run else check_speed(work)
-    device_name = torch.cuda.get_device_name() if device == "cuda" else "CPU (dry run)"
-    lines = [f"# gpu_check on {device_name}, torch {torch.__version__}", "",
-             "| check | result | figure | bound | what | s |", "|---|---|---|---|---|---|"]
-    lines += [f"| {n} | {s} | {f} | {b} | {w} | {t:.1f} |" for n, s, f, b, w, t in rows]
-    lines += ["", "## speed (bench/train_speed.py)", "", speed, "",
-              f"total {time.perf_counter() - t0:.0f} s; logs in {work}"]
-    (args.out / "gpu_check.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    sys.exit(1 if any(r[1] != "PASS" for r in rows) else 0)
+        p.error("no CUDA device; pass --dry-run to run every row on the CPU")
+    sys.exit(run_all(args))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -87,14 +89,42 @@ def rss_mib(field: str) -> float:
     return float("nan")
 
 
+def write_checkpoint(case: str, scratch: Path) -> Path:
+    """Random weights in `case`'s shape (bench/train_speed.py's random_weights, made on the CPU in
+    bf16) as a safetensors checkpoint, written once under `scratch`: a shard per decoder layer, so
+    that no more than one layer is in memory while it is written."""
+    from safetensors.torch import save_file
+
+    from bench.train_speed import SHAPES, case_config, random_weights
+    path = scratch / case
+    if (path / "config.json").exists():
+        return path
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    config = case_config({"model": case})
+    shard, group, weight_map = {}, None, {}
+    for key, t in random_weights(config, torch.bfloat16, "cpu"):
+        key_group = key.split(".")[2] if key.startswith("model.layers.") else key  # a layer's index
+        if shard and key_group != group:  # the previous layer is complete: write it, drop it
+            save_file(shard, tmp / f"model-{len(set(weight_map.values())):05d}.safetensors", metadata={"format": "pt"})
+            shard = {}
+        name = f"model-{len(set(weight_map.values())) + (not shard):05d}.safetensors"
+        shard[key], weight_map[key], group = t, name, key_group
+    save_file(shard, tmp / f"model-{len(set(weight_map.values())):05d}.safetensors", metadata={"format": "pt"})
+    (tmp / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (tmp / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], **SHAPES[case]}))
+    tmp.rename(path)
+    return path
+
+
 def main():
-    from bench.train_speed import SHAPES, model_dir
+    from bench.train_speed import SHAPES
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--case", default="llama-3.2-1b", choices=list(SHAPES))
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--scratch", type=Path, default=Path.home() / ".cache" / "nanolora" / "bench")
     args = p.parse_args()
-    path = model_dir({"model": args.case, "dtype": "bf16"}, args.scratch)
+    path = write_checkpoint(args.case, args.scratch)
     size = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**20
     print(f"{args.case}: {size:,.0f} MiB of bf16 safetensors in {path}")
     print(f"| load ({args.device}) | peak MiB | x bf16 file |\n|---|---|---|")

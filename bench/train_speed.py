@@ -3,9 +3,12 @@
     python bench/train_speed.py                 # CPU: SmolLM2-135M, LoRA r=16 all-linear, fp32, 4 x 256
                                                 # (LoRA dropout 0, then 0.05)
     python bench/train_speed.py --case llama-3.2-1b   # GPU cases: random weights in real shapes
+    python bench/train_speed.py --case llama-3.2-1b-dry   # a GPU case's code path, tiny, on the CPU
 
-Each (case, implementation) runs in its own subprocess, so peak memory (CUDA max_memory_allocated,
-or peak RSS on the CPU) belongs to that implementation alone. Both run the same steps: same model
+The GPU cases build both models on the device in their dtype from the same random weights
+(`random_weights`): no checkpoint is written and no full-precision copy exists. Each (case,
+implementation) runs in its own subprocess, so peak memory (CUDA max_memory_allocated and
+max_memory_reserved, or peak RSS on the CPU) belongs to that implementation alone. Both run the same steps: same model
 shape and weights, same random token batches, same LoRA settings and AdamW; warm-up steps are
 excluded from the timing, and a run's speed comes from its median step. With --rounds N the
 implementations take turns N times; each ratio to peft is taken within a round, then the median.
@@ -26,13 +29,14 @@ import statistics
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from model.runtime import DTYPES, peak_memory_gib, reset_peak_memory  # noqa: E402
+from model.runtime import DTYPES, peak_memory_gib, peak_reserved_gib, reset_peak_memory  # noqa: E402
 
 # Real shapes of public checkpoints (config.json fields); weights are random.
 SHAPES = {
@@ -61,22 +65,44 @@ CASES = {
     "llama-3.1-8b-qlora": dict(model="llama-3.1-8b", batch=2, seq=2048, dtype="bf16", quantize="nf4", ckpt=True, device="cuda"),
     "deepseek-llm-7b": dict(model="deepseek-llm-7b", batch=2, seq=1024, dtype="bf16", quantize=None, ckpt=True, device="cuda"),
 }
+# Each GPU case's code path on the CPU at a tiny shape (bench/gpu_check.py --dry-run runs them).
+SHAPES["tiny"] = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
+for _name in [n for n, c in CASES.items() if c["device"] == "cuda"]:
+    CASES[_name + "-dry"] = {**CASES[_name], "model": "tiny", "batch": 2, "seq": 64, "device": "cpu",
+                             "dtype": "fp32"}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def model_dir(case: dict, scratch: Path) -> Path:
-    """The demo model, or a random checkpoint in real shapes (written once, in the case's dtype)."""
-    from model import resolve_model_dir
-    if case["model"] == "demo":
-        return resolve_model_dir("demo")
-    path = scratch / case["model"]
-    if not (path / "config.json").exists():
-        import transformers
-        cfg = transformers.LlamaConfig(**SHAPES[case["model"]])
-        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-            model = transformers.LlamaForCausalLM(cfg).to(DTYPES[case["dtype"]])
-        model.save_pretrained(path)
-    return path
+def random_weights(config, dtype: torch.dtype, device):
+    """(key, tensor) for every checkpoint key of a `config`-shaped Llama, made on `device` in `dtype`:
+    N(0, 0.02) matrices, unit norms. Each tensor is drawn from its own seed (crc32 of its key), so
+    both implementations get the same weights, in whatever order they ask, with no checkpoint on
+    disk (an 8B model is 16 GB of bf16) and no full-precision copy (32 GB in fp32 for 8B)."""
+    from model import Llama
+    from model.files import expected_shapes
+    with torch.device("meta"):
+        shapes = expected_shapes(Llama(config))
+    for key, shape in shapes.items():
+        if key.endswith("norm.weight"):
+            yield key, torch.ones(shape, dtype=dtype, device=device)
+            continue
+        g = torch.Generator(device=device).manual_seed(zlib.crc32(key.encode()))
+        yield key, torch.randn(shape, generator=g, dtype=dtype, device=device).mul_(0.02)
+
+
+def case_config(case: dict):
+    """nanolora's LlamaConfig of a real-shape case (the public checkpoint's config.json fields)."""
+    from model import LlamaConfig
+    return LlamaConfig.from_hf({"architectures": ["LlamaForCausalLM"], **SHAPES[case["model"]]}, source=case["model"])
+
+
+def model_config(case: dict):
+    """The LlamaConfig of a case: the demo model's, or the real shape's."""
+    if case["model"] != "demo":
+        return case_config(case)
+    from model import LlamaConfig, resolve_model_dir
+    return LlamaConfig.from_file(resolve_model_dir("demo") / "config.json")
 
 
 def batches(vocab: int, case: dict, n: int, device):
@@ -86,9 +112,10 @@ def batches(vocab: int, case: dict, n: int, device):
         yield ids.to(device)
 
 
-def nanolora_step_fn(path: Path, case: dict, compile: bool = False):
+def nanolora_step_fn(case: dict, compile: bool = False):
     import lora
-    from model import load_model
+    from model import Llama, load_model, resolve_model_dir
+    from model.load import fill_model
     from model.loss import lm_loss_sum
     from model.runtime import keep_freed_memory
     device, dtype = case["device"], DTYPES[case["dtype"]]
@@ -98,7 +125,13 @@ def nanolora_step_fn(path: Path, case: dict, compile: bool = False):
     if case["quantize"]:  # as train.py: each linear quantized as it is read
         from lora.quant import nf4_loader
         replace_linear = nf4_loader(dtype)
-    model = load_model(path, dtype=dtype, device=device, replace_linear=replace_linear)
+    if case["model"] == "demo":
+        model = load_model(resolve_model_dir("demo"), dtype=dtype, device=device, replace_linear=replace_linear)
+    else:  # built on the device in its dtype, from random weights (no checkpoint)
+        config = case_config(case)
+        with torch.device("meta"):
+            model = Llama(config).to(dtype)
+        model = fill_model(model, random_weights(config, dtype, device), device, replace_linear)
     lora_cfg = lora.LoRAConfig(r=16, alpha=32, dropout=case.get("dropout", 0.0), targets="all-linear")
     lora.inject_lora(model, lora_cfg, quantize=case["quantize"], compute_dtype=dtype)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -121,17 +154,21 @@ def nanolora_step_fn(path: Path, case: dict, compile: bool = False):
     return model.config.vocab_size, step
 
 
-def peft_step_fn(path: Path, case: dict):
+def peft_step_fn(case: dict):
     import peft
     import transformers
     device, dtype = case["device"], DTYPES[case["dtype"]]
-    kw = {}
-    if case["quantize"]:
-        kw["quantization_config"] = transformers.BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation="sdpa", device_map=device, **kw)
+    if case["model"] == "demo":
+        kw = {}
+        if case["quantize"]:
+            kw["quantization_config"] = transformers.BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype)
+        from model import resolve_model_dir
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            resolve_model_dir("demo"), dtype=dtype, attn_implementation="sdpa", device_map=device, **kw)
+    else:
+        model = hf_random_model(case, dtype, device)
     if case["ckpt"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -151,9 +188,43 @@ def peft_step_fn(path: Path, case: dict):
     return model.config.vocab_size, step
 
 
-def step_flops(path: Path, case: dict) -> float:
-    from model import LlamaConfig
-    c = LlamaConfig.from_file(path / "config.json")
+def hf_random_model(case: dict, dtype: torch.dtype, device: str):
+    """transformers' LlamaForCausalLM of a real-shape case, built on the device in `dtype` with
+    random_weights (the same as nanolora's); QLoRA: every decoder linear then swapped for
+    bitsandbytes' Linear4bit, NF4 with double quantization, as from_pretrained with
+    BitsAndBytesConfig(load_in_4bit, nf4, double quant) would hold it."""
+    import transformers
+    cfg = transformers.LlamaConfig(**SHAPES[case["model"]], attn_implementation="sdpa")
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters created in dtype (the RoPE buffer stays fp32)
+    try:
+        with torch.device(device):
+            model = transformers.LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    params = model.state_dict()
+    with torch.no_grad():
+        for key, t in random_weights(case_config(case), dtype, device):
+            params[key].copy_(t)
+    if case["quantize"]:
+        import bitsandbytes as bnb
+        for name, linear in list(model.model.layers.named_modules()):
+            if isinstance(linear, torch.nn.Linear):
+                q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                      compute_dtype=dtype, compress_statistics=True, quant_type="nf4",
+                                      device=device)
+                q.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, compress_statistics=True,
+                                             quant_type="nf4").to(device)  # quantized here
+                parent, attr = name.rpartition(".")[::2]
+                setattr(model.model.layers.get_submodule(parent), attr, q)
+        model.is_loaded_in_4bit = True  # what from_pretrained sets: PEFT then wraps with its bnb LoRA layer
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the replaced bf16 linears' blocks: not part of the step's memory
+    return model
+
+
+def step_flops(config, case: dict) -> float:
+    c = config
     B, T, L = case["batch"], case["seq"], c.num_hidden_layers
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     shapes = [(c.hidden_size, q), (c.hidden_size, kv), (c.hidden_size, kv), (q, c.hidden_size),
@@ -186,7 +257,7 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def measure(impl: str, case_name: str, steps: int, warmup: int, scratch: Path) -> dict:
+def measure(impl: str, case_name: str, steps: int, warmup: int) -> dict:
     """Run one implementation on one case in this process; return its figures.
 
     Speed comes from the median step time, not the mean: on a shared machine a slow spell of a few
@@ -195,11 +266,10 @@ def measure(impl: str, case_name: str, steps: int, warmup: int, scratch: Path) -
     """
     case = CASES[case_name]
     torch.manual_seed(0)
-    path = model_dir(case, scratch)
     if impl == "peft":
-        vocab, step = peft_step_fn(path, case)
+        vocab, step = peft_step_fn(case)
     else:
-        vocab, step = nanolora_step_fn(path, case, compile=impl == "nanolora-compile")
+        vocab, step = nanolora_step_fn(case, compile=impl == "nanolora-compile")
     data = list(batches(vocab, case, warmup + steps, case["device"]))
     for ids in data[:warmup]:
         step(ids)
@@ -213,11 +283,11 @@ def measure(impl: str, case_name: str, steps: int, warmup: int, scratch: Path) -
         step_seconds.append(time.perf_counter() - t)
     seconds = statistics.median(step_seconds)
     return {"tokens_per_s": case["batch"] * case["seq"] / seconds, "peak_gib": peak_memory_gib(),
-            "flops": step_flops(path, case) / seconds,
+            "reserved_gib": peak_reserved_gib(), "flops": step_flops(model_config(case), case) / seconds,
             "matmul_peak": matmul_peak(case["device"], DTYPES[case["dtype"]])}
 
 
-def run_case(case_name: str, impls: list[str], steps: int, warmup: int, scratch: Path, rounds: int) -> dict:
+def run_case(case_name: str, impls: list[str], steps: int, warmup: int, rounds: int) -> dict:
     """Each implementation `rounds` times, taking turns: {impl: [figures of round 1, round 2, ...]}.
 
     Taking turns spreads slow spells of a shared machine over all implementations alike, and lets
@@ -227,7 +297,7 @@ def run_case(case_name: str, impls: list[str], steps: int, warmup: int, scratch:
     for _ in range(rounds):
         for impl in impls:
             cmd = [sys.executable, __file__, "--one", impl, "--case", case_name, "--steps", str(steps),
-                   "--warmup", str(warmup), "--scratch", str(scratch)]
+                   "--warmup", str(warmup)]
             env = {**os.environ, "PYTHONWARNINGS": "ignore"}
             out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if out.returncode != 0:
@@ -246,6 +316,7 @@ def summarize(runs: dict, peak: float) -> dict:
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
             "speed_ratio": statistics.median(r["tokens_per_s"] / p["tokens_per_s"] for r, p in zip(rs, peer)),
             "peak_gib": statistics.median(r["peak_gib"] for r in rs),
+            "reserved_gib": statistics.median(r["reserved_gib"] for r in rs),
             "memory_ratio": statistics.median(r["peak_gib"] / p["peak_gib"] for r, p in zip(rs, peer)),
             "mfu": statistics.median(r["flops"] for r in rs) / peak,
         }
@@ -256,12 +327,14 @@ def print_table(rows: dict):
     from rich.console import Console
     from rich.table import Table
     table = Table(title="LoRA training steps: nanolora vs transformers+PEFT (SDPA)")
-    for col in ("case", "implementation", "tokens/s", "speed vs peft", "peak GiB", "memory vs peft", "MFU"):
+    for col in ("case", "implementation", "tokens/s", "speed vs peft", "peak GiB", "reserved GiB", "memory vs peft",
+                "MFU"):
         table.add_column(col, justify="right")
     for name, results in rows.items():
         for impl, r in results.items():
             table.add_row(name, impl, f"{r['tokens_per_s']:.0f}", f"{r['speed_ratio']:.2f}x",
-                          f"{r['peak_gib']:.2f}", f"{r['memory_ratio']:.2f}x", f"{100 * r['mfu']:.1f}%")
+                          f"{r['peak_gib']:.2f}", f"{r['reserved_gib']:.2f}", f"{r['memory_ratio']:.2f}x",
+                          f"{100 * r['mfu']:.1f}%")
         table.add_section()
     Console(width=120).print(table)
 
@@ -276,16 +349,14 @@ def main():
     p.add_argument("--warmup", type=int, default=8,
                    help="untimed steps first: allocators and caches settle (transformers takes ~8 on the CPU)")
     p.add_argument("--compile", action="store_true", help="also run nanolora with --compile")
-    p.add_argument("--scratch", default=str(Path.home() / ".cache" / "nanolora" / "bench"))
     p.add_argument("--one", choices=("nanolora", "nanolora-compile", "peft"), help=argparse.SUPPRESS)
     args = p.parse_args()
-    scratch = Path(args.scratch)
     if args.one:
-        print(json.dumps(measure(args.one, args.case[0], args.steps, args.warmup, scratch)))
+        print(json.dumps(measure(args.one, args.case[0], args.steps, args.warmup)))
         return
     cases = args.case or [c for c in CASES if CASES[c]["device"] == "cpu" or torch.cuda.is_available()]
     impls = ["nanolora"] + ["nanolora-compile"] * args.compile + ["peft"]
-    runs = {name: run_case(name, impls, args.steps, args.warmup, scratch, args.rounds) for name in cases}
+    runs = {name: run_case(name, impls, args.steps, args.warmup, args.rounds) for name in cases}
     # The device's peak in a dtype: the best of the samples every run took, so that a run sampling
     # it in a slow spell cannot inflate MFU.
     peaks = {}

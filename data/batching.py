@@ -6,7 +6,8 @@ seen does not depend on the micro-batch size: 4 micro-batches of 2 with accumula
 the examples of 1 micro-batch of 8, which is what lets the tests compare the two.
 
 Packing puts several examples in one row of at most max_seq_len tokens; attention is blocked
-between them by `document_ids` (the model builds a block-diagonal causal mask from it) and
+between them by `document_ids` (the model keeps each document to itself: varlen attention, an
+attention call per document, or a block-diagonal causal mask) and
 positions restart at 0 for each example, so a packed row computes the same per-example losses as
 the examples one by one. With pack=True a micro-batch is a list of *rows*, each row a list of
 example indices:

@@ -70,6 +70,16 @@ def load_model(path_or_id, dtype: torch.dtype = torch.float32, device="cpu", rep
     the whole model in `dtype`. lm_head, when tied to the embeddings, is not passed to it.
     """
     model = meta_model(path_or_id, dtype)
+    tensors = ((key, read_tensor(f, key)) for key, f in checkpoint_tensors(model.source_dir))
+    return fill_model(model, tensors, device, replace_linear)
+
+
+def fill_model(model: Llama, tensors, device, replace_linear=None) -> Llama:
+    """Give the meta-device `model` its weights from `tensors`, (key, tensor) pairs covering every
+    checkpoint key once (expected_shapes), each copied into storage allocated once on `device` in
+    the model's dtype. load_model reads them from the files; the benchmarks pass random weights
+    made on the device, in real shapes, without writing a checkpoint. replace_linear as in load_model.
+    """
     config = model.config
     streamed = {} if replace_linear is None else {  # linears that stay on meta until their weights are read
         name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)
@@ -81,8 +91,7 @@ def load_model(path_or_id, dtype: torch.dtype = torch.float32, device="cpu", rep
     model.rope_inv_freq = rope_frequencies(config).to(device)  # float32; to_empty left it empty
     params = {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[0] not in streamed}
     pending = {}  # name -> {"weight": tensor, "bias": tensor} of a streamed linear, until complete
-    for key, f in checkpoint_tensors(model.source_dir):
-        t = read_tensor(f, key)
+    for key, t in tensors:
         name, kind = key.rsplit(".", 1)
         if name not in streamed:
             params[key].copy_(t)  # one tensor at a time; copy_ casts dtype
