@@ -21,11 +21,12 @@ Rows (bench/gpu_rows.py holds the checks):
   packed       varlen and per-document attention against the block-diagonal mask; packed against
                unpacked; gradient checkpointing on against off
   nf4          NF4 logits on the GPU against the CPU's (bitsandbytes)
-  torchrun     train.py under torchrun (nccl) with DDP and FSDP2, fp32 and bf16, against one
-               process; a DDP run resumed from its step-2 checkpoint against the whole run
-  memory       loading (bf16, NF4 while loading) takes the model plus one layer, never two copies
+  torchrun     train.py under torchrun (nccl) with DDP and FSDP2 in bf16, against one process; a
+               DDP run resumed from its step-2 checkpoint against the whole run
+  memory       loading (bf16, NF4 while loading) takes the model plus one tensor, never two copies
   speed        bench/train_speed.py's GPU cases against transformers+PEFT (tokens/s, GiB allocated
                and reserved)
+  torchrun     DDP and FSDP2 in fp32 (last: test_parallel proves them on gloo)
 
 GPU_CHECK_HANG=<row name> makes that row sleep (to see a TIMEOUT end it while the others go on).
 """
@@ -65,26 +66,27 @@ class Row:
     # such row pays for it), hence the ddp rows' larger estimates.
 
 
-# In order of value: the correctness of what users run first, then what it costs.
+# In order of value: the correctness of what users run first (bf16 before fp32 where both are
+# there: test_parallel covers fp32 DDP and FSDP on gloo), then memory, then what a step costs.
 ROWS = [
-    Row("precision bf16", "check_precision", ("bf16",), 20, 25),
-    Row("precision fp16", "check_precision", ("fp16",), 20, 25),
-    Row("packed varlen vs mask bf16", "check_packed_kernel", ("varlen", "bf16"), 15, 8),
-    Row("packed documents vs mask fp32", "check_packed_kernel", ("documents", "fp32"), 15, 15),
-    Row("packed documents vs mask bf16", "check_packed_kernel", ("documents", "bf16"), 15, 15),
-    Row("packed vs unpacked", "check_packing", (), 15, 10),
-    Row("grad checkpointing", "check_checkpointing", (), 15, 25),
-    Row("nf4 device vs cpu", "check_nf4", (), 25, 20),
-    Row("torchrun ddp bf16", "check_torchrun", ("ddp", "bf16"), 50, 90),
-    Row("torchrun fsdp bf16", "check_torchrun", ("fsdp", "bf16"), 35, 40),
-    Row("torchrun ddp fp32", "check_torchrun", ("ddp", "fp32"), 50, 85),
-    Row("torchrun fsdp fp32", "check_torchrun", ("fsdp", "fp32"), 35, 30),
-    Row("torchrun ddp resume", "check_resume", (), 35, 30),
-    Row("memory load bf16", "check_load_memory", (None,), 15, 10),
-    Row("memory load nf4", "check_load_memory", ("nf4",), 15, 10),
-    Row("speed llama-3.2-1b", "check_speed", ("llama-3.2-1b",), 60, 30),
-    Row("speed deepseek-llm-7b", "check_speed", ("deepseek-llm-7b",), 90, 30),
-    Row("speed llama-3.1-8b-qlora", "check_speed", ("llama-3.1-8b-qlora",), 120, 40),
+    Row("precision bf16", "check_precision", ("bf16",), 12, 25),
+    Row("precision fp16", "check_precision", ("fp16",), 12, 25),
+    Row("packed varlen vs mask bf16", "check_packed_kernel", ("varlen", "bf16"), 10, 8),
+    Row("packed documents vs mask fp32", "check_packed_kernel", ("documents", "fp32"), 10, 15),
+    Row("packed documents vs mask bf16", "check_packed_kernel", ("documents", "bf16"), 10, 15),
+    Row("packed vs unpacked", "check_packing", (), 10, 10),
+    Row("grad checkpointing", "check_checkpointing", (), 10, 25),
+    Row("nf4 device vs cpu", "check_nf4", (), 15, 20),
+    Row("torchrun ddp bf16", "check_torchrun", ("ddp", "bf16"), 35, 90),
+    Row("torchrun fsdp bf16", "check_torchrun", ("fsdp", "bf16"), 25, 40),
+    Row("torchrun ddp resume", "check_resume", (), 35, 85),
+    Row("memory load bf16", "check_load_memory", (None,), 10, 10),
+    Row("memory load nf4", "check_load_memory", ("nf4",), 10, 10),
+    Row("speed llama-3.2-1b", "check_speed", ("llama-3.2-1b",), 30, 30),
+    Row("speed deepseek-llm-7b", "check_speed", ("deepseek-llm-7b",), 45, 30),
+    Row("speed llama-3.1-8b-qlora", "check_speed", ("llama-3.1-8b-qlora",), 75, 40),
+    Row("torchrun ddp fp32", "check_torchrun", ("ddp", "fp32"), 20, 30),
+    Row("torchrun fsdp fp32", "check_torchrun", ("fsdp", "fp32"), 20, 30),
 ]
 ROW_NAMES = [r.name for r in ROWS]
 

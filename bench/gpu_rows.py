@@ -296,8 +296,9 @@ def check_nf4(ctx):
 
 def check_load_memory(ctx, quantize: str | None):
     """The device memory that loading takes (bf16, or NF4 quantized as each linear is read) against
-    what the loaded model holds plus one layer in flight: loading never holds a second copy."""
+    what the loaded model holds plus one tensor in flight: loading never holds a second copy."""
     from model import load_model
+    from model.load import meta_model
     from model.runtime import peak_memory_gib, peak_reserved_gib, reset_peak_memory
     replace = None
     if quantize:
@@ -306,6 +307,7 @@ def check_load_memory(ctx, quantize: str | None):
         except ImportError:
             raise Skip("bitsandbytes is not installed here (carry .gpu/: make gpu-bundle)") from None
         replace = nf4_loader(torch.bfloat16)
+    largest = max(t.numel() for t in meta_model(ctx.model_dir).state_dict().values())  # elements
     if ctx.device == "cuda":
         torch.cuda.init()
     reset_peak_memory()
@@ -313,8 +315,9 @@ def check_load_memory(ctx, quantize: str | None):
     peak, reserved = peak_memory_gib() * 2**10, peak_reserved_gib() * 2**10  # MiB
     held = sum(t.numel() * t.element_size() for t in {**dict(model.named_parameters()),
                                                        **dict(model.named_buffers())}.values()) / 2**20
-    layer = max(m.weight.numel() for m in model.modules() if hasattr(m, "in_features")) * 2 / 2**20
-    bound = held + 2 * layer + 1  # one bf16 linear read and (NF4) its quantization input, 1 MiB slack
+    # In flight, for the largest tensor: its bf16 copy (a linear before NF4 takes it) and the file's
+    # fp32 values on their way into it (write_model saves fp32); 1 MiB for NF4's block scales.
+    bound = held + largest * (2 + 4) / 2**20 + 1
     what = f"peak {peak:.1f} MiB allocated, {reserved:.1f} reserved; the model holds {held:.1f} MiB"
     if ctx.device != "cuda":
         raise Skip(f"dry run: {what} (CPU RSS, which counts the file's mapped pages: the bound is CUDA's)")
