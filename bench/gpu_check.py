@@ -208,7 +208,7 @@ def device_name() -> str:
         return "a CUDA device (its name did not come within 120 s)"
 
 
-def write_report(out: Path, env: dict, rows: list[dict], scratch: Path, done: bool):
+def write_report(out: Path, env: dict, rows: list[dict], scratch: Path, done: bool, planned: int):
     """gpu_check.md, gpu_check.json and logs.tar.gz in `out`, each replaced whole (written beside,
     then renamed): a run killed at any moment leaves the last complete report."""
     out.mkdir(parents=True, exist_ok=True)
@@ -221,7 +221,7 @@ def write_report(out: Path, env: dict, rows: list[dict], scratch: Path, done: bo
         lines.append(f"| {r['name']} | {r['status']} | {figure} | {bound} | {r['what'].replace('|', '/')} | "
                      f"{r.get('s', 0):.0f} |")
     total = sum(r.get("s", 0) for r in rows)
-    lines += ["", f"{len(rows)} of {len(ROWS)} rows, {total:.0f} s" + ("" if done else " (still running)")]
+    lines += ["", f"{len(rows)} of {planned} rows, {total:.0f} s" + ("" if done else " (still running)")]
     replace(out / "gpu_check.md", "\n".join(lines) + "\n")
     replace(out / "gpu_check.json", json.dumps({"environment": env, "rows": rows, "complete": done}, indent=1))
     tmp = out / "logs.tar.gz.tmp"
@@ -259,8 +259,8 @@ def run_all(args) -> int:
                 result = run_row(row, args, scratch, timeout)
             results.append({"name": row.name, **result})
             print(f"{row.name}: {result['status']} {result['what']}", flush=True)
-            write_report(args.out, env, results, scratch, done=False)
-        write_report(args.out, env, results, scratch, done=True)
+            write_report(args.out, env, results, scratch, done=False, planned=len(rows))
+        write_report(args.out, env, results, scratch, done=True, planned=len(rows))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print((args.out / "gpu_check.md").read_text())
