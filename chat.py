@@ -86,7 +86,7 @@ def reply(model, tok, messages, args, on_text=None) -> tuple[str, dict]:
             on_text(text[len(shown):])
             shown = text
     t_end = time.perf_counter()
-    text = tok.decode(ids, skip_special_tokens=True)
+    text = whole_characters(tok, ids)
     if on_text and len(text) > len(shown):
         on_text(text[len(shown):])
     t_first = t_first or t_end
@@ -94,6 +94,18 @@ def reply(model, tok, messages, args, on_text=None) -> tuple[str, dict]:
              "prefill_tok_s": len(prompt_ids) / max(t_first - t0, 1e-9),
              "decode_tok_s": (len(ids) - 1) / (t_end - t_first) if len(ids) > 1 else 0.0}
     return text, stats
+
+
+def whole_characters(tok, ids: list[int]) -> str:
+    """The text of `ids` without a character the token budget cut in half: byte-level tokens may end
+    inside a multi-byte UTF-8 character, which decodes to U+FFFD. A character spans at most 4 bytes,
+    so dropping up to 3 trailing tokens finds where the last whole one ends."""
+    text = tok.decode(ids, skip_special_tokens=True)
+    for cut in range(1, min(3, len(ids)) + 1):
+        if not text.endswith("\ufffd"):
+            break
+        text = tok.decode(ids[:-cut], skip_special_tokens=True)
+    return text
 
 
 def speed_line(stats) -> str:

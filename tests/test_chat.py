@@ -120,3 +120,30 @@ def test_bad_adapter_is_one_line_error(tiny_chat_dir, tmp_path):
     result = run_chat("--model", str(tiny_chat_dir), "--adapter", str(tmp_path / "missing"), "--prompt", "x")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert str(tmp_path / "missing") in result.stderr
+
+
+class ByteTokens:
+    """A tokenizer of one token per UTF-8 byte, as byte-level BPE falls back to for rare text."""
+    stop_ids = ()
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    def encode_chat(self, messages, add_generation_prompt=True):
+        return [1]
+
+
+@pytest.mark.parametrize("text, cut", [("café", 1), ("ok 🙂", 1), ("ok 🙂", 3)])
+def test_a_reply_cut_inside_a_character_holds_it_back(monkeypatch, text, cut):
+    """The token budget ends `cut` bytes short of the last character (1 of 2 bytes of é, 1 or 3 of
+    an emoji's 4): the reply, streamed and returned, ends at the last whole character, no U+FFFD."""
+    from types import SimpleNamespace
+
+    import chat
+    ids = list(text.encode()[:-cut])
+    monkeypatch.setattr(chat, "generate", lambda *a, **kw: iter(ids))
+    args = SimpleNamespace(seed=0, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
+                           max_new_tokens=len(ids))
+    pieces = []
+    out, _ = chat.reply(None, ByteTokens(), [], args, on_text=pieces.append)
+    assert out == text[:-1] and "".join(pieces) == out
