@@ -4,7 +4,8 @@
     python chat.py --model demo --adapter runs/demo/adapter --prompt "How do I boil an egg?"
     python chat.py --model demo --adapter runs/demo/adapter --compare   # base and adapted side by side
 
-The prompt is built with the same chat template code as training, generation stops at every
+The prompt is built with the same chat template code as training (with --adapter, the template
+the adapter was trained with, its chat_template.jinja, when it has one), generation stops at every
 end-of-turn token of the model (not only eos), and a KV cache runs the prompt once (prefill), then
 one token per step (decode). With --prompt only the reply goes to stdout; all else goes to stderr.
 Interactive chat reads stdin: end it with EOF (Ctrl-D) or /exit; Ctrl-C quits too (exit 130).
@@ -14,12 +15,14 @@ import argparse
 import sys
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
 import data
 import lora
 from model import DEMO_MODEL, load_model, resolve_model_dir
+from model.chat_template import TEMPLATE_FILE, saved_template
 from model.errors import UserError, run_command
 from model.fused import reference_path
 from model.generate import generate
@@ -39,7 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--system", help="system prompt")
     p.add_argument("--prompt", help="answer this one prompt, print the reply on stdout and exit")
     p.add_argument("--compare", action="store_true", help="answer with the base and the adapted model")
-    p.add_argument("--template", help="built-in chat template instead of the model's own")
+    p.add_argument("--template", help="built-in chat template instead of the model's own (or the "
+                   "one the adapter was trained with)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-k", type=int, default=0)
@@ -50,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
     p.add_argument("--reference", action="store_true",
                    help="run the textbook twins of the fast pieces (model/fused.py): same replies, slower")
+    p.add_argument("--allow-other-base", action="store_true", help="apply --adapter to a base other than the "
+                   "one it was trained on (its nanolora_base.json), with a warning")
     args = p.parse_args(argv)
     if args.compare and not args.adapter:
         p.error("--compare needs --adapter")
@@ -61,12 +67,25 @@ def load(args):
     device = choose_device(args.device)
     dtype = choose_dtype(args.precision, device)
     model_dir = resolve_model_dir(args.model)
+    if args.adapter:  # before the model loads: the base it was trained on, by content
+        lora.adapter.check_base(args.adapter, model_dir, args.allow_other_base)
     model = load_model(model_dir, dtype=dtype, device=device)
     if args.adapter:
         lora.load_adapter(model, args.adapter)
         for p in model.parameters():  # adapter weights join the base in its dtype for inference
             p.data = p.data.to(dtype)
-    return model, data.load_tokenizer(model_dir, args.template)
+    return model, chat_tokenizer(model_dir, args)
+
+
+def chat_tokenizer(model_dir, args) -> data.ChatTokenizer:
+    """The model's tokenizer, with the template the adapter was trained with (its chat_template.jinja)
+    unless --template names one; a --template other than the adapter's gets a warning."""
+    tok = data.load_tokenizer(model_dir, args.template, args.adapter)
+    trained = saved_template(args.adapter) if args.adapter else None
+    if trained is not None and args.template and tok.chat_template != trained:
+        print(f"warning: --template {args.template} is not the template the adapter was trained with "
+              f"({Path(args.adapter) / TEMPLATE_FILE}); its replies may suffer", file=sys.stderr)
+    return tok
 
 
 def reply(model, tok, messages, args, on_text=None) -> tuple[str, dict]:

@@ -81,8 +81,9 @@ def restore_rng(state: dict):
 
 
 def save_checkpoint(output_dir, step: int, model, lora_config, base_model: str, optimizer, scaler,
-                    trainer_state: dict, keep: int) -> Path:
-    """Write the checkpoint of `step` atomically and delete all but the newest `keep`.
+                    trainer_state: dict, keep: int, files: dict[str, str] | None = None) -> Path:
+    """Write the checkpoint of `step` atomically and delete all but the newest `keep`; `files` go
+    beside its adapter (lora.save_adapter: the run's tokenizer files and chat template).
 
     Under torchrun every rank must call this; rank 0 writes."""
     final = checkpoint_dir(output_dir, step)
@@ -93,7 +94,7 @@ def save_checkpoint(output_dir, step: int, model, lora_config, base_model: str, 
         if parallel.is_main():
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        parallel.save_adapter(model, lora_config, tmp / "adapter", base_model)
+        parallel.save_adapter(model, lora_config, tmp / "adapter", base_model, files)
         if parallel.is_main():
             # through a Python file: a full disk then raises OSError (ENOSPC); a path gave a bare RuntimeError
             with open(tmp / STATE_FILE, "wb") as f:

@@ -59,7 +59,7 @@ def main():
     shutil.rmtree(OUTPUT_DIR, ignore_errors=True)  # the previous demo's (marked): a fresh run each time
     OUTPUT_DIR.mkdir(parents=True)
     (OUTPUT_DIR / MARK).touch()
-    summary = train(TrainConfig(output_dir=str(OUTPUT_DIR)))
+    summary = train(TrainConfig(output_dir=str(OUTPUT_DIR), sample_prompts=str(DEMO_PROMPTS)))  # as `python train.py`
 
     console.rule("4. merge (python merge.py)")
     merged = OUTPUT_DIR / "merged"

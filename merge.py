@@ -12,7 +12,9 @@ merges nothing: it writes the adapter alone as llama.cpp's LoRA GGUF (lora/gguf.
 `python -m model.gguf export`), so one base file serves many fine-tunes.
 
 OUT_DIR is a plain Hugging Face model directory (sharded safetensors, config, tokenizer, chat
-template) that loads in transformers, in `model.load.load_model`, and in anything else.
+template) that loads in transformers, in `model.load.load_model`, and in anything else. Its
+tokenizer files and chat template are the adapter's when it carries them (train.py saves the
+template the run trained with, --template included, beside every adapter), else the base's.
 
 Memory: the base is never built as a model. Each checkpoint tensor is read alone from its shard
 (safetensors `safe_open`), merged in float32 if an adapter module targets it, cast, and buffered
@@ -20,10 +22,11 @@ until the output shard is full (--max-shard-size), which is then written. The pe
 output shard plus the adapter, whatever the model's size. A QLoRA adapter (trained on an NF4
 base) is merged onto the full-precision checkpoint, as it must be: NF4 was only storage.
 
-Everything is validated before anything is written (destinations, base, adapter, and that the
-adapter holds only finite numbers), and OUT_DIR appears only when complete: the work happens in a
-hidden sibling directory that is renamed at the end, and removed on any failure (a full disk, a
-merged tensor that overflows the output dtype, Ctrl-C).
+Everything is validated before anything is written (destinations, base, adapter, that the adapter
+holds only finite numbers, and that the base is the one it was trained on, by content: its
+nanolora_base.json; --allow-other-base overrides), and OUT_DIR appears only when complete: the work
+happens in a hidden sibling directory that is renamed at the end, and removed on any failure (a
+full disk, a merged tensor that overflows the output dtype, Ctrl-C).
 """
 
 import argparse
@@ -40,7 +43,8 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 import lora
-from lora.adapter import QUANT_KEY
+from data.tokenizer import TOKENIZER_FILES
+from lora.adapter import QUANT_KEY, check_base
 from model.config import LlamaConfig
 from model.errors import UserError, one_line, run_command
 from model.llama import Llama
@@ -49,6 +53,7 @@ from model.files import PICKLE_SUFFIXES, check_keys, expected_shapes, read_safet
 from lora.gguf import ADAPTER_TYPES, adapter_pairs, default_base_gguf, export_adapter_gguf, missing_base_note
 from model.gguf import OUT_TYPES, GGUFError, describe_modelfile, export_gguf
 from model.load import load_model, resolve_model_dir
+from model.chat_template import TEMPLATE_FILE, saved_template
 from model.ollama import modelfile_path
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -97,6 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="tensor type of --adapter-gguf (default f32)")
     p.add_argument("--base-gguf", type=Path, help="the base model's GGUF, for the adapter's Modelfile "
                    "FROM line (default: BASE.gguf beside --adapter-gguf)")
+    p.add_argument("--allow-other-base", action="store_true", help="apply the adapter to a base other than "
+                   "the one it was trained on (its nanolora_base.json), with a warning")
     args = p.parse_args(argv)
     if args.output is None and args.gguf is not None:
         p.error("--gguf exports the merged model: it needs --output")
@@ -117,6 +124,7 @@ def plan_merge(args) -> dict:
         model = Llama(config)
     key_file = check_keys(files, expected_shapes(model))  # the base must be loadable as it is
     lora_cfg, modules, metadata = adapter_pairs(args.adapter, config, base_dir)  # checked: keys, shapes, finite
+    check_base(args.adapter, base_dir, args.allow_other_base)  # the base it was trained on, by content
     pairs = {f"{name}.weight": pair for name, pair in modules.items()}  # A (r, in), B (out, r), DoRA (out,)
     n_params = sum(p.numel() for n, p in model.named_parameters() if ".lora_" not in n)
     return dict(base_dir=base_dir, key_file=key_file, config=config, lora_cfg=lora_cfg, pairs=pairs,
@@ -213,6 +221,19 @@ def copy_side_files(base_dir: Path, out_dir: Path, dtype_name: str | None) -> li
     return copied
 
 
+def copy_trained_tokenizer(adapter_dir, out_dir: Path) -> list[str]:
+    """Replace the base's tokenizer files with the adapter's when it carries the chat template it
+    was trained with (train.py saves it, and the tokenizer files, beside every adapter): the merged
+    model then prompts as its fine-tune was trained, in chat.py, transformers and the GGUF export.
+    An adapter without one (a PEFT adapter from elsewhere) leaves the base's as they are."""
+    if saved_template(adapter_dir) is None:
+        return []
+    names = [name for name in (*TOKENIZER_FILES, TEMPLATE_FILE) if (Path(adapter_dir) / name).is_file()]
+    for name in names:
+        shutil.copyfile(Path(adapter_dir) / name, out_dir / name)
+    return names
+
+
 @torch.no_grad()
 def probe_check(plan: dict, adapter_dir, merged_dir: Path, dtype: torch.dtype | None) -> tuple[float, float]:
     """Max |logit| change the adapter makes, and max |logit| difference merged vs base+adapter.
@@ -253,8 +274,9 @@ def merge(args):
         with Progress(*columns, console=Console(stderr=True)) as progress:
             n = write_shards(merged_tensors(plan, dtype, progress), tmp, args.max_shard_size)
         copied = copy_side_files(plan["base_dir"], tmp, args.dtype)
+        trained = copy_trained_tokenizer(args.adapter, tmp)
         print(f"wrote {n} shard{'s' * (n > 1)} ({args.dtype or 'dtype of the base'}); "
-              f"copied {', '.join(copied)}")
+              f"copied {', '.join(copied)}" + (f"; from the adapter: {', '.join(trained)}" if trained else ""))
         run_check = args.check if args.check is not None else plan["n_params"] < CHECK_MAX_PARAMS
         if run_check:
             effect, diff = probe_check(plan, args.adapter, tmp, dtype)

@@ -338,11 +338,11 @@ def full_lora(model: nn.Module):
                 linear.weight = shard  # the very Parameter the optimizer holds
 
 
-def save_adapter(model: nn.Module, lora_config, out_dir, base_model: str):
+def save_adapter(model: nn.Module, lora_config, out_dir, base_model: str, files: dict[str, str] | None = None):
     """lora.save_adapter, once for all ranks: gathered under FSDP2, written by rank 0."""
     with full_lora(model):
         if is_main():
-            lora.save_adapter(model, lora_config, out_dir, base_model)
+            lora.save_adapter(model, lora_config, out_dir, base_model, files)
     barrier()
 
 

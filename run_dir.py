@@ -14,9 +14,13 @@ quantization. The rest (how long, how often to log, evaluate and save, the devic
 ranks as long as the global batch stays) may change, and the change is written to the history,
 never over run_config.json. metrics.jsonl is cut back to the checkpoint's step, so no step is
 logged twice.
+
+The base model is compared by a sha256 of every byte (model/fingerprint.py). A run_config.json
+written when the fingerprint read only each weight file's first and last MiB holds model_sha256
+instead of model_content_sha256: that run is compared by the old fingerprint, recomputed, so it
+still resumes (with the old fingerprint's blindness to changes mid-file).
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +32,7 @@ from pathlib import Path
 
 import parallel
 from model.errors import UserError
+from model.fingerprint import file_sha256, legacy_model_fingerprint, model_fingerprint
 from model.runtime import peak_memory_gib, peak_reserved_gib
 
 LOCK_FILE = ".lock"
@@ -48,7 +53,8 @@ MAY_CHANGE = ("max_steps", "epochs", "log_every", "eval_every", "save_every", "k
 # --objective dpo's per-step metrics (dpo.STAT_NAMES and the margin), drawn in TensorBoard
 DPO_METRICS = ("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy", "logps_chosen",
                "logps_rejected")
-HASH_EDGE = 1 << 20  # a safetensors file is fingerprinted by its size and its first and last MiB
+MODEL_KEY = "model_content_sha256"  # the base model's fingerprint in run_config.json's "defining"
+LEGACY_MODEL_KEY = "model_sha256"  # ...as written before every byte was hashed (edges only)
 
 
 class RunDirError(UserError):
@@ -138,40 +144,13 @@ def claim_fresh(out: Path, overwrite: bool):
 # -----------------------------------------------------------------------------
 # what defines a run, and --resume's check that it is the same one
 
-def file_sha256(path: Path, edge: int | None = None) -> str:
-    """sha256 of a file; with `edge`, of its size and its first and last `edge` bytes only."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        if edge is None:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
-        else:
-            size = os.fstat(f.fileno()).st_size
-            h.update(str(size).encode())
-            h.update(f.read(edge))
-            f.seek(max(size - edge, 0))
-            h.update(f.read(edge))
-    return h.hexdigest()
-
-
-def model_fingerprint(model_dir: Path) -> str:
-    """One hash of a model directory: its config and tokenizer files whole, and each safetensors file
-    by size and edges (enough to tell apart two checkpoints of the same shape without reading GBs)."""
-    h = hashlib.sha256()
-    for p in sorted(model_dir.iterdir()):
-        if p.is_file() and (p.suffix in (".json", ".jinja", ".model") or p.suffix == ".safetensors"):
-            h.update(p.name.encode())
-            h.update(file_sha256(p, HASH_EDGE if p.suffix == ".safetensors" else None).encode())
-    return h.hexdigest()
-
-
 def defining_settings(cfg, model_dir: Path, val_data, dtype, world_size: int) -> dict:
     """The settings a resumed run must share with its checkpoint's, inputs as content hashes."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in MAY_CHANGE}
     settings.update(data_sha256=file_sha256(Path(cfg.data)),
                     val_data_sha256=file_sha256(Path(val_data)) if val_data else None,
-                    model_sha256=model_fingerprint(model_dir), dtype=str(dtype),
-                    global_micro_batch=cfg.micro_batch_size * world_size)
+                    dtype=str(dtype), global_micro_batch=cfg.micro_batch_size * world_size)
+    settings[MODEL_KEY] = model_fingerprint(model_dir)  # every byte, cached: a model is hashed once
     return settings
 
 
@@ -180,9 +159,10 @@ def record_fresh(out: Path, settings: dict, defining: dict):
     (out / CONFIG_FILE).write_text(json.dumps({**settings, "defining": defining}, indent=2) + "\n")
 
 
-def check_resume(out: Path, defining: dict, settings: dict) -> dict:
-    """Refuse a resume whose defining settings differ from the run's, listing each difference;
-    return the settings that did change ({name: [before, now]}), the ones allowed to."""
+def check_resume(out: Path, defining: dict, settings: dict, model_dir: Path) -> dict:
+    """Refuse a resume whose defining settings differ from the run's, listing each difference (the
+    base model named by its directory); return the settings that did change ({name: [before, now]}),
+    the ones allowed to."""
     path = out / CONFIG_FILE
     try:
         saved = json.loads(path.read_text())
@@ -193,7 +173,12 @@ def check_resume(out: Path, defining: dict, settings: dict) -> dict:
         raise RunDirError(f"--resume: {path}: not valid JSON ({e})") from None
     # A run_config.json written before fingerprints existed: compare the plain settings it has.
     before = saved.get("defining") or {k: saved[k] for k in defining if k in saved}
-    differ = [f"{k} {show(before[k])} -> {show(v)}" for k, v in defining.items() if k in before and before[k] != v]
+    if LEGACY_MODEL_KEY in before and MODEL_KEY not in before:  # the old fingerprint: compare like with like
+        defining = {**{k: v for k, v in defining.items() if k != MODEL_KEY},
+                    LEGACY_MODEL_KEY: legacy_model_fingerprint(model_dir)}
+    differ = [f"{k} {show(before[k])} -> {show(v)}" + (f" (the model in {model_dir} is not the run's base)"
+                                                       if k in (MODEL_KEY, LEGACY_MODEL_KEY) else "")
+              for k, v in defining.items() if k in before and before[k] != v]
     if differ:
         verb = "settings differ" if len(differ) > 1 else "setting differs"
         raise RunDirError(f"--resume: {len(differ)} {verb} from the run in {out}: {'; '.join(differ)}. "

@@ -16,6 +16,7 @@ import torch
 import parallel
 import sweep
 from data import DataError, is_preference_file
+from data.formats import SUFFIXES
 from model import DEMO_MODEL
 from model.errors import UserError
 
@@ -43,6 +44,8 @@ class TrainConfig:
                                      "default examples/preferences.jsonl)")
     val_data: str | None = flag(None, "validation data (default: --val-fraction of --data; the demo data has its own)")
     val_fraction: float = flag(0.1, "share of --data held out for validation when there is no --val-data")
+    val_seed: int = flag(0, "which examples --val-fraction holds out; not --seed, so that runs of different "
+                            "seeds are compared on the same held-out set")
     output_dir: str = flag(DEMO_OUTPUT["sft"], "where metrics, TensorBoard logs, checkpoints and the adapter go "
                                               "(--objective dpo: default runs/demo-dpo)")
     max_seq_len: int = flag(512, "longer examples are truncated")
@@ -111,7 +114,9 @@ class TrainConfig:
     resume: bool = flag(False, "continue from the newest checkpoint in --output-dir (the same run only)")
     overwrite: bool = flag(False, "replace the run already in --output-dir (its metrics, checkpoints, adapter)")
     debug_grads: bool = flag(False, "per-module LoRA gradient norms and update/weight ratios, every step")
-    sample_prompts: str = flag(str(DEMO_PROMPTS), "file of prompts (one per line) answered at each eval")
+    sample_prompts: str | None = flag(None, "file of prompts (one per line), three answered at each eval (default: "
+                                            "the first user turns of the first 3 validation conversations; the "
+                                            "demo data: examples/prompts.txt; '' for none)")
     sample_tokens: int = flag(48, "max new tokens of each eval sample reply")
     # sweeps (sweep.py)
     sweep: str | None = flag(None, "train once per setting of a grid, e.g. --sweep lr=2e-4,1e-3 lora_r=8,64")
@@ -148,12 +153,16 @@ def parse_config(argv=None) -> TrainConfig:
 
 
 def demo_defaults(cfg: TrainConfig, given: dict) -> TrainConfig:
-    """--objective dpo with no --data or --output-dir given: the DPO demo's, not the SFT demo's."""
+    """--objective dpo with no --data or --output-dir given: the DPO demo's, not the SFT demo's.
+    The demo data with no --sample-prompts: the demo's own prompts (examples/prompts.txt), which
+    its held-out conversations do not repeat; any other data samples its own validation prompts."""
     if cfg.objective == "dpo":
         if "data" not in given:
             cfg = replace(cfg, data=str(DEMO_PREFERENCES))
         if "output_dir" not in given:
             cfg = replace(cfg, output_dir=DEMO_OUTPUT["dpo"])
+    if "sample_prompts" not in given and Path(cfg.data).resolve() in (DEMO_DATA, DEMO_PREFERENCES):
+        cfg = replace(cfg, sample_prompts=str(DEMO_PROMPTS))
     return cfg
 
 
@@ -241,9 +250,10 @@ def check_config(cfg: TrainConfig):
         raise TrainError("--resume continues the run in --output-dir and --overwrite replaces it: pass one")
     for name in ("data", "val_data"):
         if getattr(cfg, name) and not Path(getattr(cfg, name)).is_file():
-            raise TrainError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: no such file")
+            raise TrainError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: {not_a_file(getattr(cfg, name))}")
     if cfg.sample_prompts and not Path(cfg.sample_prompts).is_file():
-        raise TrainError(f"--sample-prompts {cfg.sample_prompts}: no such file (pass '' for no samples)")
+        raise TrainError(f"--sample-prompts {cfg.sample_prompts}: {not_a_file(cfg.sample_prompts)} "
+                         "(pass '' for no samples)")
     if cfg.objective == "dpo":
         check_dpo(cfg)
     elif cfg.dpo_precompute_ref:
@@ -262,6 +272,13 @@ def check_config(cfg: TrainConfig):
     if cfg.parallel == "fsdp" and not parallel.fsdp2_available():
         raise TrainError(f"--parallel fsdp: this torch ({torch.__version__}) lacks the FSDP2 features it "
                          "needs; upgrade torch or use --parallel ddp")
+
+
+def not_a_file(path: str) -> str:
+    """Why a path that should name a file does not."""
+    if Path(path).is_dir():
+        return f"a directory, not a data file ({', '.join(SUFFIXES)}); name a file in it"
+    return "no such file"
 
 
 def check_dpo(cfg: TrainConfig):

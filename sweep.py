@@ -233,7 +233,8 @@ def run_result(run_dir: Path, no_summary: str = "not run") -> dict:
             "grad_norm_max": max((r["grad_norm"] for r in steps), default=None),
             "tokens_per_s": sum(r["tokens"] for r in steps) / seconds if seconds else None,
             "peak_memory_gib": summary.get("peak_memory_gib"), "wall_s": summary.get("wall_s"),
-            "status": status, "reply": next(iter(summary.get("replies", {}).values()), None)}
+            "status": status, "reply": next(iter(summary.get("replies", {}).values()), None),
+            "prompt": next(iter(summary.get("replies", {})), None)}
 
 
 def table_cells(r: dict) -> list[str]:
@@ -245,7 +246,9 @@ def table_cells(r: dict) -> list[str]:
             fmt("peak_memory_gib", ".2f"), fmt("wall_s", ".1f"), r["status"], reply]
 
 
-def reply_prompt(cfg) -> str | None:
+def reply_prompt(cfg, results: list[dict]) -> str | None:
+    if cfg.sample_prompts is None:  # the runs answered their validation data's first prompt
+        return next((r["prompt"] for r in results if r.get("prompt")), None)
     path = Path(cfg.sample_prompts)
     lines = [line.strip() for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
     return lines[0] if lines else None
@@ -256,7 +259,7 @@ def write_markdown(path: Path, cfg, results: list[dict]):
     defaults, swept = asdict(type(cfg)()), parse_sweep(cfg.sweep, cfg)
     fixed = [f"{k}={value_text(k, v)}" for k, v in asdict(cfg).items()
              if v != defaults[k] and k not in swept and k not in NOT_SWEPT]
-    prompt = reply_prompt(cfg)
+    prompt = reply_prompt(cfg, results)
     lines = [f"# Sweep: {cfg.sweep}", "",
              f"- other settings: {' '.join(fixed) or 'none'} (the rest at train.py's defaults)",
              f"- {len(results)} runs of train.py, each in its directory under {cfg.output_dir}/ with its "
@@ -264,7 +267,7 @@ def write_markdown(path: Path, cfg, results: list[dict]):
              f"`tensorboard --logdir {cfg.output_dir}` shows all runs as series of the same plots",
              "- final loss: the train loss of the last step; tokens/s: over all training steps; peak mem: "
              "CUDA allocations, or on the CPU the resident set of the run's process",
-             "- reply: " + ("none (no --sample-prompts)" if prompt is None
+             "- reply: " + ("none (no sample prompts)" if prompt is None
                             else f"the greedy reply to \"{prompt}\" after training"), "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in results:
@@ -275,7 +278,7 @@ def write_markdown(path: Path, cfg, results: list[dict]):
 def print_table(results: list[dict], cfg):
     from rich.console import Console
     from rich.table import Table
-    prompt = reply_prompt(cfg)
+    prompt = reply_prompt(cfg, results)
     table = Table(title=f"sweep: {cfg.sweep}", caption=prompt and f"reply: to \"{prompt}\"")
     for col in COLUMNS:
         table.add_column(col, justify="left" if col in ("run", "status", "reply") else "right",

@@ -12,8 +12,9 @@ tokens in the whole step, so micro-batch 4 x accumulation 1 gives the same updat
 
 The file reads in the order a run happens. The settings (settings.py: TrainConfig, checked before
 any work) go through named phases, each a function below: `start_run` (device, dtype, output
-directory), `load_data`, `plan_steps` (how many steps; with --resume, where to continue), `build_model`
-(the frozen base, LoRA injected), `build_optimizer`. Then `run_training`'s loop: per optimizer step,
+directory), `check_model_limits` (what the model's config bounds), `load_data`, `plan_steps` (how
+many steps; with --resume, where to continue), `build_model` (the frozen base, LoRA injected),
+`build_optimizer`. Then `run_training`'s loop: per optimizer step,
 `train_step` (micro-batches, backward, clip, update), logging, `evaluate`, `save_checkpoint`; the
 steps' micro-batches are collated a step or two ahead, on a thread of their own (`step_batches`).
 """
@@ -38,7 +39,7 @@ import run_dir
 import sweep
 from checkpoint import (list_checkpoints, load_checkpoint, read_trainer_state, remove_partial_checkpoints,
                         save_checkpoint)
-from model import load_model, resolve_model_dir
+from model import Llama, LlamaConfig, load_model, resolve_model_dir
 from model.errors import run_command
 from model.fused import reference_path
 from model.generate import generate
@@ -46,7 +47,7 @@ from model.llama import PackedDocuments, packed_documents
 from model.load import meta_model
 from model.loss import IGNORE_INDEX, LanguageModelLoss, trained_positions
 from model.runtime import (choose_device, choose_dtype, indexed_device, keep_freed_memory, peak_memory_gib,
-                           peak_reserved_gib, reset_peak_memory)
+                           peak_reserved_gib, reset_peak_memory, slow_precision_note)
 from settings import DEMO_VALIDATION, TrainConfig, TrainError, betas, parse_config
 
 
@@ -64,8 +65,13 @@ def train(cfg: TrainConfig) -> dict:
 
 def run_training(cfg: TrainConfig) -> dict:
     run = start_run(cfg)
+    check_model_limits(cfg, run)
     ds = load_data(cfg, run)
+    tokenizer_files = data.tokenizer_files(run.model_dir, ds.tok)  # and the template: beside every adapter
     plan = plan_steps(cfg, run, ds)
+    # beside every adapter too: the base it is trained on (path, fingerprint), for merge.py's and chat.py's check
+    adapter_files = {**tokenizer_files,
+                     lora.adapter.BASE_FILE: lora.adapter.base_record(run.model_dir, plan.defining[run_dir.MODEL_KEY])}
     lora_cfg = lora_config(cfg)
     model, loss_fn, train_loss_fn = build_model(cfg, run, lora_cfg, resuming=plan.checkpoint is not None)
     trainable = [p for p in model.parameters() if p.requires_grad]  # after FSDP2 swapped them for shards
@@ -75,7 +81,7 @@ def run_training(cfg: TrainConfig) -> dict:
     pos = resume(plan.checkpoint, model, optimizer, scaler, run) if plan.checkpoint else Position()
     logs = run_dir.RunLog(run.out, run.console, plan.total_steps, cfg.log_every, pos.step if plan.checkpoint else None,
                           plan.settings, plan.defining, plan.changed)
-    prompts = load_prompts(cfg.sample_prompts)[:3]
+    prompts = sample_prompts(cfg, ds)
     evaluation = lambda: evaluate_and_sample(loss_fn, model, ds, prompts, cfg, run.autocast)
     first_val = {} if plan.checkpoint else logs.first_eval(pos.step, *evaluation())
     losses, row, streak = [], first_val, 0  # streak: fp16 steps skipped in a row
@@ -109,7 +115,7 @@ def run_training(cfg: TrainConfig) -> dict:
             stopping = parallel.any_rank(stop.signal is not None)  # every rank stops after the same step
             if cfg.save_every and pos.step % cfg.save_every == 0 or pos.step == plan.total_steps or stopping:
                 save_checkpoint(run.out, pos.step, model, lora_cfg, str(cfg.model), optimizer, scaler,
-                                {"epoch": pos.epoch, "index": pos.index}, cfg.keep_checkpoints)
+                                {"epoch": pos.epoch, "index": pos.index}, cfg.keep_checkpoints, adapter_files)
             if stopping:
                 bar.stop()
                 signum = stop.signal or signal.SIGTERM
@@ -118,7 +124,8 @@ def run_training(cfg: TrainConfig) -> dict:
                 sys.exit(128 + signum)
     bar.stop()
 
-    parallel.save_adapter(model, lora_cfg, run.out / "adapter", str(cfg.model))  # gathered, rank 0 writes
+    # gathered, rank 0 writes
+    parallel.save_adapter(model, lora_cfg, run.out / "adapter", str(cfg.model), adapter_files)
     logs.close()
     last_val = {k: v for k, v in row.items() if k.startswith("val_")}
     wall_s = time.perf_counter() - run.t_start
@@ -155,6 +162,8 @@ def start_run(cfg: TrainConfig) -> Run:
         keep_freed_memory()
     parallel.init(device, cfg.parallel_timeout)  # under torchrun: join the other ranks
     console = Console(stderr=True, quiet=not parallel.is_main())  # rank 0 speaks for all
+    if note := slow_precision_note(dtype, device):  # bf16/fp16 asked for on a CPU without them
+        console.print(note, style="yellow", markup=False)
     t_start = time.perf_counter()
     out = Path(cfg.output_dir)
     if parallel.is_main():  # a fresh run needs a directory without another run's files (or --overwrite)
@@ -164,6 +173,29 @@ def start_run(cfg: TrainConfig) -> Run:
     torch.manual_seed(cfg.seed)
     autocast = torch.autocast(device_type=device, dtype=dtype) if dtype != torch.float32 else nullcontext()
     return Run(out, resolve_model_dir(cfg.model), device, dtype, autocast, console, t_start)
+
+
+def check_model_limits(cfg: TrainConfig, run: Run):
+    """Settings the model's config bounds, refused before any data or weight is read: a row no
+    longer than its context (max_position_embeddings), and a LoRA rank no larger than the smaller
+    side of a target (min(in, out): there B A can already be any matrix, no longer low-rank)."""
+    config = LlamaConfig.from_file(run.model_dir / "config.json")
+    context = config.max_position_embeddings
+    if cfg.max_seq_len > context:
+        raise TrainError(f"--max-seq-len {cfg.max_seq_len}: more than the model's context (max_position_embeddings "
+                         f"{context} in {run.model_dir / 'config.json'}); pass at most {context}")
+    with torch.device("meta"):  # the structure only: no memory, no weights
+        model = Llama(config)
+    targets = lora_config(cfg).targets
+    sides = {name: (m.in_features, m.out_features) for name, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and lora.inject.is_target(name, targets)}
+    if sides:  # (targets that match nothing are refused when LoRA is injected)
+        name = min(sides, key=lambda n: min(sides[n]))
+        largest = min(sides[name])
+        if cfg.lora_r > largest:
+            raise TrainError(f"--lora-r {cfg.lora_r}: larger than {name} allows ({sides[name][0]} in, "
+                             f"{sides[name][1]} out): the largest rank is {largest}, where B A is already a full-rank "
+                             "update; LoRA's point is a rank far below it (8 to 64 is typical)")
 
 
 @dataclass
@@ -195,8 +227,9 @@ class TrainData:
                 batch.update(pairs=0, **({"ref_logps": torch.zeros(1)} if "ref_chosen" in examples[0] else {}))
         elif self.pairs:
             batch = data.make_pair_batch(examples, idx, self.tok.pad_id)
-        else:
-            batch = data.make_batch(examples, idx, self.tok.pad_id, self.pack)
+        else:  # idx of the training set under --pack names rows of examples; of validation, examples
+            # (one per row: packing would give the same per-example losses, and it only saves time)
+            batch = data.make_batch(examples, idx, self.tok.pad_id, self.pack and examples is self.train)
         return to_device(batch, self.device)
 
     def make_val_batches(self, micro_batch_size: int):
@@ -222,7 +255,7 @@ def load_data(cfg: TrainConfig, run: Run) -> TrainData:
     if val_file:
         train_examples, val_examples = train_set.examples, tokenize(val_file).examples
     else:
-        train_examples, val_examples = data.split_validation(train_set.examples, cfg.val_fraction, cfg.seed)
+        train_examples, val_examples = data.split_validation(train_set.examples, cfg.val_fraction, cfg.val_seed)
     if not train_examples:
         raise TrainError(f"--data {cfg.data}: no training examples left")
     ds = TrainData(tok, train_examples, val_examples, val_file and str(val_file), [], cfg.pack,
@@ -263,7 +296,7 @@ def plan_steps(cfg: TrainConfig, run: Run, ds: TrainData) -> Plan:
         if step >= total_steps:
             raise TrainError(f"--resume: the run in {run.out} is at step {step} of {total_steps}: nothing left "
                              "to train; raise --max-steps (or --epochs) to train further")
-        changed = run_dir.check_resume(run.out, defining, settings)
+        changed = run_dir.check_resume(run.out, defining, settings, run.model_dir)
     return Plan(total_steps, warmup, settings, defining, changed, checkpoints[-1] if checkpoints else None)
 
 
@@ -681,6 +714,25 @@ class StopRequest:
 def load_prompts(path: str) -> list[str]:
     p = Path(path)
     return [line.strip() for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []
+
+
+def sample_prompts(cfg: TrainConfig, ds: TrainData, n: int = 3) -> list[str]:
+    """The n prompts answered at each evaluation: the first of --sample-prompts' file ('' none),
+    or by default the first user turn of each of the first validation conversations, so that the
+    samples show the run's own kind of question (no validation data: no samples)."""
+    if cfg.sample_prompts is not None:
+        return load_prompts(cfg.sample_prompts)[:n]
+    source = ds.val_file or cfg.data  # validation examples know their record's line in it
+    if ds.pairs:
+        records = {line: prompt for line, (prompt, _, _) in data.preference.load_pairs(source)}
+    else:
+        records = dict(data.formats.load_conversations_with_lines(source))
+    prompts = []
+    for example in ds.val:
+        user = [m["content"] for m in records[example["line"]] if m["role"] == "user"]
+        if user and len(prompts) < n:
+            prompts.append(user[0].strip())
+    return prompts
 
 
 

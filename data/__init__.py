@@ -2,6 +2,7 @@
 
     load_conversations(path)             .json/.jsonl/.csv records -> [[{"role", "content"}, ...], ...]
     load_tokenizer(model_dir, template)  tokenizer.json + the model's chat template -> ChatTokenizer
+    tokenizer_files(model_dir, tok)      the tokenizer files and template saved beside an adapter
     tokenize_file(path, tok, max_seq_len, mask)   -> TokenizedData (cached on disk)
     split_validation(examples, fraction, seed)    -> (train, val)
     micro_batches(lengths, micro_batch_size, seed, epoch, ...)  -> lists of example indices
@@ -20,10 +21,10 @@ from .masking import IGNORE_INDEX, MASK_MODES, mask_labels, tokenize_conversatio
 from .preference import PreferenceData, is_preference_file, make_pair_batch, tokenize_pairs
 from .sample_style import SIGN_OFF, GREETING, shows_style
 from .templates import BUILTIN_TEMPLATES
-from .tokenizer import ChatTokenizer, load_tokenizer
+from .tokenizer import ChatTokenizer, load_tokenizer, tokenizer_files
 
 __all__ = ["BUILTIN_TEMPLATES", "ChatTokenizer", "DataError", "GREETING", "IGNORE_INDEX", "MASK_MODES",
            "PreferenceData", "Prefetcher", "SIGN_OFF", "TEXT_ROLE", "TokenizedData", "collate", "load_conversations", "load_tokenizer",
            "make_batch", "mask_labels", "micro_batches", "pack_rows", "shows_style", "split_validation",
            "tokenize_conversations", "tokenize_file", "trained_count", "is_preference_file", "make_pair_batch",
-           "tokenize_pairs"]
+           "tokenize_pairs", "tokenizer_files"]

@@ -19,11 +19,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .formats import DataError, load_conversations_with_lines, RecordError
+from .formats import DataError, RecordError, check_file, load_conversations_with_lines
 from .masking import IGNORE_INDEX, tokenize_conversations
 from .templates import ChatTemplateError
 
-CACHE_VERSION = "1"  # bump when tokenization changes, to invalidate old caches
+CACHE_VERSION = "2"  # bump when tokenization changes, to invalidate old caches (2: "weight": 0)
+COUNTS = ("n_records", "n_truncated", "n_dropped", "n_unterminated", "n_weight_zero")  # kept in the cache
 
 
 @dataclass
@@ -41,6 +42,7 @@ class TokenizedData:
     from_cache: bool
     mask: str  # which tokens train: assistant | last | all
     max_seq_len: int
+    n_weight_zero: int = 0  # replies with "weight": 0 (context, not trained), in all records
 
     @property
     def lengths(self) -> list[int]:
@@ -56,7 +58,8 @@ class TokenizedData:
                 f"{sum(self.lengths)} tokens, {self.n_trained_tokens} trained (mask={self.mask}); "
                 f"{self.n_truncated} truncated to {self.max_seq_len}, {self.n_dropped} dropped "
                 f"(no trained token left); "
-                f"{self.examples_per_s:,.0f} examples/s{' (cache)' if self.from_cache else ''}")
+                + (f"{self.n_weight_zero} replies of weight 0 (context, not trained); " if self.n_weight_zero else "")
+                + f"{self.examples_per_s:,.0f} examples/s{' (cache)' if self.from_cache else ''}")
         if self.n_unterminated:
             line += (f"; WARNING: {self.n_unterminated} replies have no end-of-turn token in the "
                      "template, the model will not learn to stop after them")
@@ -83,8 +86,7 @@ def tokenize_file(path: str | Path, tok, max_seq_len: int, mask: str = "assistan
                   cache_dir: str | Path | None = None, use_cache: bool = True) -> TokenizedData:
     """Tokenize a data file (or read it from the cache: `cache_dir`, default <nanolora cache>/tokenized)."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
+    check_file(path)
     start = time.perf_counter()
     cache_file = None
     if use_cache:
@@ -119,11 +121,12 @@ def _tokenize(path: Path, tok, max_seq_len: int, mask: str) -> TokenizedData:
         n_truncated += truncated
         n_unterminated += unterminated
         examples.append({"input_ids": ids, "labels": labels, "line": line, "truncated": truncated})
+    n_weight_zero = sum(m.get("weight") == 0 for _, messages in records for m in messages)
     if not examples:
         raise DataError(f"{path}: all {len(records)} examples dropped: none has a trained token "
                         f"within max_seq_len={max_seq_len} (mask={mask})")
     return TokenizedData(path, examples, len(records), n_truncated, n_dropped, n_unterminated,
-                         0.0, False, mask, max_seq_len)
+                         0.0, False, mask, max_seq_len, n_weight_zero)
 
 
 # --- the cache: ragged examples as flat int32 tensors plus offsets ---
@@ -138,7 +141,7 @@ def save_cache(cache_file: Path, data: TokenizedData):
         "lines": torch.tensor([e["line"] for e in ex], dtype=torch.int64),
         "truncated": torch.tensor([e["truncated"] for e in ex], dtype=torch.uint8),
     }
-    meta = {k: str(getattr(data, k)) for k in ("n_records", "n_truncated", "n_dropped", "n_unterminated")}
+    meta = {k: str(getattr(data, k)) for k in COUNTS}
     tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -174,7 +177,7 @@ def _read_cache(cache_file: Path, path: Path, mask: str, max_seq_len: int) -> To
         raise ValueError("its tensors disagree on the number of examples")
     examples = [{"input_ids": i.tolist(), "labels": y.tolist(), "line": line, "truncated": bool(tr)}
                 for i, y, line, tr in zip(ids, labels, t["lines"].tolist(), t["truncated"].tolist())]
-    counts = {k: int(meta[k]) for k in ("n_records", "n_truncated", "n_dropped", "n_unterminated")}
+    counts = {k: int(meta[k]) for k in COUNTS}
     return TokenizedData(path, examples, **counts, examples_per_s=0.0, from_cache=True, mask=mask,
                          max_seq_len=max_seq_len)
 

@@ -5,12 +5,16 @@ record is detected from its fields:
 
     conversation   EmoLLM / XTuner: [{"system"|"instruction"?, "input", "output"}, ...], one record
                    is one multi-turn dialogue, the system prompt on the first turn
-    conversations  ShareGPT: [{"from": "system"|"human"|"gpt", "value"}, ...]
-    messages       OpenAI: [{"role": "system"|"user"|"assistant", "content"}, ...]
+    conversations  ShareGPT: [{"from": "system"|"human"|"gpt", "value"}, ...] (or "role"/"content" keys)
+    messages       OpenAI: [{"role": "system"|"user"|"assistant", "content"}, ...]; an assistant
+                   message with "weight": 0 is context, not trained (1, the default, trains it)
     instruction + output   Alpaca (optional input, system, history [[user, assistant], ...]);
                    the user message is instruction + "\\n" + input, as LLaMA-Factory builds it
     question + answer      one exchange
     text           continued pre-training: [{"role": "text", "content"}], every token trained
+
+A message keeps "weight": 0 when its record gave it (OpenAI's and ShareGPT's "weight" key); the
+masks in masking.py then leave that reply untrained.
 
 Bad input raises DataError with one line naming the file and the line of the record.
 """
@@ -37,9 +41,16 @@ class DataError(UserError, ValueError):
 
 # --- reading records ---------------------------------------------------------------------------
 
-def read_text(path: Path) -> str:
-    if not path.exists():
+def check_file(path: Path):
+    """Refuse a path that names no file: missing, or a directory."""
+    if path.is_dir():
+        raise DataError(f"{path}: a directory, not a data file ({', '.join(SUFFIXES)}); name a file in it")
+    if not path.is_file():
         raise DataError(f"{path}: no such file")
+
+
+def read_text(path: Path) -> str:
+    check_file(path)
     if path.suffix.lower() not in SUFFIXES:
         raise DataError(f"{path}: unsupported file type; expected {', '.join(SUFFIXES)}")
     raw = path.read_bytes()
@@ -164,11 +175,13 @@ def from_emollm(record: dict) -> list[dict]:
 def from_sharegpt(record: dict) -> list[dict]:
     messages = []
     for i, turn in enumerate(_turns(_list(record, "conversations"), "turn")):
-        speaker = turn.get("from")
+        # "from"/"value" as ShareGPT writes them; many files use OpenAI's "role"/"content" instead
+        speaker = turn.get("from", turn.get("role"))
         if speaker not in SHAREGPT_ROLES:
             raise RecordError(f"turn {i + 1}: unknown role {speaker!r}; expected one of "
                               f"{', '.join(SHAREGPT_ROLES)}")
-        messages.append({"role": SHAREGPT_ROLES[speaker], "content": _text(turn, "value")})
+        text = _text(turn, "value" if "value" in turn or "content" not in turn else "content")
+        messages.append(_weighted({"role": SHAREGPT_ROLES[speaker], "content": text}, turn, f"turn {i + 1}"))
     return messages
 
 
@@ -178,8 +191,22 @@ def from_openai(record: dict) -> list[dict]:
         if message.get("role") not in ROLES:
             raise RecordError(f"message {i + 1}: unknown role {message.get('role')!r}; expected one "
                               f"of {', '.join(ROLES)}")
-        messages.append({"role": message["role"], "content": _text(message, "content")})
+        messages.append(_weighted({"role": message["role"], "content": _text(message, "content")}, message,
+                                  f"message {i + 1}"))
     return messages
+
+
+def _weighted(message: dict, source: dict, where: str) -> dict:
+    """The message with the record's "weight" (OpenAI's fine-tuning format): 0 on an assistant
+    message means it is context only, not trained; 1 trains it, as no weight does."""
+    if "weight" not in source:
+        return message
+    weight = source["weight"]
+    if isinstance(weight, bool) or weight not in (0, 1):
+        raise RecordError(f"{where}: weight must be 0 (do not train) or 1 (train), got {json.dumps(weight)}")
+    if message["role"] != "assistant":
+        raise RecordError(f"{where}: weight is for assistant messages, this one is {message['role']}")
+    return {**message, "weight": int(weight)}
 
 
 def from_alpaca(record: dict) -> list[dict]:

@@ -17,6 +17,10 @@ DeepSeek ("Assistant:" is the prompt) it is " reply<eos>", since the model must 
 (For the rare template whose prompt_i is not a prefix of full, e.g. a default system prompt that
 only appears when there are messages, the span starts at the reply's content.)
 
+A reply with "weight": 0 (OpenAI's fine-tuning format, data/formats.py) is context: it is located
+like the others but not trained, under --mask assistant and last (last trains the final reply only
+if its weight is not 0); --mask all trains every token regardless.
+
 Labels align with input_ids (the Hugging Face convention: the loss shifts them by one); -100 marks
 untrained positions.
 """
@@ -55,6 +59,8 @@ def reply_spans(tok, messages: list[dict], full: str, mask: str) -> list[tuple[i
                               "it cannot be located")
         start, end = (len(prompt) if prefix else at), at + len(content)
         cursor = end
+        if messages[i].get("weight", 1) == 0:  # context only: located (the cursor moves past it), not trained
+            continue
         nxt = messages[i + 1]["content"] if i + 1 < len(messages) else ""
         limit = full.find(nxt.strip(), end) if nxt.strip() else -1
         spans.append((start, end, limit if limit >= 0 else len(full)))

@@ -14,8 +14,14 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from model.chat_template import TEMPLATE_FILE, saved_template
+
 from .formats import DataError
 from .templates import BUILTIN_TEMPLATES, compile_template, render
+
+# The files a tokenizer is saved as (transformers' save_pretrained), copied beside each adapter as
+# PEFT and TRL do, with TEMPLATE_FILE.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 # Tokens that end a turn in some template family. One counts as a stop token for this model when it
 # is in the vocabulary and the chat template writes it (the EOS token always counts).
@@ -61,7 +67,7 @@ class ChatTokenizer:
         self.bos_token = special_tokens.get("bos_token")
         self.eos_token = special_tokens.get("eos_token")
         self.chat_template = chat_template  # the Jinja source in use; None if the model has none
-        self.template_name = template_name  # a BUILTIN_TEMPLATES name, or "model"
+        self.template_name = template_name  # a BUILTIN_TEMPLATES name, "model", or "adapter" (its trained one)
         # Where the template came from, for its errors: the model's file, or "built-in template 'chatml'".
         self.template_origin = template_origin or f"template {template_name!r}"
         self.bos_id = self._id(self.bos_token)
@@ -132,7 +138,7 @@ class ChatTokenizer:
 def _chat_template(model_dir: Path, config: dict) -> tuple[str | None, str]:
     """The model's template and the file it came from: chat_template.jinja wins over
     tokenizer_config.json, as in transformers."""
-    jinja_file = model_dir / "chat_template.jinja"
+    jinja_file = model_dir / TEMPLATE_FILE
     if jinja_file.exists():
         try:
             return jinja_file.read_text(encoding="utf-8"), str(jinja_file)
@@ -145,8 +151,11 @@ def _chat_template(model_dir: Path, config: dict) -> tuple[str | None, str]:
     return (template if isinstance(template, str) else None), str(model_dir / "tokenizer_config.json")
 
 
-def load_tokenizer(model_dir: str | Path, template: str | None = None) -> ChatTokenizer:
-    """The tokenizer of a local model directory; `template` names a built-in template to use instead."""
+def load_tokenizer(model_dir: str | Path, template: str | None = None, adapter_dir=None) -> ChatTokenizer:
+    """The tokenizer of a local model directory; `template` names a built-in template to use instead.
+
+    adapter_dir: an adapter to be applied to the model. The template it was trained with (its
+    TEMPLATE_FILE, saved by train.py) replaces the model's, unless `template` names one."""
     model_dir = Path(model_dir)
     path = model_dir / "tokenizer.json"
     if not path.exists():
@@ -168,9 +177,27 @@ def load_tokenizer(model_dir: str | Path, template: str | None = None) -> ChatTo
         if special[name] is None and ids:
             special[name] = tokenizer.id_to_token(ids[0])
     special = {k: v for k, v in special.items() if v is not None}  # unset ones stay undefined in Jinja
+    trained = saved_template(adapter_dir) if adapter_dir is not None and not template else None
     if template:
         source, origin = BUILTIN_TEMPLATES[template], f"built-in template {template!r}"
+    elif trained is not None:
+        source, origin = trained, str(Path(adapter_dir) / TEMPLATE_FILE)
     else:
         source, origin = _chat_template(model_dir, config)
     extra_stop = _config_ids(generation.get("eos_token_id"))
-    return ChatTokenizer(tokenizer, special, source, template or "model", extra_stop, origin)
+    name = template or ("adapter" if trained is not None else "model")
+    return ChatTokenizer(tokenizer, special, source, name, extra_stop, origin)
+
+
+def tokenizer_files(model_dir: str | Path, tok: ChatTokenizer) -> dict[str, str]:
+    """The files to save beside an adapter (name -> text): the model's TOKENIZER_FILES, and the
+    template `tok` renders with (the model's, or the one --template chose) both as TEMPLATE_FILE and
+    as tokenizer_config.json's chat_template, so that whatever reads either prompts as training did."""
+    model_dir = Path(model_dir)
+    files = {name: (model_dir / name).read_text(encoding="utf-8")
+             for name in TOKENIZER_FILES if (model_dir / name).is_file()}
+    if tok.chat_template is not None:
+        config = {**_read_json(model_dir / "tokenizer_config.json"), "chat_template": tok.chat_template}
+        files["tokenizer_config.json"] = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+        files[TEMPLATE_FILE] = tok.chat_template
+    return files

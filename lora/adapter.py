@@ -5,15 +5,21 @@
         adapter_model.safetensors    base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
                                      (r, in) and ...lora_B.weight (out, r) for every LoRA layer,
                                      and for DoRA ...lora_magnitude_vector (out,)
+        nanolora_base.json           {"path": the base trained on, "fingerprint": sha256 of its content}
 
 PEFT's keys are our module names behind the prefix "base_model.model.": a `PeftModel` holds a
 `LoraModel` as `.base_model`, which holds the transformers model as `.model`, and transformers'
 module names are ours. Weights are saved in their own dtype (float32 while training).
+
+nanolora_base.json is ours (peft ignores it): merge.py and chat.py refuse a base whose content
+differs from the one the adapter was trained on (`check_base`) unless --allow-other-base. An
+adapter without it (peft's, or from elsewhere) is applied to any base of the right shapes.
 """
 
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -22,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from model.errors import key_mismatches, one_line
+from model.fingerprint import model_fingerprint
 
 from . import pissa
 from .config import LoRAConfig, LoRAError
@@ -31,6 +38,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModel.base_model (LoraModel) .model (transformers model)
 QUANT_KEY = "nanolora.base_quantization"  # safetensors metadata: "nf4" for a QLoRA adapter
+BASE_FILE = "nanolora_base.json"  # the base the adapter was trained on: its path and fingerprint
 
 # PEFT options that change what an adapter computes and that nanolora does not implement: an
 # adapter setting any of them is refused rather than loaded wrongly.
@@ -64,8 +72,12 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
     return leaves if [n for n in linears if is_target(n, leaves)] == names else names
 
 
-def save_adapter(model: nn.Module, cfg: LoRAConfig, out_dir, base_model_name_or_path: str | None = None):
-    """Write `model`'s A and B and `cfg` to `out_dir` in PEFT's format, atomically."""
+def save_adapter(model: nn.Module, cfg: LoRAConfig, out_dir, base_model_name_or_path: str | None = None,
+                 files: dict[str, str] | None = None):
+    """Write `model`'s A and B and `cfg` to `out_dir` in PEFT's format, atomically.
+
+    files: more files to write beside them (name -> text): train.py's are the run's tokenizer
+    files and the chat template it trained with (data.tokenizer_files), as PEFT and TRL save them."""
     modules = lora_modules(model)
     if not modules:
         raise LoRAError("the model has no LoRA layers to save")
@@ -101,10 +113,12 @@ def save_adapter(model: nn.Module, cfg: LoRAConfig, out_dir, base_model_name_or_
     try:
         save_file(tensors, tmp / WEIGHTS_FILE, metadata=metadata)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
         if not out_dir.exists():
             tmp.rename(out_dir)  # the whole adapter appears at once
         else:  # keep whatever else is in out_dir; replace each of our files atomically
-            for name in (WEIGHTS_FILE, CONFIG_FILE):
+            for name in (WEIGHTS_FILE, CONFIG_FILE, *(files or {})):
                 os.replace(tmp / name, out_dir / name)
     except (OSError, SafetensorError) as e:  # a full disk, say: name the adapter, not our temp dir
         why = one_line(e)
@@ -210,3 +224,38 @@ def _load_pissa_checkpoint(model, modules, cfg, tensors, source) -> LoRAConfig:
     for name, m in modules.items():
         pissa.split_(m, tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"], tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"])
     return cfg
+
+
+# -----------------------------------------------------------------------------
+# the base an adapter belongs to
+
+def base_record(base_dir, fingerprint: str) -> str:
+    """nanolora_base.json's text: the base's directory and model.fingerprint.model_fingerprint."""
+    return json.dumps({"path": str(Path(base_dir).resolve()), "fingerprint": fingerprint}, indent=2) + "\n"
+
+
+def read_base_record(adapter_dir) -> dict | None:
+    """The adapter's nanolora_base.json, or None if it has none (peft's adapters)."""
+    path = Path(adapter_dir) / BASE_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except ValueError as e:
+        raise LoRAError(f"{path}: not valid JSON ({e})") from None
+    if not (isinstance(record, dict) and isinstance(record.get("fingerprint"), str)):
+        raise LoRAError(f"{path}: needs a \"fingerprint\" (and \"path\") of the base model")
+    return record
+
+
+def check_base(adapter_dir, base_dir, allow_other: bool):
+    """Refuse a base whose content is not the one the adapter was trained on, naming both; with
+    allow_other (--allow-other-base), warn and go on. No nanolora_base.json: nothing to check."""
+    record = read_base_record(adapter_dir)
+    if record is None or model_fingerprint(Path(base_dir)) == record["fingerprint"]:
+        return
+    what = (f"the adapter {adapter_dir} was trained on the base {record.get('path')}; {base_dir} holds "
+            "other weights (or config, tokenizer)")
+    if not allow_other:
+        raise LoRAError(f"{what}; pass --allow-other-base to apply it anyway")
+    print(f"warning: {what}; applying it anyway (--allow-other-base)", file=sys.stderr)

@@ -17,8 +17,8 @@ equivalent and is refused; merge it instead.
                                [--type f32|f16] [--overwrite]
 
 OUT.Modelfile goes beside it: FROM the base's GGUF (export the base once, `python -m model.gguf
-export MODEL_DIR BASE.gguf`), ADAPTER OUT.gguf, and the TEMPLATE and SYSTEM of the base's chat
-template (model/ollama.py).
+export MODEL_DIR BASE.gguf`), ADAPTER OUT.gguf, and the TEMPLATE and SYSTEM of the chat template
+the adapter was trained with (its chat_template.jinja; the base's if it has none; model/ollama.py).
 """
 
 import argparse
@@ -31,12 +31,14 @@ import torch
 
 from model import gguf as model_gguf
 from model import ollama
+from model.chat_template import saved_template
 from model.config import LlamaConfig
 from model.errors import run_command
 from model.load import resolve_model_dir
 from model.llama import Llama
 
-from .adapter import PEFT_PREFIX, WEIGHTS_FILE, check_adapter_tensors, read_adapter_config, read_adapter_tensors
+from .adapter import (PEFT_PREFIX, WEIGHTS_FILE, check_adapter_tensors, check_base, read_adapter_config,
+                      read_adapter_tensors)
 from .config import LoRAError
 from .inject import inject_lora, lora_modules
 
@@ -71,7 +73,8 @@ def export_adapter_gguf(adapter_dir, base_dir, out_path, base_gguf=None, out_typ
     """Write the adapter as a llama.cpp LoRA GGUF, and OUT.Modelfile (FROM base_gguf, ADAPTER out).
 
     base_dir: the base model directory the adapter was trained on (its config gives the tensor
-    names and q/k order; its chat template the Modelfile's TEMPLATE). base_gguf: the base's GGUF
+    names and q/k order; its chat template the Modelfile's TEMPLATE, unless the adapter carries
+    the one it was trained with, chat_template.jinja, as train.py's do). base_gguf: the base's GGUF
     for the Modelfile's FROM line (default: <base dir name>.gguf beside out_path). adapter: its
     (LoRAConfig, pairs) when the caller has read them already (adapter_pairs)."""
     out_path = Path(out_path)
@@ -104,7 +107,9 @@ def export_adapter_gguf(adapter_dir, base_dir, out_path, base_gguf=None, out_typ
     if base_gguf.exists():
         needed = {names[f"{m}.weight"]: (A.shape[1], B.shape[0]) for m, (A, B, _) in pairs.items()}
         check_base_gguf(base_gguf, config, needed, adapter_dir)
-    vocab = model_gguf.vocab_from_hf(base_dir, config)  # the base's chat template, for the Modelfile
+    vocab = model_gguf.vocab_from_hf(base_dir, config)
+    # The Modelfile's TEMPLATE: the one the adapter was trained with when it carries it, else the base's.
+    vocab["chat_template"] = saved_template(adapter_dir) or vocab["chat_template"]
     chat = model_gguf.ollama_chat(vocab)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with model_gguf.atomic_path(modelfile) as modelfile_tmp, model_gguf.atomic_path(out_path) as tmp:
@@ -168,6 +173,8 @@ def main(argv=None) -> int:
     exp.add_argument("--base", help="the base model directory (default: the adapter's base_model_name_or_path)")
     exp.add_argument("--base-gguf", help="the base's GGUF, for the Modelfile's FROM (default: BASE_NAME.gguf "
                      "beside OUT.gguf)")
+    exp.add_argument("--allow-other-base", action="store_true", help="export for a base other than the one the "
+                     "adapter was trained on (its nanolora_base.json), with a warning")
     return run_command("python -m lora.gguf", export, parser.parse_args(argv))
 
 
@@ -176,6 +183,7 @@ def export(args):
     if not base:
         raise LoRAError(f"{args.adapter_dir}: its adapter_config.json names no base model; pass --base")
     base_dir = resolve_model_dir(base)
+    check_base(args.adapter_dir, base_dir, args.allow_other_base)  # the base it was trained on, by content
     base_gguf = args.base_gguf or default_base_gguf(Path(args.out_gguf), base_dir)
     chat = export_adapter_gguf(args.adapter_dir, base_dir, args.out_gguf, base_gguf, args.type, args.overwrite)
     print(args.out_gguf)

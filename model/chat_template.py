@@ -8,12 +8,15 @@ Go template. The template is untrusted code from a model repository, hence the s
 
 import json
 from datetime import datetime
+from pathlib import Path
 
 import jinja2
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import UserError
+
+TEMPLATE_FILE = "chat_template.jinja"  # transformers' file for the template (it wins over tokenizer_config.json)
 
 
 class ChatTemplateError(UserError, ValueError, jinja2.TemplateError):
@@ -50,6 +53,20 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
 
 def _strftime_now(fmt):
     return datetime.now().strftime(fmt)
+
+
+def saved_template(directory) -> str | None:
+    """The chat template a directory carries as TEMPLATE_FILE, or None. An adapter saved by train.py
+    carries the template its run rendered with (a --template one included), so that merge.py,
+    chat.py and the GGUF export prompt the fine-tune as it was trained; a PEFT adapter from
+    elsewhere usually has none, and the base's template applies."""
+    path = Path(directory) / TEMPLATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ChatTemplateError(f"{path}: not valid UTF-8 ({e})") from None
 
 
 def compile_template(source: str, origin: str = "chat template") -> jinja2.Template:

@@ -44,6 +44,7 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from . import ollama
+from .chat_template import saved_template
 from .config import ConfigError, LlamaConfig
 from .errors import UserError, one_line, run_command
 from .files import LoadError, expected_shapes, read_safetensors, safetensors_files
@@ -502,9 +503,8 @@ def vocab_from_hf(hf_dir: Path, config: LlamaConfig) -> dict:
         tc = json.loads(tc_path.read_text()) if tc_path.exists() else {}
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise GGUFError(f"{tc_path}: not valid JSON ({e})") from None
-    template = tc.get("chat_template")
-    if template is None and (hf_dir / "chat_template.jinja").exists():  # where transformers 5 saves it
-        template = (hf_dir / "chat_template.jinja").read_text()
+    # chat_template.jinja (where transformers 5 saves it, and merge.py an adapter's) wins, as in transformers
+    template = saved_template(hf_dir) or tc.get("chat_template")
     eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
     ids = {"bos": _token_id(tc.get("bos_token"), tok, config.bos_token_id),
            "eos": _token_id(tc.get("eos_token"), tok, eos),

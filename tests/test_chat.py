@@ -2,6 +2,7 @@
 sampling keeps transformers' support, stops are honoured, and an unmerged adapter answers like the
 merged model."""
 
+import json
 import subprocess
 import sys
 
@@ -147,3 +148,87 @@ def test_a_reply_cut_inside_a_character_holds_it_back(monkeypatch, text, cut):
     pieces = []
     out, _ = chat.reply(None, ByteTokens(), [], args, on_text=pieces.append)
     assert out == text[:-1] and "".join(pieces) == out
+
+
+# --- the template an adapter was trained with, through merge.py, chat.py and the GGUF export
+
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"},
+                {"role": "assistant", "content": "Hi."}, {"role": "user", "content": "How are you?"}]
+
+
+@pytest.fixture(scope="module")
+def deepseek_run(tiny_chat_dir, tmp_path_factory):
+    """An adapter of the ChatML base saved as a --template deepseek run saves it (train.py's
+    data.tokenizer_files), merged by merge.py --gguf: (adapter dir, merged dir, GGUF path)."""
+    import merge
+    tmp = tmp_path_factory.mktemp("deepseek")
+    model = load_model(tiny_chat_dir)
+    cfg = lora.LoRAConfig(r=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj"])
+    lora.inject_lora(model, cfg)
+    files = data.tokenizer_files(tiny_chat_dir, data.load_tokenizer(tiny_chat_dir, "deepseek"))
+    lora.save_adapter(model, cfg, tmp / "adapter", str(tiny_chat_dir), files)
+    code = merge.main(["--base", str(tiny_chat_dir), "--adapter", str(tmp / "adapter"), "--output",
+                       str(tmp / "merged"), "--no-check", "--gguf", str(tmp / "merged.gguf"), "--gguf-type", "f32"])
+    assert code == 0
+    return tmp / "adapter", tmp / "merged", tmp / "merged.gguf"
+
+
+def deepseek_prompt(tiny_chat_dir) -> list[int]:
+    return data.load_tokenizer(tiny_chat_dir, "deepseek").encode_chat(CONVERSATION, add_generation_prompt=True)
+
+
+def test_merged_model_carries_the_adapters_template(deepseek_run, tiny_chat_dir):
+    """merge.py writes the adapter's template (DeepSeek), not the base's ChatML, into the merged
+    model: chat_template.jinja and tokenizer_config.json render what training rendered."""
+    from data.templates import DEEPSEEK
+    _, merged, _ = deepseek_run
+    assert (merged / "chat_template.jinja").read_text() == DEEPSEEK
+    assert json.loads((merged / "tokenizer_config.json").read_text())["chat_template"] == DEEPSEEK
+    trained = data.load_tokenizer(tiny_chat_dir, "deepseek").render(CONVERSATION, add_generation_prompt=True)
+    assert data.load_tokenizer(merged).render(CONVERSATION, add_generation_prompt=True) == trained
+    assert trained.endswith("User: How are you?\n\nAssistant:")
+
+
+def test_chat_prompts_as_the_adapter_was_trained(deepseek_run, tiny_chat_dir):
+    """chat.py builds DeepSeek's prompt ids with the adapter on the base, and with the merged model."""
+    import chat
+    adapter, merged, _ = deepseek_run
+    wanted = deepseek_prompt(tiny_chat_dir)
+    unmerged = chat.chat_tokenizer(tiny_chat_dir, chat.parse_args(["--adapter", str(adapter)]))
+    alone = chat.chat_tokenizer(merged, chat.parse_args(["--model", str(merged)]))
+    assert unmerged.encode_chat(CONVERSATION, add_generation_prompt=True) == wanted
+    assert alone.encode_chat(CONVERSATION, add_generation_prompt=True) == wanted
+    base = data.load_tokenizer(tiny_chat_dir).encode_chat(CONVERSATION, add_generation_prompt=True)
+    assert base != wanted  # the base's ChatML prompt
+
+
+def test_another_template_than_the_adapters_warns_once(deepseek_run, tiny_chat_dir, capsys):
+    import chat
+    adapter, _, _ = deepseek_run
+    tok = chat.chat_tokenizer(tiny_chat_dir, chat.parse_args(["--adapter", str(adapter), "--template", "chatml"]))
+    assert tok.encode_chat(CONVERSATION) == data.load_tokenizer(tiny_chat_dir, "chatml").encode_chat(CONVERSATION)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: --template chatml")
+    assert str(adapter / "chat_template.jinja") in err
+    chat.chat_tokenizer(tiny_chat_dir, chat.parse_args(["--adapter", str(adapter), "--template", "deepseek"]))
+    assert capsys.readouterr().err == ""  # the adapter's own template: nothing to say
+
+
+def test_gguf_modelfiles_prompt_as_the_adapter_was_trained(deepseek_run, tiny_chat_dir, tmp_path):
+    """merge.py --gguf's Modelfile, and the adapter GGUF's (python -m lora.gguf export), carry
+    Ollama's DeepSeek TEMPLATE, and the merged GGUF holds the DeepSeek Jinja template."""
+    import gguf
+
+    from data.templates import DEEPSEEK
+    from lora.gguf import export_adapter_gguf
+    from model.ollama import modelfile_path
+    adapter, _, merged_gguf = deepseek_run
+    text = modelfile_path(merged_gguf).read_text()
+    assert "# TEMPLATE and SYSTEM give the prompt the model's chat template gives (DeepSeek" in text
+    template = text.split('TEMPLATE """')[1].split('"""')[0]
+    assert '{{ if eq .Role "user" }}User: {{ .Content }}\n\n' in template, text
+    field = gguf.GGUFReader(merged_gguf).fields["tokenizer.chat_template"]
+    assert bytes(field.parts[field.data[0]]).decode() == DEEPSEEK
+    chat = export_adapter_gguf(adapter, tiny_chat_dir, tmp_path / "adapter.gguf", tmp_path / "base.gguf")
+    assert chat.family == "DeepSeek" and "User: {{ .Content }}" in chat.template
+    assert "(DeepSeek" in modelfile_path(tmp_path / "adapter.gguf").read_text()

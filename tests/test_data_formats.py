@@ -48,6 +48,42 @@ def test_formats_become_the_same_messages(tmp_path, fmt, suffix):
     assert data.load_conversations(write(tmp_path, "d" + suffix, text)) == [EXPECTED, EXPECTED]
 
 
+def test_sharegpt_turns_may_use_role_and_content(tmp_path):
+    """ShareGPT files whose turns are {"role", "content"}, as many are written, not {"from", "value"}."""
+    turns = [{"role": {"user": "human", "assistant": "gpt"}.get(m["role"], m["role"]), "content": m["content"]}
+             for m in EXPECTED]
+    record = {"conversations": turns}
+    assert data.load_conversations(write(tmp_path, "rc.jsonl", json.dumps(record))) == [EXPECTED]
+    record = {"conversations": EXPECTED}  # OpenAI's own role names inside "conversations"
+    assert data.load_conversations(write(tmp_path, "rc2.jsonl", json.dumps(record))) == [EXPECTED]
+
+
+def test_weight_is_kept_on_assistant_messages(tmp_path):
+    """OpenAI's "weight": 0 marks a reply as context only (masking.py leaves it untrained); 1 trains."""
+    messages = [{**m, "weight": 0} if m["content"] == "Ahoy! Hello." else
+                {**m, "weight": 1} if m["role"] == "assistant" else m for m in EXPECTED]
+    [got] = data.load_conversations(write(tmp_path, "w.jsonl", json.dumps({"messages": messages})))
+    assert got == messages and got[2]["weight"] == 0
+
+
+def test_weight_zero_shows_in_the_summary(smollm2_dir, tmp_path):
+    messages = [{**m, "weight": 0} if m["content"] == "Ahoy! Hello." else m for m in EXPECTED]
+    path = write(tmp_path, "w.jsonl", json.dumps({"messages": messages}))
+    tok = data.load_tokenizer(smollm2_dir)
+    weighted = data.tokenize_file(path, tok, 256, use_cache=False)
+    plain = data.tokenize_file(write(tmp_path, "p.jsonl", json.dumps({"messages": EXPECTED})), tok, 256,
+                               use_cache=False)
+    assert weighted.examples[0]["input_ids"] == plain.examples[0]["input_ids"]
+    assert 0 < weighted.n_trained_tokens < plain.n_trained_tokens
+    assert "1 replies of weight 0 (context, not trained)" in weighted.summary()
+    assert "weight 0" not in plain.summary()
+
+
+def test_a_directory_is_named_as_one(tmp_path):
+    with pytest.raises(data.DataError, match=r": a directory, not a data file \(.json, .jsonl, .csv\)"):
+        data.load_conversations(tmp_path)
+
+
 def test_jsonl_strings_may_hold_raw_line_separators(tmp_path):
     """JSON allows U+2028, U+2029 and U+0085 raw inside a string; only "\\n" ends a JSON Lines record."""
     replies = ["one\u2028two", "three\u2029four\u0085five"]
@@ -109,6 +145,12 @@ BAD = [  # (file name, content, what the one-line error must say)
     ("type.jsonl", '{"messages": [{"role": "user", "content": ["x"]}]}',
      "type.jsonl:1: field 'content' must be a string, got list"),
     ("comma.json", '[\n {"text": "a"}\n {"text": "b"}\n]', "comma.json:3: invalid JSON"),
+    ("weight.jsonl", '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", '
+     '"weight": 0.5}]}', "weight.jsonl:1: message 2: weight must be 0 (do not train) or 1 (train), got 0.5"),
+    ("wbool.jsonl", '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", '
+     '"weight": true}]}', "wbool.jsonl:1: message 2: weight must be 0"),
+    ("wuser.jsonl", '{"messages": [{"role": "user", "content": "q", "weight": 0}]}',
+     "wuser.jsonl:1: message 1: weight is for assistant messages"),
     ("nomsg.jsonl", '{"messages": [{"role": "system", "content": ""}]}', "nomsg.jsonl:1: no messages"),
     ("notobj.json", "[1]", "notobj.json:1: expected an object with fields, got int"),
     ("none.json", "[]", "none.json: no records"),

@@ -82,7 +82,8 @@ def expected_runs(tok, messages) -> list[str]:
     """Each reply plus its end-of-turn token; DeepSeek's prompt ends at "Assistant:", so the model
     also writes the space before the reply."""
     lead = " " if tok.template_name == "deepseek" else ""
-    return [lead + m["content"] + tok.eos_token for m in messages if m["role"] == "assistant"]
+    return [lead + m["content"] + tok.eos_token for m in messages
+            if m["role"] == "assistant" and m.get("weight", 1)]
 
 
 def test_deepseek_builtin_is_the_published_template():
@@ -130,6 +131,23 @@ def test_conversation_opening_with_the_assistant(smollm2_dir, hf_tok):
     [(ids, labels, _)] = data.tokenize_conversations(tok, [messages])
     assert ids == hf_tok(hf_tok.apply_chat_template(messages, tokenize=False))["input_ids"]
     assert trained_runs(tok, ids, labels) == expected_runs(tok, messages)
+
+
+@pytest.mark.parametrize("mask", ["assistant", "last"])
+def test_weight_zero_replies_are_context_not_trained(pair, mask):
+    """OpenAI's "weight": 0 on an assistant message: rendered like any other (the ids are still
+    transformers'), its tokens untrained; the other replies train exactly as before."""
+    tok, hf = pair
+    messages = [dict(m) for m in CONVERSATIONS["multi"]]
+    messages[1]["weight"], messages[3]["weight"] = 0, 1  # the first reply is context only
+    [(ids, labels, _)] = data.tokenize_conversations(tok, [messages], mask)
+    assert ids == hf(hf.apply_chat_template(messages, tokenize=False))["input_ids"]
+    trained = trained_runs(tok, ids, labels)
+    assert trained == (expected_runs(tok, messages) if mask == "assistant" else expected_runs(tok, messages)[-1:])
+    assert len(trained) == (2 if mask == "assistant" else 1) and "Hello! How can I help?" not in "".join(trained)
+    messages[-1]["weight"] = 0  # --mask last: the final reply is context, so nothing of it trains
+    [(_, labels, _)] = data.tokenize_conversations(tok, [messages], mask)
+    assert trained_runs(tok, ids, labels) == (expected_runs(tok, messages) if mask == "assistant" else [])
 
 
 def test_tokenizer_attributes(smollm2_dir):

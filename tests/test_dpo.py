@@ -517,3 +517,23 @@ def test_csv_pairs(tiny_chat_dir, tmp_path):
     assert [e["line"] for e in from_csv] == [2, 3]
     assert [{k: v for k, v in e.items() if k != "line"} for e in from_csv] == \
         [{k: v for k, v in e.items() if k != "line"} for e in from_jsonl]
+
+
+def test_dpo_adapters_carry_the_template_they_were_trained_with(tiny_chat_dir, pair_data, tmp_path):
+    """A DPO run with --template deepseek saves DeepSeek's template beside its checkpoint's adapter
+    and its final one, as SFT runs do (tests/test_train.py)."""
+    from data.templates import DEEPSEEK
+    out = tmp_path / "run"
+    train(dpo_config(tiny_chat_dir, pair_data, out, max_steps=1, save_every=1, template="deepseek"))
+    for d in (out / "adapter", out / "checkpoints" / "step-000001" / "adapter"):
+        assert (d / "chat_template.jinja").read_text() == DEEPSEEK, d
+        assert json.loads((d / "tokenizer_config.json").read_text())["chat_template"] == DEEPSEEK, d
+
+
+def test_samples_come_from_the_validation_pairs_prompts(tiny_chat_dir, pair_data, tmp_path):
+    """With no --sample-prompts, each eval answers the prompts of the first validation pairs."""
+    out = tmp_path / "run"
+    train(dpo_config(tiny_chat_dir, pair_data, out, max_steps=1, val_fraction=0.25, sample_prompts=None,
+                     sample_tokens=2))
+    replies = json.loads((out / "summary.json").read_text())["replies"]
+    assert len(replies) == 3 and all(p in [f"What is {i} plus {i}?" for i in range(24)] for p in replies)

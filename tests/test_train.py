@@ -32,7 +32,8 @@ def tiny_chat_dir(smollm2_dir, tmp_path_factory):
     path = save_tiny_hf(tmp_path_factory.mktemp("tiny") / "tiny-chat", vocab_size=49152,
                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
                         intermediate_size=128,  # NF4 on the CPU wants widths divisible by 64
-                        initializer_range=0.2)  # logits wide enough that a fit is reachable
+                        initializer_range=0.2,  # logits wide enough that a fit is reachable
+                        max_position_embeddings=1024)  # room for --max-seq-len's default 512
     for name in TOKENIZER_FILES:
         shutil.copy(smollm2_dir / name, path / name)
     return path
@@ -429,3 +430,74 @@ def test_keep_freed_memory_reuses_pages_instead_of_faulting_them_in():
     # half the cycles fault under a tenth of a block. Without the setting none of them does.
     keep = faults("keep")
     assert sum(n < 0.1 * block for n in keep) >= len(keep) // 2, keep
+
+
+def test_pack_with_validation(tiny_chat_dir, chat_data, tmp_path):
+    """--pack with held-out validation data (the demo's default): the validation batches are
+    packed the same way, and evaluation runs."""
+    out = tmp_path / "packed"
+    summary = train(config(tiny_chat_dir, chat_data, out, max_steps=2, pack=True, val_fraction=0.25))
+    assert "val_loss" in summary["first_val"] and math.isfinite(summary["last_val"]["val_loss"])
+
+
+def test_bf16_or_fp16_on_a_cpu_without_them_says_it_is_slow():
+    """An explicit bf16/fp16 on a CPU whose flags lack native arithmetic for it gets one line;
+    with the flag (AVX512-BF16, AMX, Arm's bf16), fp32, or CUDA, nothing."""
+    from model.runtime import slow_precision_note
+    avx2 = {"avx", "avx2", "fma"}
+    assert "no native bf16" in slow_precision_note(torch.bfloat16, "cpu", avx2)
+    assert "no native fp16" in slow_precision_note(torch.float16, "cpu", avx2 | {"avx512_bf16"})
+    assert slow_precision_note(torch.bfloat16, "cpu", avx2 | {"avx512_bf16"}) is None
+    assert slow_precision_note(torch.bfloat16, "cpu", {"asimd", "bf16"}) is None
+    assert slow_precision_note(torch.float32, "cpu", avx2) is None
+    assert slow_precision_note(torch.bfloat16, "cuda", avx2) is None
+
+
+def test_every_adapter_carries_the_template_it_was_trained_with(tiny_chat_dir, chat_data, tmp_path):
+    """A --template deepseek run saves DeepSeek's template (not the base's ChatML) beside the final
+    adapter and each checkpoint's, as chat_template.jinja and in tokenizer_config.json, with the
+    base's tokenizer.json, as PEFT and TRL save the tokenizer beside an adapter."""
+    from data.templates import DEEPSEEK
+    out = tmp_path / "run"
+    train(config(tiny_chat_dir, chat_data, out, max_steps=2, save_every=1, keep_checkpoints=5, template="deepseek"))
+    adapters = [out / "adapter", *(p / "adapter" for p in sorted((out / "checkpoints").iterdir()))]
+    assert len(adapters) == 3
+    for d in adapters:
+        assert (d / "chat_template.jinja").read_text() == DEEPSEEK, d
+        saved_config = json.loads((d / "tokenizer_config.json").read_text())
+        assert saved_config["chat_template"] == DEEPSEEK, d
+        base_config = json.loads((tiny_chat_dir / "tokenizer_config.json").read_text())
+        assert {k: v for k, v in saved_config.items() if k != "chat_template"} == \
+            {k: v for k, v in base_config.items() if k != "chat_template"}
+        assert (d / "tokenizer.json").read_bytes() == (tiny_chat_dir / "tokenizer.json").read_bytes()
+
+
+def test_validation_split_does_not_move_with_the_seed(tiny_chat_dir, chat_data, tmp_path):
+    """The held-out set is drawn with --val-seed, not --seed: a seed sweep compares its runs on the
+    same validation examples. Before any step B is zero, so the first validation loss is the base
+    model's on the held-out set, whatever the seed: equal exactly when the sets are."""
+    def first_val_loss(name, **kw):
+        cfg = config(tiny_chat_dir, chat_data, tmp_path / name, max_steps=1, val_fraction=0.25, **kw)
+        return train(cfg)["first_val"]["val_loss"]
+    assert first_val_loss("a", seed=1) == first_val_loss("b", seed=2)
+    assert first_val_loss("c", seed=1, val_seed=1) != first_val_loss("d", seed=1)
+    assert json.loads((tmp_path / "c" / "run_config.json").read_text())["defining"]["val_seed"] == 1
+
+
+def test_samples_come_from_the_runs_own_validation_prompts(tiny_chat_dir, chat_data, tmp_path):
+    """Any data but the demo's: each eval answers the first user turns of the first 3 validation
+    conversations (never the demo's English prompts); no validation data, no samples; the demo
+    data keeps examples/prompts.txt; an explicit file, or '' for none, is honoured."""
+    from settings import DEMO_PROMPTS, parse_config
+    assert parse_config(["--data", str(chat_data)]).sample_prompts is None
+    assert parse_config([]).sample_prompts == str(DEMO_PROMPTS)
+    assert parse_config(["--data", str(ROOT / "examples" / "train.json")]).sample_prompts == str(DEMO_PROMPTS)
+    assert parse_config(["--data", str(chat_data), "--sample-prompts", ""]).sample_prompts == ""
+    out = tmp_path / "own"
+    train(config(tiny_chat_dir, chat_data, out, max_steps=1, val_fraction=0.25, sample_prompts=None, sample_tokens=2))
+    replies = json.loads((out / "summary.json").read_text())["replies"]
+    val_prompts = [f"What is {i} plus {i}?" for i in range(24)]
+    assert len(replies) == 3 and all(p in val_prompts for p in replies)
+    out = tmp_path / "none"
+    train(config(tiny_chat_dir, chat_data, out, max_steps=1, sample_prompts=None, sample_tokens=2))
+    assert not json.loads((out / "summary.json").read_text()).get("replies")
