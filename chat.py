@@ -23,7 +23,7 @@ import data
 import lora
 from model import DEMO_MODEL, load_model, resolve_model_dir
 from model.chat_template import TEMPLATE_FILE, saved_template
-from model.errors import UserError, run_command
+from model.errors import UserError, at_least, between, positive_float, run_command
 from model.fused import reference_path
 from model.generate import generate
 from model.runtime import choose_device, choose_dtype
@@ -36,7 +36,7 @@ class ChatError(UserError):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="chat.py", description=__doc__.split("\n")[0])
     p.add_argument("--model", default=DEMO_MODEL, help="model directory or hub id ('demo': SmolLM2)")
     p.add_argument("--adapter", help="a PEFT-format LoRA adapter directory, applied unmerged")
     p.add_argument("--system", help="system prompt")
@@ -44,12 +44,12 @@ def parse_args(argv=None):
     p.add_argument("--compare", action="store_true", help="answer with the base and the adapted model")
     p.add_argument("--template", help="built-in chat template instead of the model's own (or the "
                    "one the adapter was trained with)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=at_least(1), default=256)
+    p.add_argument("--temperature", type=between(0), default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=at_least(0), default=0, help="0: no top-k cut")
+    p.add_argument("--top-p", type=between(0, 1, low_open=True), default=1.0, help="in (0, 1]; 1: no cut")
+    p.add_argument("--repetition-penalty", type=positive_float, default=1.0, help="1: none")
+    p.add_argument("--seed", type=at_least(0, 2**64 - 1), default=0)  # torch.manual_seed's range
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
     p.add_argument("--reference", action="store_true",

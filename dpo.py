@@ -38,6 +38,7 @@ import torch.nn.functional as F
 import lora
 import parallel
 from model.errors import UserError
+from model.files import save_safetensors
 from model.loss import sequence_logps
 
 LOSS_TYPES = ("sigmoid", "ipo")
@@ -163,5 +164,5 @@ def cached_reference(loss_fn: PreferenceLoss, train: list[dict], val: list[dict]
         pairs = lambda ex: torch.tensor([[e["ref_chosen"], e["ref_rejected"]] for e in ex],
                                         dtype=torch.float64).reshape(-1, 2)
         tmp = path.with_name(path.name + ".tmp")
-        safetensors.torch.save_file({"train": pairs(train), "val": pairs(val)}, str(tmp))
+        save_safetensors({"train": pairs(train), "val": pairs(val)}, tmp)
         tmp.replace(path)  # atomic: a kill mid-write leaves no half file for --resume to read

@@ -40,7 +40,6 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from safetensors import SafetensorError
-from safetensors.torch import save_file
 
 import lora
 from data.tokenizer import TOKENIZER_FILES
@@ -49,7 +48,8 @@ from model.config import LlamaConfig
 from model.errors import UserError, one_line, run_command
 from model.llama import Llama
 from model.runtime import DTYPES, peak_memory_gib
-from model.files import PICKLE_SUFFIXES, check_keys, expected_shapes, read_safetensors, safetensors_files
+from model.files import (PICKLE_SUFFIXES, check_keys, expected_shapes, read_safetensors, safetensors_files,
+                         save_safetensors)
 from lora.gguf import ADAPTER_TYPES, adapter_pairs, default_base_gguf, export_adapter_gguf, missing_base_note
 from model.gguf import OUT_TYPES, GGUFError, describe_modelfile, export_gguf
 from model.load import load_model, resolve_model_dir
@@ -72,13 +72,16 @@ def parse_size(text: str) -> int:
     t = text.strip().upper()
     unit = next((u for u in units if t.endswith(u)), "B")
     try:
-        return int(float(t.removesuffix(unit)) * units[unit])
+        size = float(t.removesuffix(unit)) * units[unit]
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 2GB)") from None
+    if not 1 <= size < 2**63:  # nan and inf fail too
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (at least one byte; try 2GB)")
+    return int(size)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Merge a LoRA adapter (PEFT format) into its base model.")
+    p = argparse.ArgumentParser(prog="merge.py", description="Merge a LoRA adapter (PEFT format) into its base model.")
     p.add_argument("--base", required=True, help="base model directory (or hub id), safetensors")
     p.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json + "
                    "adapter_model.safetensors), ours or peft's")
@@ -200,7 +203,7 @@ def write_shards(items, out_dir: Path, max_bytes: int) -> int:
 
 
 def _save_part(buffer: dict, out_dir: Path, i: int) -> tuple[list[str], int]:
-    save_file(buffer, out_dir / f"part-{i}.safetensors", metadata={"format": "pt"})
+    save_safetensors(buffer, out_dir / f"part-{i}.safetensors", metadata={"format": "pt"})
     return list(buffer), sum(t.nbytes for t in buffer.values())
 
 

@@ -7,13 +7,15 @@
     OUTPUT_DIR/summary.json      how the run ended, finished or diverged (write_summary)
 
 A fresh run refuses a directory that holds another run's files unless --overwrite is passed (then
-it deletes them: those files only). `--resume` continues the run only if every setting that defines
+it deletes them: those files only); the leftovers of a run stopped before it finished a step (no
+checkpoint, no adapter, no step in metrics.jsonl) are no run: they are replaced, and `--resume` there
+starts from step 0. `--resume` continues the run only if every setting that defines
 it is the same: the content of the data and the base model (their paths may move), the tokenizer
 and template, the LoRA shape, the batch geometry, seed, schedule, mask, length, precision and
 quantization. The rest (how long, how often to log, evaluate and save, the device, the number of
 ranks as long as the global batch stays) may change, and the change is written to the history,
 never over run_config.json. metrics.jsonl is cut back to the checkpoint's step, so no step is
-logged twice.
+logged twice (TensorBoard hides the later steps' events), and elapsed_s goes on from the checkpoint's.
 
 The base model is compared by a sha256 of every byte (model/fingerprint.py). A run_config.json
 written when the fingerprint read only each weight file's first and last MiB holds model_sha256
@@ -126,12 +128,23 @@ def existing_run_files(out: Path) -> list[str]:
     return [name for name in RUN_FILES if (out / name).exists()]
 
 
+def never_stepped(out: Path) -> bool:
+    """Whether `out` holds only what a run stopped before its first step leaves (run_config.json,
+    metrics.jsonl with at most the evaluation before training, tensorboard/): no checkpoint, no
+    adapter, no summary, no finished step. Those leftovers are no run to keep."""
+    found = set(existing_run_files(out))
+    if not found or found & {"adapter", SUMMARY_FILE} or any((out / "checkpoints").glob("step-*")):
+        return False
+    return not any(row.get("step", 0) > 0 for row in read_rows(out / METRICS_FILE))
+
+
 def claim_fresh(out: Path, overwrite: bool):
-    """Refuse a directory that holds a run (naming what is there), or with --overwrite clear it."""
+    """Refuse a directory that holds a run (naming what is there), or with --overwrite clear it; the
+    leftovers of a run that never finished a step are cleared without asking."""
     found = existing_run_files(out)
     if not found:
         return
-    if not overwrite:
+    if not overwrite and not never_stepped(out):
         ckpts = sorted(p.name for p in (out / "checkpoints").glob("step-*"))  # none if no such directory
         shown = [f"{n}/ ({', '.join(ckpts[-2:])})" if n == "checkpoints" and ckpts else n for n in found]
         raise RunDirError(f"--output-dir {out}: already holds a run ({', '.join(shown)}); pass --resume to "
@@ -211,17 +224,30 @@ def cut_metrics(path: Path, step: int):
     """Keep the rows of steps up to `step` (the checkpoint's); drop later ones and a torn last line."""
     if not path.exists():
         return
-    kept = []
-    for line in path.read_text().split("\n"):
+    kept = [json.dumps(row) + "\n" for row in read_rows(path) if row.get("step", step + 1) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)  # atomic: a crash here leaves the old file whole
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of metrics.jsonl (none if it is missing), skipping a line torn by a kill mid-write."""
+    rows = []
+    for line in path.read_text().split("\n") if path.exists() else []:
         try:
             row = json.loads(line)
         except ValueError:
             continue  # empty, or torn by a kill mid-write
-        if isinstance(row, dict) and row.get("step", step + 1) <= step:
-            kept.append(line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)  # atomic: a crash here leaves the old file whole
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def elapsed_at(out: Path, step: int) -> float:
+    """elapsed_s of `step`'s row in metrics.jsonl (0 if there is none): where a resumed run's clock
+    continues, so elapsed_s runs on across resumes."""
+    return max([row.get("elapsed_s", 0.0) for row in read_rows(out / METRICS_FILE) if row.get("step") == step],
+               default=0.0)
 
 
 # -----------------------------------------------------------------------------
@@ -244,7 +270,10 @@ class RunLog:
             else:
                 record_fresh(out, settings, defining)
             self.metrics = (out / METRICS_FILE).open("a" if resumed is not None else "w")
-            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=resumed)
+            # resumed: TensorBoard hides the events of steps after the checkpoint's (logged by the
+            # interrupted run, to be run again); the checkpoint's own step stays
+            self.writer = SummaryWriter(str(out / "tensorboard"),
+                                        purge_step=resumed + 1 if resumed is not None else None)
 
     def eval(self, step: int, row: dict, replies: dict) -> dict:
         for k, v in row.items():

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 import parallel
+import run_dir
 import sweep
 from data import DataError, is_preference_file
 from data.formats import SUFFIXES
@@ -110,7 +111,7 @@ class TrainConfig:
     log_every: int = flag(1, "print a log line every N steps")
     eval_every: int = flag(0, "evaluate every N steps (0: before and after training only)")
     save_every: int = flag(0, "checkpoint every N steps (0: only at the end)")
-    keep_checkpoints: int = flag(2, "how many newest checkpoints to keep")
+    keep_checkpoints: int = flag(2, "how many newest checkpoints to keep (0: keep every one)")
     resume: bool = flag(False, "continue from the newest checkpoint in --output-dir (the same run only)")
     overwrite: bool = flag(False, "replace the run already in --output-dir (its metrics, checkpoints, adapter)")
     debug_grads: bool = flag(False, "per-module LoRA gradient norms and update/weight ratios, every step")
@@ -128,23 +129,30 @@ class TrainError(UserError):
 
 
 def parse_config(argv=None) -> TrainConfig:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(description="LoRA / QLoRA fine-tuning of a Llama-family model. Settings "
+                                     "come from the defaults shown, then a --config file, then these flags "
+                                     "(flags win); each is checked for type and range before any work.",
                                      argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="TOML or JSON file of settings (flags win)")
     for f in fields(TrainConfig):
         name = "--" + f.name.replace("_", "-")
+        text = f.metadata["help"]  # with the default, unless it says it (SUPPRESS hides argparse's own)
+        text += "" if "default" in text else f" (default: {f.default})".replace("%", "%%")
         if f.type is bool:
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, help=text)
         elif f.name == "sweep":  # --sweep lr=2e-4,1e-3 lora_r=8,64: several items, kept as one string
-            parser.add_argument(name, nargs="+", help=f.metadata["help"])
+            parser.add_argument(name, nargs="+", help=text)
         else:
             kind = {int: int, float: float}.get(f.type, str)
-            parser.add_argument(name, type=kind, help=f.metadata["help"])
+            parser.add_argument(name, type=kind, help=text)
     flags = vars(parser.parse_args(argv))
     if "sweep" in flags:
         flags["sweep"] = " ".join(flags["sweep"])
     from_file = read_config_file(flags.pop("config")) if "config" in flags else {}
     given = {**from_file, **flags}
+    if given.get("resume"):  # the run's own settings fill in every one not given (those given are checked)
+        path = Path(given.get("output_dir") or DEMO_OUTPUT[given.get("objective", "sft")]) / run_dir.CONFIG_FILE
+        given = {**(read_run_settings(path, f"--resume: {path}") if path.is_file() else {}), **given}
     cfg = demo_defaults(TrainConfig(**given), given)
     check_config(cfg)
     for setting in sweep.settings(cfg) if cfg.sweep else []:  # every run of a sweep, before the first
@@ -181,6 +189,8 @@ def read_config_file(path: str) -> dict:
         raise TrainError(f"--config {path}: {e}") from None
     if not isinstance(values, dict):
         raise TrainError(f"--config {path}: expected a table of settings, got {type(values).__name__}")
+    if isinstance(values.get("defining"), dict):  # a run's own run_config.json: the settings it ran with
+        return read_run_settings(p, f"--config {path}")
     values = {k.replace("-", "_"): v for k, v in values.items()}
     kinds = {f.name: f.type for f in fields(TrainConfig)}
     unknown = sorted(set(values) - set(kinds))
@@ -188,11 +198,44 @@ def read_config_file(path: str) -> dict:
         raise TrainError(f"--config {path}: unknown settings {', '.join(unknown)}")
     if isinstance(values.get("sweep"), dict):  # a [sweep] table: lr = [2e-4, 1e-3]
         values["sweep"] = sweep.spec_from_table(values["sweep"])
+    return typed(values, f"--config {path}")
+
+
+def typed(values: dict, where: str) -> dict:
+    """Settings read from a file, each checked against its field's type (a float's integer made float)."""
+    kinds = {f.name: f.type for f in fields(TrainConfig)}
     for name, value in values.items():
         expected = type_error(value, kinds[name])
         if expected:
-            raise TrainError(f"--config {path}: {name} = {json.dumps(value)}: expected {expected}")
+            raise TrainError(f"{where}: {name} = {json.dumps(value)}: expected {expected}")
     return {k: float(v) if kinds[k] is float else v for k, v in values.items()}
+
+
+def read_run_settings(path: Path, where: str) -> dict:
+    """The settings of the run whose run_config.json is `path`, as its resumes left them (the
+    changes in run_history.jsonl beside it): `--resume` fills in with them every setting not given,
+    and `--config` takes a run's run_config.json as a config file. `where` names the file in errors."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise TrainError(f"{where}: not valid JSON ({e})") from None
+    history = path.parent / run_dir.HISTORY_FILE
+    try:
+        values = run_settings(saved, run_dir.read_history(path.parent) if path.name == run_dir.CONFIG_FILE else [])
+    except (ValueError, AttributeError, KeyError, TypeError) as e:  # not a table, or a torn history
+        raise TrainError(f"{where}: its settings (or {history}) do not read ({type(e).__name__}: {e})") from None
+    return typed(values, where)
+
+
+def run_settings(saved: dict, history: list[dict]) -> dict:
+    """The settings a run_config.json records, as flags: those that define the run as given (its
+    "defining" table: warmup_steps there is the flag, at the top level the resolved count), the rest
+    as the last resume changed them; not what was recorded about them (fingerprints, counts, the
+    resolved dtype), nor --resume and --overwrite, which say what to do with the run."""
+    names = {f.name for f in fields(TrainConfig)} - {"resume", "overwrite"}
+    changed = {k: now for entry in history for k, (_, now) in entry["changed"].items()}
+    values = {**saved, **changed, **saved.get("defining", {})}
+    return {k: v for k, v in values.items() if k in names}
 
 
 def type_error(value, kind) -> str | None:

@@ -25,7 +25,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -64,7 +64,12 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def run_training(cfg: TrainConfig) -> dict:
+    starting_over = cfg.resume and run_dir.never_stepped(Path(cfg.output_dir))
+    if starting_over:  # stopped before its first step: no checkpoint to continue from, so step 0
+        cfg = replace(cfg, resume=False)
     run = start_run(cfg)
+    if starting_over:
+        run.console.print(f"--resume: the run in {run.out} stopped before its first step; starting it over")
     check_model_limits(cfg, run)
     ds = load_data(cfg, run)
     tokenizer_files = data.tokenizer_files(run.model_dir, ds.tok)  # and the template: beside every adapter
@@ -151,6 +156,7 @@ class Run:
     autocast: object  # torch.autocast in dtype, or nullcontext() for float32
     console: object  # rich Console; quiet on every rank but 0
     t_start: float
+    elapsed_before: float = 0.0  # --resume: the checkpoint's elapsed_s, from which this run's clock goes on
 
 
 def start_run(cfg: TrainConfig) -> Run:
@@ -393,6 +399,7 @@ def resume(checkpoint: Path, model, optimizer, scaler, run: Run) -> Position:
     state = load_checkpoint(checkpoint, model, optimizer, scaler)
     step = read_trainer_state(checkpoint)["step"]
     run.console.print(f"resumed from {checkpoint} (step {step})")
+    run.elapsed_before = run_dir.elapsed_at(run.out, step)
     return Position(step, state["epoch"], state["index"])
 
 
@@ -414,7 +421,7 @@ class Step:
         """The step's line of metrics.jsonl."""
         row = {"step": step, "loss": self.loss, "lr": lr, "grad_norm": self.grad_norm, "tokens": self.tokens,
                "trained_tokens": self.trained_tokens, "tokens_per_s": self.tokens / seconds,
-               "elapsed_s": time.perf_counter() - run.t_start, "epoch": epoch}
+               "elapsed_s": run.elapsed_before + time.perf_counter() - run.t_start, "epoch": epoch}
         row.update(self.stats)
         if self.loss_scale is not None:
             row.update(loss_scale=self.loss_scale, skipped=self.skipped)  # a skipped step did not update A, B

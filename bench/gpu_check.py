@@ -49,6 +49,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from model.errors import positive_float  # noqa: E402
 
 LOG_TAIL = 15  # lines of a failed row's log quoted in the table's JSON
 LOG_BYTES = 1 << 20  # the end of each row's log kept in logs.tar.gz
@@ -267,13 +268,13 @@ def run_all(args) -> int:
     return 1 if any(r["status"] in ("FAIL", "ERROR", "TIMEOUT") for r in results) else 0
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dry-run", action="store_true", help="every row on the CPU (no CUDA kernels), same shapes")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or ROOT / "runs" / "gpu-check"),
                    help="where the three files go (default $OUT, else runs/gpu-check)")
-    p.add_argument("--budget", type=float, default=420, help="seconds for all rows; rows that no longer fit are SKIPPED")
-    p.add_argument("--row-timeout", type=float, default=None,
+    p.add_argument("--budget", type=positive_float, default=420, help="seconds for all rows; rows that no longer fit are SKIPPED")
+    p.add_argument("--row-timeout", type=positive_float, default=None,
                    help="seconds each row may run (default: 3x its estimate, at least 60, at most the budget left)")
     p.add_argument("--skip", nargs="*", default=[], metavar="ROW",
                    help="leave out the rows whose names start with these words (e.g. torchrun speed)")
@@ -284,9 +285,7 @@ def main():
     p.add_argument("--one", choices=ROW_NAMES, help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--scratch", type=Path, help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.budget <= 0 or (args.row_timeout is not None and args.row_timeout <= 0):
-        p.error("--budget and --row-timeout must be positive")
+    args = p.parse_args(argv)
     if args.one:
         return run_one(args)
     import torch

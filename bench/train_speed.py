@@ -36,6 +36,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from model.errors import at_least  # noqa: E402
 from model.runtime import DTYPES, peak_memory_gib, peak_reserved_gib, reset_peak_memory  # noqa: E402
 
 # Real shapes of public checkpoints (config.json fields); weights are random.
@@ -339,18 +340,18 @@ def print_table(rows: dict):
     Console(width=120).print(table)
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--case", action="append", choices=list(CASES),
                    help="default: the CPU case, plus the GPU cases when CUDA is available")
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--rounds", type=int, default=1,
+    p.add_argument("--steps", type=at_least(1), default=6)
+    p.add_argument("--rounds", type=at_least(1), default=1,
                    help="run each implementation this many times, taking turns, and report the medians")
-    p.add_argument("--warmup", type=int, default=8,
+    p.add_argument("--warmup", type=at_least(0), default=8,
                    help="untimed steps first: allocators and caches settle (transformers takes ~8 on the CPU)")
     p.add_argument("--compile", action="store_true", help="also run nanolora with --compile")
     p.add_argument("--one", choices=("nanolora", "nanolora-compile", "peft"), help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.one:
         print(json.dumps(measure(args.one, args.case[0], args.steps, args.warmup)))
         return

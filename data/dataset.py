@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+
+from model.files import save_safetensors
 
 from .formats import DataError, RecordError, check_file, load_conversations_with_lines
 from .masking import IGNORE_INDEX, tokenize_conversations
@@ -145,7 +146,7 @@ def save_cache(cache_file: Path, data: TokenizedData):
     tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tmp), metadata=meta)
+        save_safetensors(tensors, tmp, metadata=meta)
         os.replace(tmp, cache_file)  # atomic: a crash never leaves a half-written cache
     except (OSError, SafetensorError) as e:  # a full disk: the data is tokenized, go on without
         tmp.unlink(missing_ok=True)

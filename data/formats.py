@@ -1,7 +1,9 @@
 """Data files to conversations: every record becomes a list of {"role", "content"} messages.
 
-Files: `.json` (an array of records, or one record per line), `.jsonl`, `.csv`. The format of a
-record is detected from its fields:
+Files: `.json` (an array of records, or one record per line), `.jsonl`, `.csv`, and `.txt` for
+continued pre-training: plain text, each paragraph (the text between blank lines) one document, a
+{"text": ...} record, as datasets' text loader reads a file with sample_by="paragraph". The format of
+a record is detected from its fields:
 
     conversation   EmoLLM / XTuner: [{"system"|"instruction"?, "input", "output"}, ...], one record
                    is one multi-turn dialogue, the system prompt on the first turn
@@ -32,7 +34,7 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
                   "assistant": "assistant"}
 EXPECTED = ("conversation (EmoLLM) | conversations (ShareGPT) | messages (OpenAI) | "
             "instruction+output (Alpaca) | question+answer | text")
-SUFFIXES = (".json", ".jsonl", ".csv")
+SUFFIXES = (".json", ".jsonl", ".csv", ".txt")
 
 
 class DataError(UserError, ValueError):
@@ -70,6 +72,8 @@ def read_records(path: Path) -> list[tuple[int, object]]:
     suffix, start = path.suffix.lower(), text.lstrip()[0]
     if suffix == ".csv":
         return _csv_records(path, text)
+    if suffix == ".txt":
+        return _paragraph_records(text)
     if suffix == ".json" and start == "[":
         return _json_array_records(path, text)
     if suffix == ".json" and start == "{":  # one pretty-printed record, or JSON Lines named .json
@@ -109,6 +113,19 @@ def _json_array_records(path: Path, text: str) -> list[tuple[int, object]]:
         counted = pos
         record, pos = decoder.raw_decode(text, pos)
         records.append((line, record))
+
+
+def _paragraph_records(text: str) -> list[tuple[int, dict]]:
+    """A plain-text file's documents: its paragraphs, runs of lines that are not blank, each a
+    {"text"} record at the line it starts on (its lines joined by newlines, as written)."""
+    records, lines = [], []
+    for n, line in enumerate(text.split("\n") + [""], start=1):
+        if line.strip():
+            lines.append((n, line.rstrip("\r")))
+        elif lines:
+            records.append((lines[0][0], {"text": "\n".join(line for _, line in lines)}))
+            lines = []
+    return records
 
 
 def _skip(text: str, pos: int, chars: str) -> int:

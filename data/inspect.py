@@ -17,7 +17,7 @@ import argparse
 import json
 import sys
 
-from model.errors import run_command
+from model.errors import at_least, run_command
 
 from .dataset import tokenize_file, trained_count
 from .masking import IGNORE_INDEX, MASK_MODES
@@ -36,19 +36,6 @@ def parse_args(argv=None):
     p.add_argument("--n", type=at_least(0), default=None, help="examples to show (default: 3, or all with --json)")
     p.add_argument("--json", action="store_true", help="print input_ids and labels as JSON lines")
     return p.parse_args(argv)
-
-
-def at_least(low: int):
-    """An argparse type: an integer >= low (argparse then names the flag in its one-line error)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
-        return value
-    return parse
 
 
 OPEN, CLOSE = "⟦", "⟧"  # around trained spans when there is no colour

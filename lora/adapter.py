@@ -17,6 +17,7 @@ adapter without it (peft's, or from elsewhere) is applied to any base of the rig
 """
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -25,9 +26,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from model.errors import key_mismatches, one_line
+from model.files import save_safetensors
 from model.fingerprint import model_fingerprint
 
 from . import pissa
@@ -111,7 +112,7 @@ def save_adapter(model: nn.Module, cfg: LoRAConfig, out_dir, base_model_name_or_
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_file(tensors, tmp / WEIGHTS_FILE, metadata=metadata)
+        save_safetensors(tensors, tmp / WEIGHTS_FILE, metadata=metadata)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         for name, text in (files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
@@ -125,6 +126,24 @@ def save_adapter(model: nn.Module, cfg: LoRAConfig, out_dir, base_model_name_or_
         raise LoRAError(f"{out_dir / WEIGHTS_FILE}: adapter not saved ({why})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# The adapter_config.json fields read, as PEFT writes them: a "8" or a "false" there would otherwise
+# fail later as a traceback, or (bool("false")) silently mean the opposite.
+FIELD_TYPES = {
+    "r": (lambda v: _number(v) and isinstance(v, int) and v > 0, "a positive integer"),
+    "lora_alpha": (_number, "a number"),
+    "lora_dropout": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "target_modules": (lambda v: isinstance(v, str) or isinstance(v, list) and all(isinstance(t, str) for t in v),
+                       "a string or a list of strings"),
+    "use_rslora": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    "use_dora": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    "base_model_name_or_path": (lambda v: v is None or isinstance(v, str), "a string"),
+}
 
 
 def read_adapter_config(adapter_dir) -> LoRAConfig:
@@ -149,6 +168,9 @@ def read_adapter_config(adapter_dir) -> LoRAConfig:
         raise LoRAError(f"{path}: uses {', '.join(used)}, which nanolora does not support")
     if not raw.get("target_modules") or "r" not in raw:
         raise LoRAError(f"{path}: needs r and target_modules")
+    for key, (fits, wanted) in FIELD_TYPES.items():
+        if key in raw and not fits(raw[key]):
+            raise LoRAError(f"{path}: {key} = {json.dumps(raw[key])}: expected {wanted}")
     try:
         return LoRAConfig(r=raw["r"], alpha=raw.get("lora_alpha", 8), dropout=raw.get("lora_dropout", 0.0),
                           targets=raw["target_modules"], rslora=bool(raw.get("use_rslora", False)),

@@ -18,6 +18,25 @@ class ConfigError(UserError, ValueError):
     """A config.json this project cannot build a model from."""
 
 
+REQUIRED_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+SIZES = REQUIRED_SIZES + ("num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")
+SCALES = ("rms_norm_eps", "rope_theta")
+
+
+def check_numbers(hf: dict, source: str):
+    """Each size a positive integer, each scale a positive number (an optional one may be null): a
+    string or a negative size would otherwise fail deep in torch, as a traceback. A missing required
+    key is left to the KeyError that names it."""
+    for key in SIZES + SCALES:
+        value = hf.get(key)
+        if key not in hf or value is None and key not in REQUIRED_SIZES:
+            continue
+        kinds = int if key in SIZES else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds) or not value > 0:
+            wanted = "a positive integer" if key in SIZES else "a positive number"
+            raise ConfigError(f"{source}: {key} = {json.dumps(value)}: expected {wanted}")
+
+
 @dataclass
 class LlamaConfig:
     architecture: str = "LlamaForCausalLM"
@@ -52,6 +71,7 @@ class LlamaConfig:
             )
         if hf.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (only silu)")
+        check_numbers(hf, source)
         heads = hf["num_attention_heads"]
         # transformers >= 5 writes `rope_parameters` (theta inside it); older files `rope_theta`
         # plus `rope_scaling`.

@@ -13,7 +13,9 @@ runs its work through `run_command`, the one place its errors become messages:
 Anything else is a bug in nanolora and keeps its traceback.
 """
 
+import argparse
 import errno
+import math
 import sys
 
 
@@ -55,6 +57,43 @@ def run_command(prog: str, work, *args, codes: dict | None = None) -> int:
     except OSError as e:
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return 2
+
+
+# --- argparse types: a flag out of range is refused before any work, argparse naming the flag in
+# its one-line error ("argument --top-p: expected a number in (0, 1], got 2.0") with exit code 2.
+
+def at_least(low: int, high: int | None = None):
+    """An argparse type: an integer >= low (and <= high, if given)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or high is not None and value > high:
+            wanted = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"expected an integer {wanted}, got {value}")
+        return value
+    return parse
+
+
+def between(low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False):
+    """An argparse type: a number in [low, high], either end open on request (nan is never in)."""
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open or high == math.inf else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        if not (above and below and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"expected a number in {interval}, got {text}")
+        return value
+    return parse
+
+
+positive_float = between(0, low_open=True)
 
 
 def key_mismatches(expected: dict[str, tuple], found: dict[str, tuple], where: dict[str, str] | None = None

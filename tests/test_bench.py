@@ -158,6 +158,21 @@ def test_gpu_check_hang_budget_and_partial_table(tmp_path):
     assert report["complete"]
 
 
+@pytest.mark.parametrize("script, argv, message", [
+    ("train_speed", ["--steps", "0"], "argument --steps: expected an integer >= 1, got 0"),
+    ("train_speed", ["--rounds", "-1"], "argument --rounds: expected an integer >= 1, got -1"),
+    ("train_speed", ["--warmup", "2.5"], "argument --warmup: expected an integer, got '2.5'"),
+    ("gpu_check", ["--budget", "0"], "argument --budget: expected a number in (0, inf), got 0"),
+    ("gpu_check", ["--row-timeout", "nan"], "argument --row-timeout: expected a number in (0, inf), got nan"),
+])
+def test_bench_flags_are_checked_before_any_work(script, argv, message, capsys):
+    main = __import__(script).main
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.splitlines()[-1].endswith(f"error: {message}"), err
+
+
 def test_precision_bound_grows_with_depth_and_width():
     """The bound is u (the format's unit roundoff) times sqrt(depth) times (1 + the attention
     logits' scale, which grows with width): deeper or wider models may differ more from fp32."""

@@ -14,7 +14,7 @@ import lora
 from conftest import ROOT
 from model import load_model
 from model.generate import generate, next_token
-from test_train import tiny_chat_dir  # noqa: F401  (fixture)
+from test_train import chat_data, config, tiny_chat_dir  # noqa: F401  (fixtures)
 
 PROMPTS = ["What is the capital of France?", "请用一句话介绍一下你自己。"]
 
@@ -157,20 +157,17 @@ CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "co
 
 
 @pytest.fixture(scope="module")
-def deepseek_run(tiny_chat_dir, tmp_path_factory):
-    """An adapter of the ChatML base saved as a --template deepseek run saves it (train.py's
-    data.tokenizer_files), merged by merge.py --gguf: (adapter dir, merged dir, GGUF path)."""
+def deepseek_run(tiny_chat_dir, chat_data, tmp_path_factory):
+    """The README's path on the tiny model: `train.py --template deepseek` (2 steps), then
+    `merge.py --gguf` of its adapter: (adapter dir, merged dir, GGUF path)."""
     import merge
+    from train import train
     tmp = tmp_path_factory.mktemp("deepseek")
-    model = load_model(tiny_chat_dir)
-    cfg = lora.LoRAConfig(r=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj"])
-    lora.inject_lora(model, cfg)
-    files = data.tokenizer_files(tiny_chat_dir, data.load_tokenizer(tiny_chat_dir, "deepseek"))
-    lora.save_adapter(model, cfg, tmp / "adapter", str(tiny_chat_dir), files)
-    code = merge.main(["--base", str(tiny_chat_dir), "--adapter", str(tmp / "adapter"), "--output",
+    train(config(tiny_chat_dir, chat_data, tmp / "run", template="deepseek", max_steps=2))
+    code = merge.main(["--base", str(tiny_chat_dir), "--adapter", str(tmp / "run" / "adapter"), "--output",
                        str(tmp / "merged"), "--no-check", "--gguf", str(tmp / "merged.gguf"), "--gguf-type", "f32"])
     assert code == 0
-    return tmp / "adapter", tmp / "merged", tmp / "merged.gguf"
+    return tmp / "run" / "adapter", tmp / "merged", tmp / "merged.gguf"
 
 
 def deepseek_prompt(tiny_chat_dir) -> list[int]:

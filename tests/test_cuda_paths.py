@@ -212,7 +212,7 @@ def test_reserved_memory_is_reported_beside_the_allocated(monkeypatch, tmp_path)
     assert (peak_memory_gib(), peak_reserved_gib()) == (3, 5)
     step = train_module.Step(loss=1.0, grad_norm=0.5, tokens=10, trained_tokens=4, loss_scale=None, skipped=False,
                              stats={})
-    row = step.row(1, 1e-3, 1.0, SimpleNamespace(device="cuda", t_start=0.0), epoch=0)
+    row = step.row(1, 1e-3, 1.0, SimpleNamespace(device="cuda", t_start=0.0, elapsed_before=0.0), epoch=0)
     assert (row["max_memory_gib"], row["max_reserved_gib"]) == (3, 5)
     from rich.console import Console
     logs = run_dir.RunLog(tmp_path, Console(file=io.StringIO()), 1, 1, None, {}, {}, {})

@@ -80,7 +80,7 @@ def test_weight_zero_shows_in_the_summary(smollm2_dir, tmp_path):
 
 
 def test_a_directory_is_named_as_one(tmp_path):
-    with pytest.raises(data.DataError, match=r": a directory, not a data file \(.json, .jsonl, .csv\)"):
+    with pytest.raises(data.DataError, match=r": a directory, not a data file \(.json, .jsonl, .csv, .txt\)"):
         data.load_conversations(tmp_path)
 
 
@@ -154,7 +154,7 @@ BAD = [  # (file name, content, what the one-line error must say)
     ("nomsg.jsonl", '{"messages": [{"role": "system", "content": ""}]}', "nomsg.jsonl:1: no messages"),
     ("notobj.json", "[1]", "notobj.json:1: expected an object with fields, got int"),
     ("none.json", "[]", "none.json: no records"),
-    ("data.txt", "hello", "data.txt: unsupported file type"),
+    ("data.parquet", "hello", "data.parquet: unsupported file type"),
 ]
 
 
@@ -200,3 +200,18 @@ def test_inspect_errors_exit_2_without_traceback(smollm2_dir, tmp_path, capsys):
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_plain_text_files_are_documents_by_paragraph(smollm2_dir, tmp_path):
+    """A .txt file for continued pre-training: each paragraph (between blank lines) is a {"text"}
+    document at the line it starts on, its own lines kept (CRLF too); every token of it trains."""
+    path = tmp_path / "corpus.txt"
+    path.write_bytes("First document,\r\nits second line.\r\n\r\n\r\nSecond one.\n\nThird\n".encode())
+    docs = data.formats.load_conversations_with_lines(path)
+    assert docs == [(1, [{"role": "text", "content": "First document,\nits second line."}]),
+                    (5, [{"role": "text", "content": "Second one."}]),
+                    (7, [{"role": "text", "content": "Third"}])]
+    tok = data.load_tokenizer(smollm2_dir)
+    examples = data.tokenize_file(path, tok, 64, "assistant", use_cache=False).examples
+    assert len(examples) == 3
+    assert all(sum(y != -100 for y in e["labels"]) >= len(e["input_ids"]) - 1 for e in examples)

@@ -125,6 +125,42 @@ def test_resume_reproduces_uninterrupted_run(tiny_chat_dir, chat_data, tmp_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def run_cut_at_step_2(tiny_chat_dir, chat_data, out):
+    """A 4-step run whose steps 3 and 4 were logged (metrics.jsonl, TensorBoard) but whose step-4
+    checkpoint and adapter were lost, as a kill before its save leaves it."""
+    train(config(tiny_chat_dir, chat_data, out, max_steps=4, save_every=2))
+    shutil.rmtree(out / "checkpoints" / "step-000004")
+    shutil.rmtree(out / "adapter")
+
+
+def test_tensorboard_is_continuous_across_a_resume(tiny_chat_dir, chat_data, tmp_path):
+    """The resumed run hides the interrupted run's events after the checkpoint's step and logs them
+    again; the checkpoint's own step stays: each step once, none missing."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "run"
+    run_cut_at_step_2(tiny_chat_dir, chat_data, out)
+    train(config(tiny_chat_dir, chat_data, out, max_steps=4, save_every=2, resume=True))
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([m["loss"] for m in metrics(out)])
+
+
+def test_elapsed_goes_on_across_a_resume(tiny_chat_dir, chat_data, tmp_path):
+    """elapsed_s after a resume is the checkpoint's, plus the time since the resume."""
+    import time
+    out = tmp_path / "run"
+    run_cut_at_step_2(tiny_chat_dir, chat_data, out)
+    rows = metrics(out)
+    rows[1]["elapsed_s"] = 1000.0  # the interrupted run had trained for 1000 s by its checkpoint
+    (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in rows))
+    t0 = time.perf_counter()
+    train(config(tiny_chat_dir, chat_data, out, max_steps=4, save_every=2, resume=True))
+    took = time.perf_counter() - t0
+    elapsed = [m["elapsed_s"] for m in metrics(out)]
+    assert elapsed[1] == 1000.0 and 1000.0 < elapsed[2] < elapsed[3] < 1000.0 + took
+
+
 def test_checkpoints_save_the_data_position_of_their_own_step(tiny_chat_dir, chat_data, tmp_path):
     """The steps' batches are made ahead of them, on a thread (data.Prefetcher); a checkpoint still
     holds the position after its own step's micro-batches, not after those read ahead. 24 examples
