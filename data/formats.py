@@ -139,8 +139,13 @@ def _csv_records(path: Path, text: str) -> list[tuple[int, object]]:
     records, line = [], 2  # the header is line 1
     try:
         for row in reader:
+            # DictReader puts cells past the header under None and gives None for missing ones
+            if None in row or None in row.values():
+                cells = len(row) - 1 + len(row[None]) if None in row else sum(v is not None for v in row.values())
+                raise DataError(f"{path}:{line}: {cells} cells where the header has {len(reader.fieldnames)} "
+                                "(a comma inside a cell needs the cell in double quotes)")
             # Empty cells are absent fields (an Alpaca row with no input).
-            records.append((line, {k: v for k, v in row.items() if k and v not in (None, "")}))
+            records.append((line, {k: v for k, v in row.items() if k and v != ""}))
             line = reader.line_num + 1
     except csv.Error as e:
         raise DataError(f"{path}:{reader.line_num}: invalid CSV ({e})") from None

@@ -155,6 +155,8 @@ BAD = [  # (file name, content, what the one-line error must say)
     ("notobj.json", "[1]", "notobj.json:1: expected an object with fields, got int"),
     ("none.json", "[]", "none.json: no records"),
     ("data.parquet", "hello", "data.parquet: unsupported file type"),
+    ("wide.csv", "question,answer\nq1,a1\nq2,a, with a comma\n", "wide.csv:3: 3 cells where the header has 2"),
+    ("narrow.csv", "instruction,input,output\ni1,x,o1\ni2\n", "narrow.csv:3: 1 cells where the header has 3"),
 ]
 
 
