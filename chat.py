@@ -15,14 +15,12 @@ import argparse
 import sys
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 
 import data
 import lora
 from model import DEMO_MODEL, load_model, resolve_model_dir
-from model.chat_template import TEMPLATE_FILE, saved_template
 from model.errors import UserError, at_least, between, positive_float, run_command
 from model.fused import reference_path
 from model.generate import generate
@@ -38,7 +36,8 @@ class ChatError(UserError):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="chat.py", description=__doc__.split("\n")[0])
     p.add_argument("--model", default=DEMO_MODEL, help="model directory or hub id ('demo': SmolLM2)")
-    p.add_argument("--adapter", help="a PEFT-format LoRA adapter directory, applied unmerged")
+    p.add_argument("--adapter", help="a PEFT-format LoRA adapter directory, applied unmerged (a training "
+                   "run's directory: its final adapter)")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--prompt", help="answer this one prompt, print the reply on stdout and exit")
     p.add_argument("--compare", action="store_true", help="answer with the base and the adapted model")
@@ -81,10 +80,8 @@ def chat_tokenizer(model_dir, args) -> data.ChatTokenizer:
     """The model's tokenizer, with the template the adapter was trained with (its chat_template.jinja)
     unless --template names one; a --template other than the adapter's gets a warning."""
     tok = data.load_tokenizer(model_dir, args.template, args.adapter)
-    trained = saved_template(args.adapter) if args.adapter else None
-    if trained is not None and args.template and tok.chat_template != trained:
-        print(f"warning: --template {args.template} is not the template the adapter was trained with "
-              f"({Path(args.adapter) / TEMPLATE_FILE}); its replies may suffer", file=sys.stderr)
+    if warning := data.tokenizer.template_warning(tok, args.template, args.adapter):
+        print(warning, file=sys.stderr)
     return tok
 
 
@@ -197,6 +194,8 @@ def interactive(model, tok, args):
 def chat(args):
     if args.prompt is None and sys.stdin is None:  # before the minutes a large model takes to load
         raise ChatError(STDIN_CLOSED)
+    if args.adapter:  # a training run's directory: its final adapter
+        args.adapter = str(lora.adapter.resolve_adapter_dir(args.adapter))
     model, tok = load(args)
     with torch.no_grad(), reference_path(args.reference):
         if args.prompt is not None:

@@ -43,7 +43,7 @@ from safetensors import SafetensorError
 
 import lora
 from data.tokenizer import TOKENIZER_FILES
-from lora.adapter import QUANT_KEY, check_base
+from lora.adapter import QUANT_KEY, check_base, resolve_adapter_dir
 from model.config import LlamaConfig
 from model.errors import UserError, one_line, run_command
 from model.llama import Llama
@@ -84,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="merge.py", description="Merge a LoRA adapter (PEFT format) into its base model.")
     p.add_argument("--base", required=True, help="base model directory (or hub id), safetensors")
     p.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json + "
-                   "adapter_model.safetensors), ours or peft's")
+                   "adapter_model.safetensors), ours or peft's; a training run's directory: its final adapter")
     p.add_argument("--output", help="new directory for the merged model (required unless --adapter-gguf)")
     p.add_argument("--dtype", choices=DTYPES, help="dtype of the merged weights "
                    "(default: each tensor keeps the base checkpoint's dtype)")
@@ -256,6 +256,7 @@ def probe_check(plan: dict, adapter_dir, merged_dir: Path, dtype: torch.dtype | 
 
 def merge(args):
     check_destinations(args)
+    args.adapter = str(resolve_adapter_dir(args.adapter))  # a training run's directory: its final adapter
     plan = plan_merge(args)
     if args.adapter_gguf is not None:
         write_adapter_gguf(plan, args)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+import lora
 import parallel
 import run_dir
 import sweep
@@ -119,6 +120,15 @@ class TrainConfig:
                                             "the first user turns of the first 3 validation conversations; the "
                                             "demo data: examples/prompts.txt; '' for none)")
     sample_tokens: int = flag(48, "max new tokens of each eval sample reply")
+    # scoring only
+    eval_only: bool = flag(False, "train nothing: score --model (with --adapter applied) on --val-data, else on the "
+                                  "share of --data training holds out (--val-fraction 1: all of it), as a run's end "
+                                  "does: loss and perplexity (DPO: rewards and their accuracy) and sample replies; "
+                                  "one JSON object on stdout, nothing written")
+    adapter: str | None = flag(None, "--eval-only: the LoRA adapter to score (a run directory: its final adapter); "
+                                     "--model then defaults to the base it records")
+    allow_other_base: bool = flag(False, "--eval-only: apply --adapter to a base other than the one it was trained "
+                                         "on (its nanolora_base.json), with a warning")
     # sweeps (sweep.py)
     sweep: str | None = flag(None, "train once per setting of a grid, e.g. --sweep lr=2e-4,1e-3 lora_r=8,64")
     sweep_samples: int = flag(0, "train only N settings of the --sweep grid, drawn with --seed (0: all)")
@@ -171,6 +181,10 @@ def demo_defaults(cfg: TrainConfig, given: dict) -> TrainConfig:
             cfg = replace(cfg, output_dir=DEMO_OUTPUT["dpo"])
     if "sample_prompts" not in given and Path(cfg.data).resolve() in (DEMO_DATA, DEMO_PREFERENCES):
         cfg = replace(cfg, sample_prompts=str(DEMO_PROMPTS))
+    if cfg.eval_only and cfg.adapter:  # a run directory names its adapter; no --model: the adapter's base
+        adapter = lora.adapter.resolve_adapter_dir(cfg.adapter)
+        base = lora.adapter.adapter_base(adapter) if "model" not in given else None
+        cfg = replace(cfg, adapter=str(adapter), model=base or cfg.model)
     return cfg
 
 
@@ -231,8 +245,9 @@ def run_settings(saved: dict, history: list[dict]) -> dict:
     """The settings a run_config.json records, as flags: those that define the run as given (its
     "defining" table: warmup_steps there is the flag, at the top level the resolved count), the rest
     as the last resume changed them; not what was recorded about them (fingerprints, counts, the
-    resolved dtype), nor --resume and --overwrite, which say what to do with the run."""
-    names = {f.name for f in fields(TrainConfig)} - {"resume", "overwrite"}
+    resolved dtype), nor --resume and --overwrite, which say what to do with the run, nor --eval-only's
+    (a run's settings given to --eval-only score it as it trained)."""
+    names = {f.name for f in fields(TrainConfig)} - {"resume", "overwrite", "eval_only", "adapter", "allow_other_base"}
     changed = {k: now for entry in history for k, (_, now) in entry["changed"].items()}
     values = {**saved, **changed, **saved.get("defining", {})}
     return {k: v for k, v in values.items() if k in names}
@@ -284,7 +299,8 @@ def check_config(cfg: TrainConfig):
         if getattr(cfg, name) not in allowed:
             raise TrainError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected one of "
                              f"{', '.join(str(a) for a in allowed if a)}")
-    for name, interval in RANGES.items():
+    ranges = {**RANGES, **({"val_fraction": "[0, 1]"} if cfg.eval_only else {})}  # scoring: 1 is all of --data
+    for name, interval in ranges.items():
         if not in_range(getattr(cfg, name), interval):
             raise TrainError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be in {interval}")
     if len(betas(cfg)) != 2 or not all(in_range(b, "[0, 1)") for b in betas(cfg)):
@@ -297,6 +313,7 @@ def check_config(cfg: TrainConfig):
     if cfg.sample_prompts and not Path(cfg.sample_prompts).is_file():
         raise TrainError(f"--sample-prompts {cfg.sample_prompts}: {not_a_file(cfg.sample_prompts)} "
                          "(pass '' for no samples)")
+    check_eval_only(cfg)
     if cfg.objective == "dpo":
         check_dpo(cfg)
     elif cfg.dpo_precompute_ref:
@@ -322,6 +339,28 @@ def not_a_file(path: str) -> str:
     if Path(path).is_dir():
         return f"a directory, not a data file ({', '.join(SUFFIXES)}); name a file in it"
     return "no such file"
+
+
+def check_eval_only(cfg: TrainConfig):
+    """--eval-only and its flags, and what they do not combine with."""
+    if not cfg.eval_only:
+        for name in ("adapter", "allow_other_base"):
+            if getattr(cfg, name):
+                raise TrainError(f"--{name.replace('_', '-')} is for --eval-only (training starts a new adapter)")
+        return
+    for name in ("resume", "overwrite", "sweep"):
+        if getattr(cfg, name):
+            raise TrainError(f"--eval-only trains nothing and writes nothing: drop --{name}")
+    if cfg.allow_other_base and not cfg.adapter:
+        raise TrainError("--allow-other-base goes with --adapter")
+    if cfg.adapter:  # an adapter, readable, before any weight is: LoRAError names the file
+        lora.read_adapter_config(cfg.adapter)
+    if cfg.objective == "dpo" and not cfg.adapter:
+        raise TrainError("--objective dpo --eval-only scores an adapter against its base (the reference): "
+                         "pass --adapter")
+    if not cfg.val_data and cfg.val_fraction == 0 and Path(cfg.data).resolve() not in DEMO_VALIDATION:
+        raise TrainError(f"--eval-only: --val-fraction 0 holds nothing of --data {cfg.data} out to score; "
+                         "pass --val-data FILE, or --val-fraction 1 to score all of --data")
 
 
 def check_dpo(cfg: TrainConfig):

@@ -4,6 +4,7 @@
     python train.py --model deepseek-ai/deepseek-llm-7b-chat --data emollm.json \\
         --micro-batch-size 2 --grad-accum 8 --precision bf16 --grad-checkpointing
     python train.py --config run.toml --lr 1e-4   # a config file; flags win
+    python train.py --eval-only --adapter runs/emollm --val-data test.json   # score only
 
 The update, per optimizer step, is that of Hu et al. (2021): only the low-rank A and B of each
 target linear layer train (h = W0 x + (alpha / r) B A x), the base model stays frozen. The loss of a
@@ -19,6 +20,7 @@ many steps; with --resume, where to continue), `build_model` (the frozen base, L
 steps' micro-batches are collated a step or two ahead, on a thread of their own (`step_batches`).
 """
 
+import json
 import math
 import os
 import signal
@@ -190,6 +192,8 @@ def check_model_limits(cfg: TrainConfig, run: Run):
     if cfg.max_seq_len > context:
         raise TrainError(f"--max-seq-len {cfg.max_seq_len}: more than the model's context (max_position_embeddings "
                          f"{context} in {run.model_dir / 'config.json'}); pass at most {context}")
+    if cfg.eval_only:  # the adapter scored brings its own rank
+        return
     with torch.device("meta"):  # the structure only: no memory, no weights
         model = Llama(config)
     targets = lora_config(cfg).targets
@@ -250,19 +254,24 @@ def load_data(cfg: TrainConfig, run: Run) -> TrainData:
     """Tokenized (SFT: once, cached on disk next to the data), masked by --mask (DPO: each reply of
     a pair, as --mask last masks it), split into train and validation; the validation batches are
     made once, on the device."""
-    tok = data.load_tokenizer(run.model_dir, cfg.template)
+    tok = data.load_tokenizer(run.model_dir, cfg.template, cfg.adapter)  # --eval-only: the adapter's template
     if cfg.objective == "dpo":
         tokenize = lambda path: data.tokenize_pairs(path, tok, cfg.max_seq_len)
     else:
         tokenize = lambda path: data.tokenize_file(path, tok, cfg.max_seq_len, cfg.mask)
-    train_set = tokenize(cfg.data)
-    run.console.print(f"data: {train_set.summary()}")
-    val_file = cfg.val_data or DEMO_VALIDATION.get(Path(cfg.data))
-    if val_file:
-        train_examples, val_examples = train_set.examples, tokenize(val_file).examples
+    val_file = cfg.val_data or DEMO_VALIDATION.get(Path(cfg.data).resolve())
+    if cfg.eval_only and val_file:  # the held-out file alone: nothing trains
+        train_examples, val_examples = [], tokenize(val_file).examples
     else:
-        train_examples, val_examples = data.split_validation(train_set.examples, cfg.val_fraction, cfg.val_seed)
-    if not train_examples:
+        train_set = tokenize(cfg.data)
+        run.console.print(f"data: {train_set.summary()}")
+        if val_file:
+            train_examples, val_examples = train_set.examples, tokenize(val_file).examples
+        elif cfg.eval_only and cfg.val_fraction == 1:  # scoring all of --data
+            train_examples, val_examples = [], train_set.examples
+        else:
+            train_examples, val_examples = data.split_validation(train_set.examples, cfg.val_fraction, cfg.val_seed)
+    if not train_examples and not cfg.eval_only:
         raise TrainError(f"--data {cfg.data}: no training examples left")
     ds = TrainData(tok, train_examples, val_examples, val_file and str(val_file), [], cfg.pack,
                    cfg.objective == "dpo", indexed_device(run.device))  # the batch prefetcher's thread copies there
@@ -743,13 +752,97 @@ def sample_prompts(cfg: TrainConfig, ds: TrainData, n: int = 3) -> list[str]:
 
 
 
+# -----------------------------------------------------------------------------
+# --eval-only: a run's closing evaluation, of any model or adapter, training nothing
+
+def evaluate_only(cfg: TrainConfig) -> dict:
+    """Score --model, with --adapter applied when given, on held-out data as the end of a run does:
+    the mean loss over the trained tokens and the perplexity (DPO: the rewards against the reference,
+    the adapter switched off, and their accuracy), and greedy replies to the sample prompts. The
+    data is read as training reads it (--template, else the adapter's own; --mask; --max-seq-len):
+    --val-data whole, else the share of --data that training holds out (--val-fraction, --val-seed;
+    1: all of it). LoRA's A and B are float32 under autocast, as in training, so an adapter scores
+    what its run's last evaluation measured. The report goes to stderr, one JSON object to stdout
+    (for scripts); nothing is written.
+
+    One process only: under torchrun each rank would score all of it."""
+    from rich.console import Console
+    from rich.progress import track
+    if parallel.launched_by_torchrun():
+        raise TrainError("--eval-only runs in one process: start it with python, not torchrun")
+    device = choose_device(cfg.device)
+    dtype = choose_dtype(cfg.precision, device)
+    console = Console(stderr=True)
+    if note := slow_precision_note(dtype, device):
+        console.print(note, style="yellow", markup=False)
+    model_dir = resolve_model_dir(cfg.model)
+    if cfg.adapter:  # before any weight is read: the base it was trained on, by content
+        lora.adapter.check_base(cfg.adapter, model_dir, cfg.allow_other_base)
+    autocast = torch.autocast(device_type=device, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    run = Run(None, model_dir, device, dtype, autocast, console, time.perf_counter())
+    check_model_limits(cfg, run)
+    ds = load_data(cfg, run)
+    if not ds.val:
+        raise TrainError(f"--eval-only: no examples to score in {ds.val_file or cfg.data}")
+    if note := data.tokenizer.template_warning(ds.tok, cfg.template, cfg.adapter):
+        console.print(note, style="yellow", markup=False)
+    model = eval_model(cfg, run)
+    loss_fn = (dpo.PreferenceLoss(model, cfg.dpo_beta, cfg.dpo_label_smoothing, cfg.dpo_loss, cfg.dpo_rpo_alpha)
+               if cfg.objective == "dpo" else LanguageModelLoss(model))
+    source = ds.val_file or cfg.data
+    if not ds.val_file and cfg.val_fraction < 1:
+        source += (f": the {cfg.val_fraction:g} that training holds out (--val-seed {cfg.val_seed}; "
+                   "--val-fraction 1 scores all of it, --val-data FILE another file)")
+    console.print(f"scoring {cfg.model}" + (f" with the adapter {cfg.adapter}" if cfg.adapter else "") +
+                  f" on {len(ds.val)} {'pairs' if ds.pairs else 'examples'} of {source}", markup=False, soft_wrap=True)
+    row = evaluate(loss_fn, track(ds.val_batches, description="scoring", console=console, transient=True), autocast)
+    prompts = sample_prompts(cfg, ds)
+    replies = dict(zip(prompts, sample_replies(model, ds.tok, prompts, cfg.sample_tokens, autocast)))
+    counted = sum(b["n_loss"] for b in ds.val_batches)  # trained tokens (DPO: pairs)
+    result = {"model": str(cfg.model), "model_dir": str(model_dir), "adapter": cfg.adapter,
+              "data": str(ds.val_file or cfg.data), "examples": len(ds.val), "trained_tokens": counted,
+              "dtype": str(dtype), **row, "replies": replies}
+    figures = "  ".join(f"{k} {v:.4f}" for k, v in row.items())
+    console.print(f"{figures}  ({counted} trained {'pairs' if ds.pairs else 'tokens'})", markup=False)
+    for prompt, text in replies.items():
+        console.print(f"> {prompt}", style="bold", markup=False)
+        console.print(text, markup=False)
+    print(json.dumps(result, ensure_ascii=False))
+    return result
+
+
+def eval_model(cfg: TrainConfig, run: Run):
+    """The model scored: --model in the compute dtype (--quantize nf4: its linears NF4 as read), with
+    --adapter loaded when given, its A and B (and DoRA's m) in float32 as its run trained them."""
+    replace_linear = None
+    if cfg.quantize:
+        from lora.quant import nf4_loader
+        replace_linear = nf4_loader(run.dtype)
+    model = load_model(run.model_dir, dtype=run.dtype, device=run.device, replace_linear=replace_linear)
+    if cfg.adapter:
+        adapter_cfg = lora.read_adapter_config(cfg.adapter)
+        if cfg.quantize:  # the adapter's layers around NF4 linears (load_adapter would inject plain ones)
+            lora.inject_lora(model, adapter_cfg, quantize=cfg.quantize, compute_dtype=run.dtype)
+        lora.load_adapter(model, cfg.adapter)
+        for m in lora.lora_modules(model).values():
+            for p in trained_tensors(m).values():
+                p.data = p.data.float()
+        _, metadata = lora.read_adapter_tensors(cfg.adapter)
+        if metadata.get(lora.adapter.QUANT_KEY) == "nf4" and not cfg.quantize:
+            run.console.print("note: the adapter was trained on an NF4 base (QLoRA); it is scored on the "
+                              "full-precision one (--quantize nf4 scores it as trained)", style="yellow", markup=False)
+    model.eval()
+    return model
+
 
 # -----------------------------------------------------------------------------
 # the command
 
 def run(argv=None):
     cfg = parse_config(argv)
-    if cfg.sweep:
+    if cfg.eval_only:
+        evaluate_only(cfg)
+    elif cfg.sweep:
         sweep.run_sweep(cfg)  # one `python train.py` process per setting, then a table
     else:
         train(cfg)

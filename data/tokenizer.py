@@ -189,6 +189,16 @@ def load_tokenizer(model_dir: str | Path, template: str | None = None, adapter_d
     return ChatTokenizer(tokenizer, special, source, name, extra_stop, origin)
 
 
+def template_warning(tok: ChatTokenizer, template: str | None, adapter_dir) -> str | None:
+    """The warning for a --template other than the one the adapter was trained with (its
+    TEMPLATE_FILE), or None: the fine-tune's replies may suffer in a format it never saw."""
+    trained = saved_template(adapter_dir) if adapter_dir is not None else None
+    if trained is None or not template or tok.chat_template == trained:
+        return None
+    return (f"warning: --template {template} is not the template the adapter was trained with "
+            f"({Path(adapter_dir) / TEMPLATE_FILE}); its replies may suffer")
+
+
 def tokenizer_files(model_dir: str | Path, tok: ChatTokenizer) -> dict[str, str]:
     """The files to save beside an adapter (name -> text): the model's TOKENIZER_FILES, and the
     template `tok` renders with (the model's, or the one --template chose) both as TEMPLATE_FILE and

@@ -256,6 +256,32 @@ def base_record(base_dir, fingerprint: str) -> str:
     return json.dumps({"path": str(Path(base_dir).resolve()), "fingerprint": fingerprint}, indent=2) + "\n"
 
 
+def resolve_adapter_dir(path) -> Path:
+    """An --adapter argument as an adapter directory: given a training run's directory, its final
+    adapter (run/adapter); else the path as it is. A run stopped before its end has none: the
+    message names its newest checkpoint's adapter instead."""
+    p = Path(path)
+    if (p / CONFIG_FILE).is_file():
+        return p
+    if (p / "adapter" / CONFIG_FILE).is_file():
+        return p / "adapter"
+    saved = sorted(a for a in (p / "checkpoints").glob("step-*/adapter")
+                   if (a / CONFIG_FILE).is_file() and not a.parent.name.endswith(".tmp"))
+    if saved:
+        raise LoRAError(f"{p}: a training run without its final adapter (stopped before its end?); "
+                        f"pass a checkpoint's, the newest being {saved[-1]}")
+    return p  # not an adapter: reading its CONFIG_FILE says so
+
+
+def adapter_base(adapter_dir) -> str | None:
+    """The base an adapter names: the directory its nanolora_base.json records when it still exists,
+    else adapter_config.json's base_model_name_or_path (what PEFT's from_pretrained loads), else None."""
+    record = read_base_record(adapter_dir)
+    if record and isinstance(record.get("path"), str) and Path(record["path"]).is_dir():
+        return record["path"]
+    return read_adapter_config(adapter_dir).base_model_name_or_path
+
+
 def read_base_record(adapter_dir) -> dict | None:
     """The adapter's nanolora_base.json, or None if it has none (peft's adapters)."""
     path = Path(adapter_dir) / BASE_FILE

@@ -38,7 +38,7 @@ from model.load import resolve_model_dir
 from model.llama import Llama
 
 from .adapter import (PEFT_PREFIX, WEIGHTS_FILE, check_adapter_tensors, check_base, read_adapter_config,
-                      read_adapter_tensors)
+                      read_adapter_tensors, resolve_adapter_dir)
 from .config import LoRAError
 from .inject import inject_lora, lora_modules
 
@@ -179,6 +179,7 @@ def main(argv=None) -> int:
 
 
 def export(args):
+    args.adapter_dir = str(resolve_adapter_dir(args.adapter_dir))  # a training run's directory: its final adapter
     base = args.base or read_adapter_config(args.adapter_dir).base_model_name_or_path
     if not base:
         raise LoRAError(f"{args.adapter_dir}: its adapter_config.json names no base model; pass --base")

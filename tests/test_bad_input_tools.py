@@ -310,7 +310,7 @@ def run_dir_as_model(d):
     shutil.move(d / "adapter", d / "run" / "adapter")
     (d / "run" / "run_config.json").write_text(json.dumps({"model": str(d / "model")}))
     return ["--model", d / "run", *PROMPT], [f"{d / 'run'}: a training run's directory, not a model",
-                                             f"pass its base ({d / 'model'}) as the model and its adapter, {d / 'run' / 'adapter'}, as --adapter"]
+                                             f"pass its base ({d / 'model'}) as the model and this as --adapter (chat.py; train.py --eval-only"]
 
 
 @dataclass

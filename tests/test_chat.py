@@ -14,7 +14,7 @@ import lora
 from conftest import ROOT
 from model import load_model
 from model.generate import generate, next_token
-from test_train import chat_data, config, tiny_chat_dir  # noqa: F401  (fixtures)
+from test_train import config
 
 PROMPTS = ["What is the capital of France?", "请用一句话介绍一下你自己。"]
 

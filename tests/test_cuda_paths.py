@@ -23,7 +23,7 @@ import run_dir
 import train as train_module
 from checkpoint import CheckpointError
 from model.runtime import peak_memory_gib, peak_reserved_gib
-from test_train import DeviceSyncs, chat_data, config, tiny_chat_dir  # noqa: F401 (fixtures)
+from test_train import DeviceSyncs, config
 from train import clip_gradients, to_device, train
 
 

@@ -30,7 +30,7 @@ from model.fused import reference_path
 from model.loss import IGNORE_INDEX
 from test_lora import peft_twin, randomize_lora
 from test_parallel import cut_at_step_2
-from test_train import adapter, config, metrics, run_cli, tiny_chat_dir  # noqa: F401 (fixtures)
+from test_train import adapter, config, metrics, run_cli
 from train import to_device, train
 
 TARGETS = lora.LLAMA_LINEARS

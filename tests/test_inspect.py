@@ -4,7 +4,6 @@ marked in the text (between ⟦ and ⟧) and the legend says so; its numbers are
 import pytest
 
 from data.inspect import CLOSE, OPEN, main
-from test_train import chat_data, tiny_chat_dir  # noqa: F401 (fixtures)
 
 
 def test_piped_output_marks_the_trained_tokens(tiny_chat_dir, chat_data, capsys):

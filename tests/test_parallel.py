@@ -25,7 +25,7 @@ import parallel
 from conftest import ROOT
 from model import load_model
 from model.loss import LanguageModelLoss
-from test_train import adapter, chat_data, config, metrics, tiny_chat_dir  # noqa: F401 (fixtures)
+from test_train import adapter, config, metrics
 from settings import TrainConfig, TrainError, check_config
 from train import train
 

@@ -15,7 +15,7 @@ import pytest
 import sweep
 import train as train_module
 from conftest import ROOT
-from test_train import chat_data, config, metrics, tiny_chat_dir  # noqa: F401 (fixtures)
+from test_train import config, metrics
 
 PROMPTS = str(ROOT / "examples" / "prompts.txt")
 

@@ -23,32 +23,6 @@ from checkpoint import CheckpointError
 from settings import TrainConfig
 from train import lr_at, train
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-
-@pytest.fixture(scope="module")
-def tiny_chat_dir(smollm2_dir, tmp_path_factory):
-    """A tiny random model with SmolLM2's vocabulary, tokenizer and chat template."""
-    path = save_tiny_hf(tmp_path_factory.mktemp("tiny") / "tiny-chat", vocab_size=49152,
-                        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
-                        intermediate_size=128,  # NF4 on the CPU wants widths divisible by 64
-                        initializer_range=0.2,  # logits wide enough that a fit is reachable
-                        max_position_embeddings=1024)  # room for --max-seq-len's default 512
-    for name in TOKENIZER_FILES:
-        shutil.copy(smollm2_dir / name, path / name)
-    return path
-
-
-@pytest.fixture(scope="module")
-def chat_data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "chats.jsonl"
-    rows = []
-    for i in range(24):
-        rows.append({"messages": [
-            {"role": "user", "content": f"What is {i} plus {i}?"},
-            {"role": "assistant", "content": f"Ahoy! {i} plus {i} is {2 * i}." + " Aye." * (i % 5)}]})
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
 
 
 def config(tiny_chat_dir, chat_data, out, **kw) -> TrainConfig:

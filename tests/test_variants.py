@@ -32,7 +32,7 @@ from model import load_model
 from model.generate import generate
 from model.llama import neftune_noise
 from test_parallel import cut_at_step_2
-from test_train import adapter, chat_data, config, metrics, tiny_chat_dir  # noqa: F401 (fixtures)
+from test_train import adapter, config, metrics
 from train import train
 
 
