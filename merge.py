@@ -45,7 +45,7 @@ import lora
 from data.tokenizer import TOKENIZER_FILES
 from lora.adapter import QUANT_KEY, check_base, resolve_adapter_dir
 from model.config import LlamaConfig
-from model.errors import UserError, one_line, run_command
+from model.errors import UserError, one_line, parse_size, run_command
 from model.llama import Llama
 from model.runtime import DTYPES, peak_memory_gib
 from model.files import (PICKLE_SUFFIXES, check_keys, expected_shapes, read_safetensors, safetensors_files,
@@ -64,20 +64,6 @@ PROBE_TOKENS = 24
 
 class MergeError(UserError, RuntimeError):
     """Bad input to merge.py; the message names the flag or file."""
-
-
-def parse_size(text: str) -> int:
-    """'2GB', '500MB', '1.5GiB' or a number of bytes -> bytes."""
-    units = {"KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
-    t = text.strip().upper()
-    unit = next((u for u in units if t.endswith(u)), "B")
-    try:
-        size = float(t.removesuffix(unit)) * units[unit]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 2GB)") from None
-    if not 1 <= size < 2**63:  # nan and inf fail too
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (at least one byte; try 2GB)")
-    return int(size)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -20,7 +20,7 @@ import sweep
 from data import DataError, is_preference_file
 from data.formats import SUFFIXES
 from model import DEMO_MODEL
-from model.errors import UserError
+from model.errors import UserError, parse_size
 
 ROOT = Path(__file__).resolve().parent
 DEMO_DATA = ROOT / "examples" / "train.json"
@@ -129,6 +129,13 @@ class TrainConfig:
                                      "--model then defaults to the base it records")
     allow_other_base: bool = flag(False, "--eval-only: apply --adapter to a base other than the one it was trained "
                                          "on (its nanolora_base.json), with a warning")
+    # memory, before the run (memory_estimate.py)
+    estimate_memory: bool = flag(False, "train nothing: count the memory this run's training step holds (the real "
+                                        "step on fake tensors: no weight or data is read, config.json is enough), "
+                                        "print it by category and exit; --device cuda models a CUDA run on any machine")
+    memory_budget: str | None = flag(None, "--estimate-memory: the memory a device has (e.g. 24GiB, 80GB): whether "
+                                           "the run fits, and the largest --micro-batch-size and --max-seq-len that do")
+    json: bool = flag(False, "--estimate-memory: print one JSON object on stdout")
     # sweeps (sweep.py)
     sweep: str | None = flag(None, "train once per setting of a grid, e.g. --sweep lr=2e-4,1e-3 lora_r=8,64")
     sweep_samples: int = flag(0, "train only N settings of the --sweep grid, drawn with --seed (0: all)")
@@ -247,7 +254,8 @@ def run_settings(saved: dict, history: list[dict]) -> dict:
     as the last resume changed them; not what was recorded about them (fingerprints, counts, the
     resolved dtype), nor --resume and --overwrite, which say what to do with the run, nor --eval-only's
     (a run's settings given to --eval-only score it as it trained)."""
-    names = {f.name for f in fields(TrainConfig)} - {"resume", "overwrite", "eval_only", "adapter", "allow_other_base"}
+    names = {f.name for f in fields(TrainConfig)} - {"resume", "overwrite", "eval_only", "adapter", "allow_other_base",
+                                                      "estimate_memory", "memory_budget", "json"}
     changed = {k: now for entry in history for k, (_, now) in entry["changed"].items()}
     values = {**saved, **changed, **saved.get("defining", {})}
     return {k: v for k, v in values.items() if k in names}
@@ -314,6 +322,7 @@ def check_config(cfg: TrainConfig):
         raise TrainError(f"--sample-prompts {cfg.sample_prompts}: {not_a_file(cfg.sample_prompts)} "
                          "(pass '' for no samples)")
     check_eval_only(cfg)
+    check_estimate(cfg)
     if cfg.objective == "dpo":
         check_dpo(cfg)
     elif cfg.dpo_precompute_ref:
@@ -361,6 +370,28 @@ def check_eval_only(cfg: TrainConfig):
     if not cfg.val_data and cfg.val_fraction == 0 and Path(cfg.data).resolve() not in DEMO_VALIDATION:
         raise TrainError(f"--eval-only: --val-fraction 0 holds nothing of --data {cfg.data} out to score; "
                          "pass --val-data FILE, or --val-fraction 1 to score all of --data")
+
+
+def check_estimate(cfg: TrainConfig):
+    """--estimate-memory and its flags."""
+    if not cfg.estimate_memory:
+        for name in ("memory_budget", "json"):
+            if getattr(cfg, name):
+                raise TrainError(f"--{name.replace('_', '-')} is for --estimate-memory")
+        return
+    for name in ("resume", "overwrite", "sweep", "eval_only"):
+        if getattr(cfg, name):
+            raise TrainError(f"--estimate-memory runs no training and writes nothing: drop --{name.replace('_', '-')}")
+    if cfg.memory_budget is not None:
+        memory_budget(cfg)
+
+
+def memory_budget(cfg: TrainConfig) -> int:
+    """--memory-budget in bytes (24GiB, 80GB, 1.5e10)."""
+    try:
+        return parse_size(cfg.memory_budget)
+    except argparse.ArgumentTypeError as e:
+        raise TrainError(f"--memory-budget {cfg.memory_budget}: {e}") from None
 
 
 def check_dpo(cfg: TrainConfig):

@@ -36,6 +36,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 import data
 import dpo
 import lora
+import memory_estimate
 import parallel
 import run_dir
 import sweep
@@ -45,12 +46,13 @@ from model import Llama, LlamaConfig, load_model, resolve_model_dir
 from model.errors import run_command
 from model.fused import reference_path
 from model.generate import generate
+from model import llama as model_module
 from model.llama import PackedDocuments, packed_documents
 from model.load import meta_model
 from model.loss import IGNORE_INDEX, LanguageModelLoss, trained_positions
 from model.runtime import (choose_device, choose_dtype, indexed_device, keep_freed_memory, peak_memory_gib,
                            peak_reserved_gib, reset_peak_memory, slow_precision_note)
-from settings import DEMO_VALIDATION, TrainConfig, TrainError, betas, parse_config
+from settings import DEMO_VALIDATION, TrainConfig, TrainError, betas, memory_budget, parse_config
 
 
 # -----------------------------------------------------------------------------
@@ -82,7 +84,7 @@ def run_training(cfg: TrainConfig) -> dict:
     lora_cfg = lora_config(cfg)
     model, loss_fn, train_loss_fn = build_model(cfg, run, lora_cfg, resuming=plan.checkpoint is not None)
     trainable = [p for p in model.parameters() if p.requires_grad]  # after FSDP2 swapped them for shards
-    optimizer, scaler = build_optimizer(cfg, model, run)
+    optimizer, scaler = build_optimizer(cfg, model, run.device, run.dtype)
     if cfg.dpo_precompute_ref:
         reference_logps(loss_fn, ds, cfg, run, resuming=plan.checkpoint is not None)
     pos = resume(plan.checkpoint, model, optimizer, scaler, run) if plan.checkpoint else Position()
@@ -369,7 +371,7 @@ def reference_logps(loss_fn: dpo.PreferenceLoss, ds: TrainData, cfg: TrainConfig
     ds.make_val_batches(cfg.micro_batch_size)  # now with the reference log-probs
 
 
-def build_optimizer(cfg: TrainConfig, model, run: Run):
+def build_optimizer(cfg: TrainConfig, model, device: str, dtype: torch.dtype):
     """AdamW on the trainable parameters only, no weight decay on biases and norms; fused (one
     kernel for all parameters, as transformers' Trainer does by default), since a loop over the
     hundreds of small LoRA tensors costs more than the update itself. And the loss scaler, on
@@ -391,7 +393,7 @@ def build_optimizer(cfg: TrainConfig, model, run: Run):
     groups = [group(False, True), group(False, False)] + ([group(True, True), group(True, False)] if on_b else [])
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=betas(cfg), eps=cfg.adam_eps, amsgrad=cfg.amsgrad,
                                   fused=True)
-    return optimizer, torch.amp.GradScaler(run.device, enabled=run.dtype == torch.float16)
+    return optimizer, torch.amp.GradScaler(device, enabled=dtype == torch.float16)
 
 
 @dataclass
@@ -453,6 +455,17 @@ def train_step(loss_fn, batches, optimizer, scaler, params, max_grad_norm: float
     # waits for the device once, below.
     n_loss, trained_tokens, tokens = parallel.all_reduce_sum(*(sum(b[k] for b in batches)
                                                                for k in ("n_loss", "n_trained", "n_tokens")))
+    sums = accumulate(loss_fn, batches, scaler, autocast, n_loss, stat_names)
+    grad_norm, loss_scale = update(optimizer, scaler, params, max_grad_norm)
+    loss_sum, *stat_sums, grad_norm = torch.cat([sums, grad_norm.float()[None]]).tolist()  # the step's one sync
+    stats = mean_stats(stat_names, stat_sums, n_loss)
+    return Step(loss_sum / n_loss, grad_norm, tokens, trained_tokens, loss_scale,
+                skipped=scaler.is_enabled() and not math.isfinite(grad_norm), stats=stats)
+
+
+def accumulate(loss_fn, batches, scaler, autocast, n_loss: int, stat_names: tuple = ()) -> torch.Tensor:
+    """The forward and backward of each of a step's micro-batches, the gradients accumulating;
+    -> (1 + len(stat_names),): the sum of the losses and of the stats, over all ranks, on the device."""
     device = batches[0]["input_ids"].device
     loss_sum = torch.zeros((), device=device)  # on the device: no sync per micro-batch
     stat_sums = torch.zeros(len(stat_names), device=device)
@@ -464,16 +477,18 @@ def train_step(loss_fn, batches, optimizer, scaler, params, max_grad_norm: float
         loss_sum += loss.detach()
         if stat_names:
             stat_sums += extra.detach().float()
-    sums = parallel.all_reduce_tensor(torch.cat([loss_sum[None], stat_sums]))  # over ranks, on the device
+    return parallel.all_reduce_tensor(torch.cat([loss_sum[None], stat_sums]))  # over ranks, on the device
+
+
+def update(optimizer, scaler, params, max_grad_norm: float) -> tuple[torch.Tensor, float | None]:
+    """The accumulated gradients unscaled (fp16), clipped and applied; -> the norm before clipping
+    (a 0-dim tensor, not read), and the loss scale this step used (fp16) or None."""
     scaler.unscale_(optimizer)  # true gradients, before clipping and before they are logged
     grad_norm = clip_gradients(params, max_grad_norm)  # the norm before clipping, logged
     loss_scale = scaler.get_scale() if scaler.is_enabled() else None  # the scale this step used
     scaler.step(optimizer)  # fp16: skipped if a gradient overflowed (GradScaler checks, and syncs)
     scaler.update()
-    loss_sum, *stat_sums, grad_norm = torch.cat([sums, grad_norm.float()[None]]).tolist()  # the step's one sync
-    stats = mean_stats(stat_names, stat_sums, n_loss)
-    return Step(loss_sum / n_loss, grad_norm, tokens, trained_tokens, loss_scale,
-                skipped=scaler.is_enabled() and not math.isfinite(grad_norm), stats=stats)
+    return grad_norm, loss_scale
 
 
 def mean_stats(names, sums, n: int, prefix: str = "") -> dict:
@@ -836,11 +851,138 @@ def eval_model(cfg: TrainConfig, run: Run):
 
 
 # -----------------------------------------------------------------------------
+# --estimate-memory: the step's memory, counted on fake tensors (memory_estimate.py)
+
+def estimate_command(cfg: TrainConfig) -> dict:
+    """Count the memory of this run's training step without reading a weight or a data file, print
+    it by category (with --memory-budget: whether it fits, and the largest micro-batch and length
+    that do) and, with --json, one JSON object on stdout."""
+    from rich.console import Console
+    if parallel.launched_by_torchrun():
+        raise TrainError("--estimate-memory runs in one process: start it with python, not torchrun")
+    console = Console(stderr=True)
+    device = "cuda" if cfg.device == "cuda" else choose_device(cfg.device)  # cuda: modelled, on any machine
+    if cfg.precision == "auto" and device == "cuda" and not torch.cuda.is_available():
+        dtype = torch.bfloat16  # what auto picks on a GPU of compute capability 8.0 or more
+    else:
+        dtype = choose_dtype(cfg.precision, device)
+    model_dir = resolve_model_dir(cfg.model, config_only=True)
+    config = LlamaConfig.from_file(model_dir / "config.json")
+    check_model_limits(cfg, Run(None, model_dir, device, dtype, None, console, time.perf_counter()))
+    est = estimate_step(cfg, config, device, dtype)
+    result = est.as_dict()
+    what = (f"{cfg.model}: micro-batch {cfg.micro_batch_size} x {cfg.max_seq_len} tokens, "
+            f"{str(dtype).removeprefix('torch.')}{', NF4 base' if cfg.quantize else ''}, LoRA r {cfg.lora_r}"
+            f"{', checkpointing' if cfg.grad_checkpointing else ''}{', DPO' if cfg.objective == 'dpo' else ''}, "
+            f"on {device}{' (modelled)' if device == 'cuda' and not torch.cuda.is_available() else ''}")
+    console.print(memory_estimate.table(est, what))
+    console.print(f"every row full ({cfg.max_seq_len} tokens) and every token trained: the worst batch of these "
+                  f"settings; counted in {est.seconds:.1f} s", markup=False)
+    if cfg.memory_budget is not None:
+        budget = memory_budget(cfg)
+        total = lambda **kw: estimate_step(replace(cfg, **kw), config, device, dtype).total_bytes
+        result.update(budget_bytes=budget, fits=est.total_bytes <= budget,
+                      max_micro_batch_size=memory_estimate.largest(lambda b: total(micro_batch_size=b), budget,
+                                                                   cfg.micro_batch_size, 1 << 16),
+                      max_seq_len=memory_estimate.largest(lambda t: total(max_seq_len=t), budget, cfg.max_seq_len,
+                                                          config.max_position_embeddings, low=2))
+        console.print(memory_estimate.budget_line(result, cfg.micro_batch_size, cfg.max_seq_len), markup=False)
+    if cfg.json:
+        print(json.dumps(result))
+    return result
+
+
+def estimate_step(cfg: TrainConfig, config: LlamaConfig, device: str, dtype: torch.dtype) -> memory_estimate.Estimate:
+    """The run's model built as build_model builds it, on the meta device from the config alone, then
+    fake; its step (accumulate, update: the run's own functions) run twice on the worst batch of
+    the settings: micro_batch_size rows of max_seq_len tokens, every one trained (DPO: as many pairs,
+    both replies that long). The peak is that of the step, as torch.cuda.max_memory_allocated counts
+    it after build_model's reset: weights, LoRA and optimizer state included, loading not.
+
+    Two micro-batches per step stand for --grad-accum's (from the second on, the first's gradients
+    are alive: more change nothing), two steps for the run's (AdamW's state exists from the
+    first's update on). The fp16 loss scaler is left out (its state is two scalars; its step reads
+    the device, which fake tensors cannot)."""
+    t0 = time.perf_counter()
+    mode = memory_estimate.LiveBytes(block=memory_estimate.CUDA_BLOCK if device == "cuda" else 1)
+    with torch.device("meta"):
+        model = Llama(config)
+    model = model.to(dtype)
+    model.rope_inv_freq = model.rope_inv_freq.float()  # float32 always, as fill_model makes it
+    if cfg.quantize:  # each linear but lm_head as the NF4 layer nf4_loader makes, its tensors fake
+        from lora.quant_shapes import fake_nf4_linear
+        for name, m in list(model.named_modules()):
+            if isinstance(m, torch.nn.Linear) and name != "lm_head":
+                parent, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(parent), attr, fake_nf4_linear(m, dtype, mode))
+    lora.inject_lora(model, lora_config(cfg), quantize=cfg.quantize, compute_dtype=dtype)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # as build_model: A and B in float32
+    memory_estimate.to_fake(model, mode)
+    for m in model.modules():  # what the model holds, by kind
+        for t in memory_estimate.module_tensors(m):
+            mode.mark(t, memory_estimate.LORA if t.requires_grad else memory_estimate.WEIGHTS)
+    weights = memory_estimate.weights_by_kind(model, mode)
+    model.grad_checkpointing = cfg.grad_checkpointing
+    model.neftune_alpha = cfg.neftune_alpha
+    if cfg.grad_checkpointing:  # a checkpointed block keeps its input for the recomputation
+        for layer in model.model.layers:
+            layer.register_forward_pre_hook(lambda _, args: mode.mark(args[0], memory_estimate.SAVED))
+    model.train()
+    loss_fn = (dpo.PreferenceLoss(model, cfg.dpo_beta, cfg.dpo_label_smoothing, cfg.dpo_loss, cfg.dpo_rpo_alpha)
+               if cfg.objective == "dpo" else LanguageModelLoss(model))
+    batch = worst_batch(cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    cuda = model_module.modelled_cuda() if device == "cuda" else nullcontext()
+    batches = [memory_estimate.fake_batch(batch, mode) for _ in range(min(cfg.grad_accum, 2))]
+    with mode, cuda, mode.saved_for_backward():
+        if cfg.lora_init != "default":
+            lora.pissa_init_(lora.lora_modules(model), lora.pissa.niter_of(cfg.lora_init))
+        optimizer, scaler = build_optimizer(cfg, model, "cpu", torch.float32)  # (the scaler: off)
+        autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else nullcontext()
+        mode.reset_peak()  # build_model's reset: the peak is the step's
+        for _ in range(2):
+            optimizer.zero_grad(set_to_none=True)
+            mode.phase = "forward"  # (backward: while autograd's engine runs a node)
+            accumulate(loss_fn, batches, scaler, autocast, sum(b["n_loss"] for b in batches), loss_fn.STATS)
+            for p in params:
+                mode.mark(p.grad, memory_estimate.GRADS)
+            mode.phase = "optimizer"
+            update(optimizer, scaler, params, cfg.max_grad_norm)
+            for state in optimizer.state.values():
+                for t in state.values():
+                    mode.mark(t, memory_estimate.OPTIMIZER)
+    return mode.estimate(device, weights, dtype, config, cfg.micro_batch_size, cfg.max_seq_len,
+                         time.perf_counter() - t0)
+
+
+def worst_batch(cfg: TrainConfig) -> dict:
+    """micro_batch_size rows of max_seq_len tokens, every one trained, made and counted by the run's
+    own collators (data.make_batch, data.make_pair_batch) and to_device on the CPU."""
+    B, T = cfg.micro_batch_size, cfg.max_seq_len
+    example = {"input_ids": [1] * T, "labels": [1] * T}
+    if cfg.objective == "dpo":
+        pair = {"chosen_ids": example["input_ids"], "chosen_labels": example["labels"],
+                "rejected_ids": example["input_ids"], "rejected_labels": example["labels"]}
+        if cfg.dpo_precompute_ref:
+            pair.update(ref_chosen=0.0, ref_rejected=0.0)
+        batch = data.make_pair_batch([pair] * B, list(range(B)), 0)
+    elif cfg.pack:
+        batch = data.make_batch([example] * B, [[i] for i in range(B)], 0, pack=True)
+    else:
+        batch = data.make_batch([example] * B, list(range(B)), 0)
+    return to_device(batch, "cpu")
+
+
+# -----------------------------------------------------------------------------
 # the command
 
 def run(argv=None):
     cfg = parse_config(argv)
-    if cfg.eval_only:
+    if cfg.estimate_memory:
+        estimate_command(cfg)
+    elif cfg.eval_only:
         evaluate_only(cfg)
     elif cfg.sweep:
         sweep.run_sweep(cfg)  # one `python train.py` process per setting, then a table

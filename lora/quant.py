@@ -63,15 +63,18 @@ class NF4Linear(nn.Module):
     passes no gradient to its input (bitsandbytes 0.50: silently; with a bias it raises).
     """
 
-    def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype):
+    def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype, weight: nn.Parameter | None = None):
+        """`weight`: the NF4 weight when it is made elsewhere (quant_shapes.fake_nf4_linear makes
+        one of fake tensors, for memory estimates); by default, `linear.weight` quantized here."""
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.compute_dtype = compute_dtype
-        # Params4bit quantizes when moved to a real device. Quantize the weight as the compute
-        # dtype sees it, so that dequantization gives back that dtype.
-        weight = linear.weight.detach().to(compute_dtype)
-        self.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True,
-                                        quant_type="nf4").to(linear.weight.device)
+        if weight is None:
+            # Params4bit quantizes when moved to a real device. Quantize the weight as the compute
+            # dtype sees it, so that dequantization gives back that dtype.
+            weight = bnb.nn.Params4bit(linear.weight.detach().to(compute_dtype), requires_grad=False,
+                                       compress_statistics=True, quant_type="nf4").to(linear.weight.device)
+        self.weight = weight
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def forward(self, x):

@@ -113,3 +113,17 @@ def key_mismatches(expected: dict[str, tuple], found: dict[str, tuple], where: d
 
 def _few(items: list[str], n: int = 3, sep: str = ", ") -> str:
     return sep.join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def parse_size(text: str) -> int:
+    """An argparse type: '2GB', '500MB', '1.5GiB' or a number of bytes -> bytes (at least one)."""
+    units = {"KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    t = text.strip().upper()
+    unit = next((u for u in units if t.endswith(u)), "B")
+    try:
+        size = float(t.removesuffix(unit)) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 2GB)") from None
+    if not 1 <= size < 2**63:  # nan and inf fail too
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (at least one byte; try 2GB)")
+    return int(size)

@@ -14,6 +14,7 @@ block-diagonal mask, the twin the other two are tested against.
 
 import inspect
 import math
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -171,6 +172,24 @@ def varlen_runs(x: torch.Tensor, config: LlamaConfig) -> bool:
     return dtype in (torch.bfloat16, torch.float16) and torch.cuda.get_device_capability(x.device) >= (8, 0)
 
 
+_MODELLED_CUDA = False  # modelled_cuda(): fake CPU tensors standing for a CUDA step
+
+
+@contextmanager
+def modelled_cuda():
+    """Inside, packed rows take the path a CUDA device would, whatever the activations' device:
+    train.py --estimate-memory runs the step on fake CPU tensors (a CPU-only torch cannot run
+    autograd on CUDA ones, fake or not) and counts the memory of a CUDA run. It models FlashAttention's
+    variable-length kernel by the per-document path: both keep one output and one log-sum-exp
+    per token and head, and neither a mask nor the scores."""
+    global _MODELLED_CUDA
+    before, _MODELLED_CUDA = _MODELLED_CUDA, True
+    try:
+        yield
+    finally:
+        _MODELLED_CUDA = before
+
+
 def packed_kernel(x: torch.Tensor, config: LlamaConfig) -> str:
     """How packed rows keep their documents apart, for activations like x:
 
@@ -186,7 +205,7 @@ def packed_kernel(x: torch.Tensor, config: LlamaConfig) -> str:
     The three compute the same thing; the mask path is the twin the other two are tested against."""
     if varlen_runs(x, config):
         return "varlen"
-    return "documents" if x.is_cuda else "mask"
+    return "documents" if x.is_cuda or _MODELLED_CUDA else "mask"
 
 
 @torch.compiler.disable  # see below

@@ -23,8 +23,9 @@ HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.jinja", "*.txt"
 DEMO_MODEL = "demo"
 
 
-def resolve_model_dir(path_or_id: str | Path) -> Path:
-    """A local directory as is; "demo" the demo model; otherwise a hub id, via huggingface-hub."""
+def resolve_model_dir(path_or_id: str | Path, config_only: bool = False) -> Path:
+    """A local directory as is; "demo" the demo model; otherwise a hub id, via huggingface-hub
+    (config_only: its config.json alone, for what needs the shapes and not the weights)."""
     if str(path_or_id) == DEMO_MODEL:
         from .gguf import prepare_demo_model
         return prepare_demo_model()
@@ -40,7 +41,7 @@ def resolve_model_dir(path_or_id: str | Path) -> Path:
         raise LoadError(f"{name}: no such directory (and not a hub id like 'org/name')")
     from huggingface_hub import snapshot_download
     try:
-        return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
+        return Path(snapshot_download(name, allow_patterns=["config.json"] if config_only else HUB_PATTERNS))
     except Exception as e:  # offline, unknown repo, gated repo...: one clear line, not a traceback
         raise LoadError(f"{name}: not a local directory, and the hub download failed "
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None

@@ -47,8 +47,7 @@ def test_loraplus_groups_equal_peft(tmp_path):
     lora.inject_lora(ours, lora.LoRAConfig(r=4, alpha=8, targets=targets))
     cfg = config(path, tmp_path / "unused.jsonl", tmp_path / "out", lr=2e-4, loraplus_lr_ratio=16.0,
                  weight_decay=0.01)
-    run = train_module.Run(tmp_path, path, "cpu", torch.float32, None, None, 0.0)
-    optimizer, _ = train_module.build_optimizer(cfg, ours, run)
+    optimizer, _ = train_module.build_optimizer(cfg, ours, "cpu", torch.float32)
     names = {id(p): n for n, p in ours.named_parameters()}
     got = {names[id(p)]: (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
 
