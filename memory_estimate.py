@@ -12,14 +12,16 @@ What is alive at the peak is sorted by what it is: the frozen weights (by dtype,
 and scales), the LoRA parameters, their gradients and AdamW state, the batch, the activations that
 autograd saved for backward (a saved_tensors hook marks them; under checkpointing, the blocks'
 inputs), and the rest, the transient of the op at the peak (the loss's logits chunk, a dequantized
-weight, an attention output in flight).
+weight, an attention output in flight). A kernel's own buffers, which no output shows, are added
+while it runs where they scale with the batch: attention's backward (`LiveBytes.scratch`).
 
 On CUDA each allocation is rounded up to the caching allocator's 512 bytes, as
 torch.cuda.max_memory_allocated counts it; what fake tensors cannot see (the CUDA context, cuBLAS
-workspaces, FlashAttention's backward accumulator, the allocator's fragmentation) is added on lines
-of its own, each with the size assumed, so the counted part stays apart from the assumed.
+workspaces, the allocator's fragmentation) is added on lines of its own, each with the size
+assumed, so the counted part stays apart from the assumed.
 """
 
+import math
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,9 +34,9 @@ GIB = 2**30
 CUDA_BLOCK = 512  # the CUDA caching allocator rounds every allocation up to a multiple of this
 
 # Categories of storage, in the order the table shows them.
-WEIGHTS, LORA, GRADS, OPTIMIZER, BATCH, SAVED, TRANSIENT = (
-    "frozen weights", "LoRA parameters", "LoRA gradients", "AdamW state", "batch",
-    "activations saved for backward", "transient")
+WEIGHTS, LORA, GRADS, OPTIMIZER, BUCKETS, BATCH, SAVED, TRANSIENT, SCRATCH = (
+    "frozen weights", "LoRA parameters", "LoRA gradients", "AdamW state", "DDP's gradient buckets", "batch",
+    "activations saved for backward", "transient", "a kernel's own buffers")
 
 
 class Entry:
@@ -50,12 +52,13 @@ class LiveBytes(FakeTensorMode):
     the peak, which storages were alive (as Entry objects whose category may be refined later: a
     gradient is known as one only once backward stored it)."""
 
-    def __init__(self, block: int = 1):
+    def __init__(self, cuda: bool = False):
         super().__init__()
-        self.block = block  # allocation granularity: 1 (the CPU), CUDA_BLOCK (CUDA)
+        self.cuda = cuda  # count as the CUDA caching allocator would, and CUDA's kernels' scratch
+        self.block = CUDA_BLOCK if cuda else 1  # allocation granularity
         self.live: dict[int, Entry] = {}  # id of the storage -> Entry, while the storage lives
         self.now = self.peak = 0
-        self.peak_entries: list[Entry] = []
+        self.peak_entries: list[tuple[Entry, int]] = []  # (entry, its bytes then)
         self.peak_phase = ""
         self.phase = "build"
 
@@ -63,8 +66,20 @@ class LiveBytes(FakeTensorMode):
         n = storage.nbytes()
         return -(-n // self.block) * self.block
 
+    @contextmanager
+    def meta_inputs(self):
+        """Inside, ops may read meta tensors (FSDP2's to_empty of a model sharded on the meta device)."""
+        self.allow_non_fake_inputs = True
+        try:
+            with self:
+                yield
+        finally:
+            self.allow_non_fake_inputs = False
+
     def track(self, tensor: torch.Tensor, category: str = TRANSIENT) -> Entry | None:
-        """Count `tensor`'s storage if it is not counted yet; -> its Entry."""
+        """Count `tensor`'s storage if it is not counted yet; -> its Entry. Of a DTensor (FSDP2's
+        shards), its local tensor."""
+        tensor = getattr(tensor, "_local_tensor", tensor)
         if not isinstance(tensor, FakeTensor):
             return None
         storage = tensor.untyped_storage()
@@ -76,9 +91,41 @@ class LiveBytes(FakeTensorMode):
             weakref.finalize(storage, self._gone, key, entry)
             if self.now > self.peak:
                 self.peak = self.now
-                self.peak_entries = list(self.live.values())
-                self.peak_phase = "backward" if torch._C._current_autograd_node() is not None else self.phase
+                self.snapshot()
         return entry
+
+    def snapshot(self, *extra: Entry):
+        """Keep what is alive now as the peak's: each entry with its size now (FSDP2 resizes
+        storages in place), its category as it will be known."""
+        self.peak_entries = [(e, e.nbytes) for e in (*self.live.values(), *extra)]
+        self.peak_phase = "backward" if torch._C._current_autograd_node() is not None else self.phase
+
+    @contextmanager
+    def storage_resizes(self):
+        """Count storages resized in place, which no op shows: FSDP2 frees a gathered parameter's
+        storage with resize_(0) after its block's forward, and grows it back for the next gather."""
+        original = torch.UntypedStorage.resize_
+        mode = self
+
+        def resize_(storage, size):
+            out = original(storage, size)
+            entry = mode.live.get(id(storage))
+            if entry is None:
+                entry = mode.live[id(storage)] = Entry(0, TRANSIENT)
+                weakref.finalize(storage, mode._gone, id(storage), entry)
+            new = mode.size(storage)
+            mode.now += new - entry.nbytes
+            entry.nbytes = new
+            if mode.now > mode.peak:
+                mode.peak = mode.now
+                mode.snapshot()
+            return out
+
+        torch.UntypedStorage.resize_ = resize_
+        try:
+            yield
+        finally:
+            torch.UntypedStorage.resize_ = original
 
     def _gone(self, key: int, entry: Entry):
         if self.live.get(key) is entry:
@@ -104,31 +151,61 @@ class LiveBytes(FakeTensorMode):
             for t in tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor):
                     self.track(t)
+            scratch = self.scratch(func, args)
+            if scratch:  # held while the kernel runs, beside its inputs and outputs
+                self.now += scratch
+                if self.now > self.peak:
+                    self.peak = self.now
+                    self.snapshot(Entry(scratch, SCRATCH))
+                self.now -= scratch
         return out
+
+    def scratch(self, func, args) -> int:
+        """Bytes a kernel allocates for itself and frees before it returns, which no op's output
+        shows, where they are large: bitsandbytes' NF4 matmul dequantizes the whole weight (in the
+        activations' dtype) before it multiplies; and attention's backward.
+        Modelled CUDA: FlashAttention-2's dq accumulator (fp32, B x round128(T) x H x
+        round32(head_dim)) and its softmax row sums (fp32, B x H x round128(T)). The CPU: the
+        contiguous copy of grad_out and each thread's blocks of scores and their gradients (fp32,
+        and again in bf16/fp16), as aten's cpu_flash_attention_backward allocates them."""
+        if getattr(func, "name", lambda: "")() == "bitsandbytes::gemm_4bit":  # NF4 weight dequantized whole
+            return math.prod(args[2]) * args[0].element_size()  # shapeB, in A's dtype
+        if func is not torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default:
+            return 0
+        grad_out, query = args[0], args[1]  # (B, H, T, D)
+        B, H, T, D = query.shape
+        S = args[2].shape[2]
+        reduced = query.dtype in (torch.bfloat16, torch.float16)
+        if self.cuda:
+            if not reduced:  # fp32 does not take FlashAttention on CUDA
+                return 0
+            rounded = -(-T // 128) * 128
+            return 4 * B * rounded * H * (-(-D // 32) * 32) + 4 * B * H * rounded
+        q_split = min(256 if T >= 768 else 64 if T >= 192 else 32, T)
+        kv_split = min(512, S)
+        per_thread = 2 * q_split * kv_split
+        threads = torch.get_num_threads()
+        return (grad_out.numel() * grad_out.element_size() + threads * per_thread * 4
+                + (threads * per_thread * query.element_size() if reduced else 0) + threads * q_split * 4)
 
     def at_peak(self) -> dict[str, int]:
         """Bytes alive at the peak, by category."""
         totals: dict[str, int] = {}
-        for entry in self.peak_entries:
-            totals[entry.category] = totals.get(entry.category, 0) + entry.nbytes
+        for entry, nbytes in self.peak_entries:
+            if nbytes:
+                totals[entry.category] = totals.get(entry.category, 0) + nbytes
         return totals
 
     def reset_peak(self):
         """From here on the peak is counted afresh (what is alive now is its floor)."""
         self.peak = self.now
-        self.peak_entries = list(self.live.values())
+        self.snapshot()
         self.peak_phase = self.phase
 
-    def estimate(self, device: str, weights: dict, dtype: torch.dtype, config, batch: int, length: int,
-                 seconds: float) -> "Estimate":
+    def estimate(self, device: str, weights: dict, seconds: float) -> "Estimate":
         """The Estimate of what was counted, with CUDA's uncounted parts for a CUDA step."""
         categories = self.at_peak()
-        extras = {}
-        if device == "cuda":
-            flash = 0
-            if dtype in (torch.bfloat16, torch.float16):  # FlashAttention-2 runs; fp32 takes another kernel
-                flash = 4 * batch * length * config.num_attention_heads * config.head_dim
-            extras = cuda_extras(self.peak, flash)
+        extras = cuda_extras(self.peak) if device == "cuda" else {}
         return Estimate(device, self.peak, self.peak_phase, categories, weights, extras, seconds)
 
     @contextmanager
@@ -163,6 +240,19 @@ def to_fake(module: torch.nn.Module, mode: LiveBytes, device: torch.device = tor
                 m._buffers[name] = fake(b)
 
 
+@contextmanager
+def fake_process_group(world: int):
+    """A process group of `world` ranks that sends nothing (torch's "fake" backend, made for tracing
+    and memory tools): FSDP2 shards, gathers and reduce-scatters fake tensors as on rank 0."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 def module_tensors(m: torch.nn.Module) -> list[torch.Tensor]:
     """The tensors a module holds itself (not its children's): parameters, buffers and, of an NF4
     weight, its quantization state's (absmax, codes, offset, and the nested state of double
@@ -186,7 +276,7 @@ def weights_by_kind(model: torch.nn.Module, mode: LiveBytes) -> dict[str, int]:
     for m in model.modules():
         nf4 = any(getattr(t, "quant_state", None) is not None for t in m._parameters.values())
         for t in module_tensors(m):
-            storage = t.untyped_storage()
+            storage = getattr(t, "_local_tensor", t).untyped_storage()
             if t.requires_grad or id(storage) in seen:
                 continue
             seen.add(id(storage))
@@ -278,17 +368,14 @@ class Estimate:
                 "not_counted": self.extras, "total_bytes": self.total_bytes}
 
 
-def cuda_extras(peak_bytes: int, flash_accumulator_bytes: int) -> dict[str, int]:
+def cuda_extras(peak_bytes: int) -> dict[str, int]:
     """What a CUDA run holds beyond the counted tensors, as assumed sizes (bench/gpu_check.py
     measures them): the context (the driver's and the kernels' code, with lazy module loading), two
-    cuBLAS workspaces, FlashAttention-2's backward dq accumulator (fp32, per layer in flight), and
-    the caching allocator's fragmentation, taken as a share of the counted peak."""
-    extras = {"CUDA context (assumed 0.5 GiB)": GIB // 2,
-              "cuBLAS and cuBLASLt workspaces (assumed 2 x 32 MiB)": 64 * 2**20}
-    if flash_accumulator_bytes:
-        extras["FlashAttention backward dq accumulator (fp32, B x T x H x head_dim)"] = flash_accumulator_bytes
-    extras["allocator fragmentation (assumed 5% of the counted peak)"] = peak_bytes // 20
-    return extras
+    cuBLAS workspaces, and the caching allocator's fragmentation, taken as a share of the counted
+    peak."""
+    return {"CUDA context (assumed 0.5 GiB)": GIB // 2,
+            "cuBLAS and cuBLASLt workspaces (assumed 2 x 32 MiB)": 64 * 2**20,
+            "allocator fragmentation (assumed 5% of the counted peak)": peak_bytes // 20}
 
 
 def gib(n: int) -> str:
@@ -302,13 +389,13 @@ def table(est: Estimate, title: str):
     t = Table(title=title)
     t.add_column("what")
     t.add_column("GiB", justify="right")
-    order = [WEIGHTS, LORA, GRADS, OPTIMIZER, BATCH, SAVED, TRANSIENT]
+    order = [WEIGHTS, LORA, GRADS, OPTIMIZER, BUCKETS, BATCH, SAVED, TRANSIENT, SCRATCH]
     for category in order:
         if category == WEIGHTS:
             for kind, n in est.weights_by_kind.items():
                 t.add_row(f"frozen weights, {kind}", gib(n))
         elif est.categories.get(category):
-            t.add_row(category + (" (at the peak)" if category in (SAVED, TRANSIENT) else ""),
+            t.add_row(category + (" (at the peak)" if category in (SAVED, TRANSIENT, SCRATCH) else ""),
                       gib(est.categories[category]))
     t.add_row(f"[bold]peak, counted ({est.phase})[/bold]", f"[bold]{gib(est.peak_bytes)}[/bold]")
     for what, n in est.extras.items():

@@ -247,8 +247,16 @@ def wrap(loss_fn: LanguageModelLoss, mode: str, device: str = "cpu") -> nn.Modul
         ddp.broadcast_buffers = False  # the only buffer is RoPE's constant inv_freq: no sync per forward
         ddp.register_comm_hook(None, _allreduce_sum_hook)
         return ddp
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
     model = loss_fn.model
+    shard(model)
+    if model.lm_head.weight.is_meta:
+        load_shards(model, device)
+    return loss_fn
+
+
+def shard(model: nn.Module):
+    """FSDP2 over the model, in place: each decoder block a unit, and the rest the root."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
     for layer in model.model.layers:
         fully_shard(layer)  # gathered for its forward, freed after, gathered again in backward
     fully_shard(model)  # the root: embed_tokens, norm and lm_head (tied or not)
@@ -259,9 +267,6 @@ def wrap(loss_fn: LanguageModelLoss, mode: str, device: str = "cpu") -> nn.Modul
         if is_fsdp(module):  # sum the ranks' gradients, as with DDP above, with a
             module.set_gradient_divide_factor(1.0)  # plain SUM reduce-scatter (gloo has no other)
             module.set_force_sum_reduction_for_comms(True)
-    if model.lm_head.weight.is_meta:
-        load_shards(model, device)
-    return loss_fn
 
 
 def shard_rows(p) -> tuple[int, int]:

@@ -49,7 +49,8 @@ MAY_CHANGE = ("max_steps", "epochs", "log_every", "eval_every", "save_every", "k
               "debug_grads", "sample_prompts", "sample_tokens", "device", "parallel", "parallel_timeout",
               "micro_batch_size", "grad_checkpointing", "compile", "reference", "max_skipped_steps", "resume", "overwrite", "output_dir",
               "sweep", "sweep_samples", "model", "data", "val_data", "precision",
-              "eval_only", "adapter", "allow_other_base", "estimate_memory", "memory_budget", "json")
+              "eval_only", "adapter", "allow_other_base", "estimate_memory", "memory_budget", "json",
+              "estimate_world_size")
 # ...where micro_batch_size may change only with the number of ranks (the global batch is compared),
 # the model and data only in where they live (their content is compared) and precision only in
 # name ("auto" on the same device: the resolved dtype is compared).

@@ -136,6 +136,8 @@ class TrainConfig:
     memory_budget: str | None = flag(None, "--estimate-memory: the memory a device has (e.g. 24GiB, 80GB): whether "
                                            "the run fits, and the largest --micro-batch-size and --max-seq-len that do")
     json: bool = flag(False, "--estimate-memory: print one JSON object on stdout")
+    estimate_world_size: int = flag(1, "--estimate-memory: estimate one rank of this many GPUs under torchrun, with "
+                                       "--parallel ddp (a whole replica each) or fsdp (each rank its shards)")
     # sweeps (sweep.py)
     sweep: str | None = flag(None, "train once per setting of a grid, e.g. --sweep lr=2e-4,1e-3 lora_r=8,64")
     sweep_samples: int = flag(0, "train only N settings of the --sweep grid, drawn with --seed (0: all)")
@@ -255,7 +257,8 @@ def run_settings(saved: dict, history: list[dict]) -> dict:
     resolved dtype), nor --resume and --overwrite, which say what to do with the run, nor --eval-only's
     (a run's settings given to --eval-only score it as it trained)."""
     names = {f.name for f in fields(TrainConfig)} - {"resume", "overwrite", "eval_only", "adapter", "allow_other_base",
-                                                      "estimate_memory", "memory_budget", "json"}
+                                                      "estimate_memory", "memory_budget", "json",
+                                                      "estimate_world_size"}
     changed = {k: now for entry in history for k, (_, now) in entry["changed"].items()}
     values = {**saved, **changed, **saved.get("defining", {})}
     return {k: v for k, v in values.items() if k in names}
@@ -286,6 +289,7 @@ RANGES = {
     "lora_dropout": "[0, 1)", "val_fraction": "[0, 1)", "loraplus_lr_ratio": "(0, inf)", "neftune_alpha": "[0, inf)",
     "parallel_timeout": "(0, inf)", "log_every": "[0, inf)", "eval_every": "[0, inf)", "save_every": "[0, inf)",
     "keep_checkpoints": "[0, inf)", "sample_tokens": "[0, inf)", "sweep_samples": "[0, inf)",
+    "estimate_world_size": "[1, inf)",
     "dpo_beta": "(0, inf)", "dpo_label_smoothing": "[0, 0.5)", "dpo_rpo_alpha": "[0, inf)",
 }
 
@@ -375,8 +379,10 @@ def check_eval_only(cfg: TrainConfig):
 def check_estimate(cfg: TrainConfig):
     """--estimate-memory and its flags."""
     if not cfg.estimate_memory:
-        for name in ("memory_budget", "json"):
-            if getattr(cfg, name):
+        given = {"memory_budget": cfg.memory_budget is not None, "json": cfg.json,
+                 "estimate_world_size": cfg.estimate_world_size != 1}
+        for name in given:
+            if given[name]:
                 raise TrainError(f"--{name.replace('_', '-')} is for --estimate-memory")
         return
     for name in ("resume", "overwrite", "sweep", "eval_only"):

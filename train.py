@@ -904,7 +904,7 @@ def estimate_step(cfg: TrainConfig, config: LlamaConfig, device: str, dtype: tor
     first's update on). The fp16 loss scaler is left out (its state is two scalars; its step reads
     the device, which fake tensors cannot)."""
     t0 = time.perf_counter()
-    mode = memory_estimate.LiveBytes(block=memory_estimate.CUDA_BLOCK if device == "cuda" else 1)
+    mode = memory_estimate.LiveBytes(cuda=device == "cuda")
     with torch.device("meta"):
         model = Llama(config)
     model = model.to(dtype)
@@ -919,7 +919,25 @@ def estimate_step(cfg: TrainConfig, config: LlamaConfig, device: str, dtype: tor
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()  # as build_model: A and B in float32
-    memory_estimate.to_fake(model, mode)
+    world = cfg.estimate_world_size
+    fsdp = world > 1 and cfg.parallel == "fsdp"
+    with memory_estimate.fake_process_group(world) if fsdp else nullcontext(), mode.storage_resizes():
+        if fsdp:  # parallel.wrap's sharding, each parameter then rank 0's shard (load_shards' to_empty)
+            parallel.shard(model)
+            with mode.meta_inputs():
+                model.to_empty(device="cpu")
+                model.tie_weights()
+                model.rope_inv_freq = model_module.rope_frequencies(config)
+        else:
+            memory_estimate.to_fake(model, mode)
+        return estimate_run(cfg, model, mode, device, dtype, world, t0)
+
+
+def estimate_run(cfg: TrainConfig, model, mode, device: str, dtype: torch.dtype, world: int, t0: float):
+    """estimate_step's step, on the fake model: what it holds marked, then two steps counted."""
+    if cfg.lora_init != "default":  # PiSSA's start (its SVD, fake), and the (A0, B0) it keeps for saving
+        with mode:
+            lora.pissa_init_(lora.lora_modules(model), lora.pissa.niter_of(cfg.lora_init))
     for m in model.modules():  # what the model holds, by kind
         for t in memory_estimate.module_tensors(m):
             mode.mark(t, memory_estimate.LORA if t.requires_grad else memory_estimate.WEIGHTS)
@@ -937,8 +955,9 @@ def estimate_step(cfg: TrainConfig, config: LlamaConfig, device: str, dtype: tor
     cuda = model_module.modelled_cuda() if device == "cuda" else nullcontext()
     batches = [memory_estimate.fake_batch(batch, mode) for _ in range(min(cfg.grad_accum, 2))]
     with mode, cuda, mode.saved_for_backward():
-        if cfg.lora_init != "default":
-            lora.pissa_init_(lora.lora_modules(model), lora.pissa.niter_of(cfg.lora_init))
+        if world > 1 and cfg.parallel == "ddp":  # DDP's Reducer: a flat copy of every gradient, in buckets
+            buckets = torch.empty(sum(p.numel() for p in params), dtype=torch.float32)
+            mode.mark(buckets, memory_estimate.BUCKETS)
         optimizer, scaler = build_optimizer(cfg, model, "cpu", torch.float32)  # (the scaler: off)
         autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else nullcontext()
         mode.reset_peak()  # build_model's reset: the peak is the step's
@@ -953,8 +972,7 @@ def estimate_step(cfg: TrainConfig, config: LlamaConfig, device: str, dtype: tor
             for state in optimizer.state.values():
                 for t in state.values():
                     mode.mark(t, memory_estimate.OPTIMIZER)
-    return mode.estimate(device, weights, dtype, config, cfg.micro_batch_size, cfg.max_seq_len,
-                         time.perf_counter() - t0)
+    return mode.estimate(device, weights, time.perf_counter() - t0)
 
 
 def worst_batch(cfg: TrainConfig) -> dict:

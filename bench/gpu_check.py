@@ -24,6 +24,8 @@ Rows (bench/gpu_rows.py holds the checks):
   torchrun     train.py under torchrun (nccl) with DDP and FSDP2 in bf16, against one process; a
                DDP run resumed from its step-2 checkpoint against the whole run
   memory       loading (bf16, NF4 while loading) takes the model plus one tensor, never two copies
+               train.py --estimate-memory's counted peak against max_memory_allocated of the real
+               step (1B bf16, 8B NF4; 2 x 2048, checkpointing), its total against reserved + context
   speed        bench/train_speed.py's GPU cases against transformers+PEFT (tokens/s, GiB allocated
                and reserved)
   torchrun     DDP and FSDP2 in fp32 (last: test_parallel proves them on gloo)
@@ -83,6 +85,8 @@ ROWS = [
     Row("torchrun ddp resume", "check_resume", (), 35, 85),
     Row("memory load bf16", "check_load_memory", (None,), 10, 10),
     Row("memory load nf4", "check_load_memory", ("nf4",), 10, 10),
+    Row("memory estimate llama-3.2-1b", "check_memory_estimate", ("llama-3.2-1b", None), 25, 10),
+    Row("memory estimate llama-3.1-8b nf4", "check_memory_estimate", ("llama-3.1-8b", "nf4"), 50, 15),
     Row("speed llama-3.2-1b", "check_speed", ("llama-3.2-1b",), 30, 30),
     Row("speed deepseek-llm-7b", "check_speed", ("deepseek-llm-7b",), 45, 30),
     Row("speed llama-3.1-8b-qlora", "check_speed", ("llama-3.1-8b-qlora",), 75, 40),
@@ -121,7 +125,7 @@ def run_one(args):
             result = {"status": "MEASURED", "what": result.what, "figures": result.figures}
         else:
             result = {"status": "PASS" if result.figure <= result.bound else "FAIL", "figure": result.figure,
-                      "bound": result.bound, "what": result.what}
+                      "bound": result.bound, "what": result.what, "figures": result.figures}
     args.result.write_text(json.dumps(result))
 
 

@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import gpu_rows  # noqa: E402
+import memory as memory_bench  # noqa: E402
 import train_speed as bench  # noqa: E402
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -127,8 +128,10 @@ def test_gpu_check_dry_run(tmp_path):
     status = {name: r["status"] for name, r in rows.items()}
     assert status == {**{name: "PASS" for name in status},
                       "packed varlen vs mask bf16": "SKIP", "nf4 device vs cpu": "SKIP",
-                      "memory load bf16": "SKIP", "memory load nf4": "SKIP"}, status
+                      "memory load bf16": "SKIP", "memory load nf4": "SKIP",
+                      "memory estimate llama-3.2-1b": "SKIP", "memory estimate llama-3.1-8b nf4": "SKIP"}, status
     assert "CUDA" in rows["packed varlen vs mask bf16"]["what"]
+    assert all("counted" in rows[name]["what"] for name in status if name.startswith("memory estimate"))
     bf16, fp16 = rows["precision bf16"], rows["precision fp16"]
     assert 0 < bf16["figure"] <= bf16["bound"] and 0 < fp16["figure"] <= fp16["bound"]
     assert fp16["figure"] < bf16["figure"]  # fp16 keeps 3 more bits
@@ -137,6 +140,22 @@ def test_gpu_check_dry_run(tmp_path):
         assert "logs/precision-bf16.log" in tar.getnames()
     table = (tmp_path / "gpu_check.md").read_text()
     assert all(f"| {name} | {r['status']} |" in table for name, r in rows.items())
+
+
+def test_memory_estimate_row_result():
+    """The memory estimate row's verdict on CUDA figures: the counted peak against max_memory_allocated
+    within 3%, the assumed total against reserved + context reported beside it, in GiB."""
+    import memory_estimate
+    GIB = 2**30
+    est = memory_estimate.Estimate("cuda", 10 * GIB, "backward", {}, {}, extras={"context": GIB})
+    real = {"allocated": int(10.2 * GIB), "reserved": 11 * GIB, "context": GIB // 2}
+    close = gpu_rows.memory_result("case", est, real)
+    assert close.figure == pytest.approx(abs(10 / 10.2 - 1)) and close.figure <= close.bound == 0.03
+    assert close.figures["allocated_gib"] == 10.2
+    assert close.figures["total_ratio"] == pytest.approx(11 / 11.5, abs=1e-4)
+    assert "10.00 GiB vs 10.20 allocated" in close.what
+    far = gpu_rows.memory_result("case", est, {"allocated": 11 * GIB, "reserved": 12 * GIB, "context": GIB // 2})
+    assert far.figure > far.bound
 
 
 def test_gpu_check_hang_budget_and_partial_table(tmp_path):
@@ -181,3 +200,33 @@ def test_precision_bound_grows_with_depth_and_width():
     assert b(num_hidden_layers=16) == pytest.approx(2 * b(num_hidden_layers=4))
     assert b(hidden_size=1024) > b(hidden_size=512) > b(hidden_size=64)
     assert gpu_rows.unit_roundoff(torch.bfloat16) == 2**-8 and gpu_rows.unit_roundoff(torch.float16) == 2**-11
+
+
+def test_memory_bench_prints_ours_beside_the_peer(monkeypatch, capsys):
+    """bench/memory.py on a tiny model (the big shapes take a minute): --json gives one object per
+    case, its figures counted (total = counted + the CUDA lines); the table puts ours and the
+    peer's figure on one row, a second peer on a row of its own, and the sources' addresses below;
+    a case name it does not know is refused before any counting."""
+    monkeypatch.setitem(memory_bench.MODELS, "tiny-test", TINY)
+    peers = [memory_bench.Peer("1.0 GiB", "torchtune README", "packed"),
+             memory_bench.Peer("2 GB", "unsloth requirements")]
+    monkeypatch.setitem(memory_bench.CASES, "tiny-test", memory_bench.Case("tiny-test", 2, 32, memory_bench.ALL_SEVEN,
+                                                                             quantize="nf4", peers=peers))
+    rows = memory_bench.main(["--cases", "tiny-test", "tiny-test", "--json", "--precision", "fp16"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(rows) == len(lines) == 1 and json.loads(lines[0]) == rows[0]
+    row = rows[0]
+    assert set(row) == {"case", "model", "settings", "counted_bytes", "total_bytes", "counted_gib", "total_gib",
+                        "peak_phase", "note", "peers", "seconds"}
+    assert row["settings"] == "2 x 32, r 8 on all seven, fp16, NF4 base, ckpt"
+    assert 0 < row["counted_bytes"] < row["total_bytes"] and row["total_bytes"] - row["counted_bytes"] > 2**29
+    assert [p["figure"] for p in row["peers"]] == ["1.0 GiB", "2 GB"] and row["peers"][1]["url"].startswith("https://")
+    memory_bench.main(["--cases", "tiny-test", "--precision", "fp16"])
+    table = capsys.readouterr().out.splitlines()
+    assert table[2] == (f"| tiny-test | {row['settings']} | {row['counted_gib']:.2f} | {row['total_gib']:.2f} | "
+                        "1.0 GiB | torchtune README | packed |")
+    assert table[3] == "|  |  |  |  | 2 GB | unsloth requirements |  |"
+    assert f"- unsloth requirements: {memory_bench.SOURCES['unsloth requirements']}" in table
+    with pytest.raises(SystemExit) as exit_:
+        memory_bench.main(["--cases", "no-such-case"])
+    assert exit_.value.code == 2 and "--cases: invalid choice" in capsys.readouterr().err
