@@ -21,6 +21,35 @@ def storage_bytes(tensors) -> int:
     return sum({st.data_ptr(): st.nbytes() for st in storages}.values())
 
 
+def step_peak(cfg, model, loss_fn, dtype, wrap=None) -> int:
+    """The peak of two steps of the run's own functions (train.accumulate and train.update, on
+    train.worst_batch) on `model`, built by the caller with LoRA and its weights. wrap(), when
+    given, makes the module the steps call (DDP), inside the measured span: what it allocates (the
+    Reducer's buckets) is part of the step."""
+    from contextlib import nullcontext
+
+    import memory_estimate
+    import parallel
+    import train
+    model.grad_checkpointing = cfg.grad_checkpointing
+    model.train()
+    batches = [train.worst_batch(cfg) for _ in range(min(cfg.grad_accum, 2))]
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scaler = train.build_optimizer(cfg, model, "cpu", torch.float32)
+    autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else nullcontext()
+    held = [t for m in model.modules() for t in memory_estimate.module_tensors(m)]
+    held += [v for b in batches for v in b.values() if isinstance(v, torch.Tensor)]
+
+    def steps():
+        step_fn = wrap() if wrap else loss_fn
+        n_loss = parallel.all_reduce_sum(sum(b["n_loss"] for b in batches))[0]
+        for _ in range(2):
+            optimizer.zero_grad(set_to_none=True)
+            train.accumulate(step_fn, batches, scaler, autocast, n_loss, loss_fn.STATS)
+            train.update(optimizer, scaler, params, cfg.max_grad_norm)
+    return peak_of(steps, held)
+
+
 def peak_of(run_steps, held) -> int:
     """The peak of memory while run_steps() runs: the bytes of `held` (alive before) plus the
     highest running sum of the allocator's events.

@@ -8,7 +8,7 @@ reads no weight and runs no kernel; its peak must land within 1% of that one.
 """
 
 import json
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
@@ -18,7 +18,7 @@ import dpo
 import lora
 import memory_estimate
 import train
-from allocator import peak_of
+from allocator import step_peak
 from model import Llama, LlamaConfig
 from model.loss import LanguageModelLoss
 from settings import TrainConfig
@@ -46,23 +46,9 @@ def allocator_peak(cfg: TrainConfig, config: LlamaConfig) -> int:
             p.data = p.data.float()
     if cfg.lora_init != "default":
         lora.pissa_init_(lora.lora_modules(model), lora.pissa.niter_of(cfg.lora_init))
-    model.grad_checkpointing = cfg.grad_checkpointing
-    model.train()
     loss_fn = (dpo.PreferenceLoss(model, cfg.dpo_beta, cfg.dpo_label_smoothing, cfg.dpo_loss, cfg.dpo_rpo_alpha)
                if cfg.objective == "dpo" else LanguageModelLoss(model))
-    batches = [train.worst_batch(cfg) for _ in range(min(cfg.grad_accum, 2))]
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scaler = train.build_optimizer(cfg, model, "cpu", torch.float32)
-    autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else nullcontext()
-    held = [t for m in model.modules() for t in memory_estimate.module_tensors(m)]
-    held += [v for b in batches for v in b.values() if isinstance(v, torch.Tensor)]
-
-    def steps():
-        for _ in range(2):
-            optimizer.zero_grad(set_to_none=True)
-            train.accumulate(loss_fn, batches, scaler, autocast, sum(b["n_loss"] for b in batches), loss_fn.STATS)
-            train.update(optimizer, scaler, params, cfg.max_grad_norm)
-    return peak_of(steps, held)
+    return step_peak(cfg, model, loss_fn, dtype)
 
 
 CASES = {
