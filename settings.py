@@ -255,10 +255,12 @@ def run_settings(saved: dict, history: list[dict]) -> dict:
     "defining" table: warmup_steps there is the flag, at the top level the resolved count), the rest
     as the last resume changed them; not what was recorded about them (fingerprints, counts, the
     resolved dtype), nor --resume and --overwrite, which say what to do with the run, nor --eval-only's
-    (a run's settings given to --eval-only score it as it trained)."""
+    (a run's settings given to --eval-only score it as it trained), nor the device it resolved: a
+    run made on a GPU machine continues on the one it is resumed on ("auto" picks; a different
+    dtype there is refused by name, as any defining difference)."""
     names = {f.name for f in fields(TrainConfig)} - {"resume", "overwrite", "eval_only", "adapter", "allow_other_base",
                                                       "estimate_memory", "memory_budget", "json",
-                                                      "estimate_world_size"}
+                                                      "estimate_world_size", "device"}
     changed = {k: now for entry in history for k, (_, now) in entry["changed"].items()}
     values = {**saved, **changed, **saved.get("defining", {})}
     return {k: v for k, v in values.items() if k in names}

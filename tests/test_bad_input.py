@@ -345,10 +345,11 @@ def test_resume_takes_the_settings_as_the_last_resume_left_them(finished_run, tm
 
 
 def test_a_runs_run_config_is_a_config_file(finished_run, tiny_chat_dir, chat_data, tmp_path):
-    """--config runs/x/run_config.json: the run's settings (not its fingerprints and counts)."""
+    """--config runs/x/run_config.json: the run's settings (not its fingerprints and counts, nor the
+    device it resolved: this machine's --device auto picks again)."""
     cfg = train_module.parse_config(["--config", str(finished_run / "run_config.json"),
                                      "--output-dir", str(tmp_path / "again")])
-    assert cfg == config(tiny_chat_dir, chat_data, tmp_path / "again", **BASE)
+    assert cfg == config(tiny_chat_dir, chat_data, tmp_path / "again", **{**BASE, "device": "auto"})
 
 
 def test_resume_of_a_run_fingerprinted_the_old_way(finished_run, tiny_chat_dir, chat_data, tmp_path):

@@ -511,3 +511,16 @@ def test_samples_come_from_the_runs_own_validation_prompts(tiny_chat_dir, chat_d
     out = tmp_path / "none"
     train(config(tiny_chat_dir, chat_data, out, max_steps=1, sample_prompts=None, sample_tokens=2))
     assert not json.loads((out / "summary.json").read_text()).get("replies")
+
+
+def test_resume_takes_the_device_of_this_machine(tiny_chat_dir, chat_data, tmp_path):
+    """--resume with only --output-dir fills in the run's settings but not the device it resolved:
+    a run made on a GPU machine (run_config.json says cuda) resumes here with --device auto."""
+    from settings import parse_config
+    out = tmp_path / "run"
+    train(config(tiny_chat_dir, chat_data, out, max_steps=1))
+    path = out / "run_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "device": "cuda"}))
+    cfg = parse_config(["--resume", "--output-dir", str(out), "--max-steps", "2"])
+    assert cfg.device == "auto" and cfg.model == str(tiny_chat_dir) and cfg.lora_r == 4
+    assert train(cfg)["steps"] == 2
