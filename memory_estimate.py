@@ -59,6 +59,8 @@ class LiveBytes(FakeTensorMode):
         self.live: dict[int, Entry] = {}  # id of the storage -> Entry, while the storage lives
         self.now = self.peak = 0
         self.peak_entries: list[tuple[Entry, int]] = []  # (entry, its bytes then)
+        self.unrecorded = False  # the peak rose since the last snapshot: take one before anything frees
+        self.depth = 0  # nesting of __torch_dispatch__: only the step's own ops (depth 0) allocate
         self.peak_phase = ""
         self.phase = "build"
 
@@ -89,16 +91,26 @@ class LiveBytes(FakeTensorMode):
             entry = self.live[key] = Entry(self.size(storage), category)
             self.now += entry.nbytes
             weakref.finalize(storage, self._gone, key, entry)
-            if self.now > self.peak:
-                self.peak = self.now
-                self.snapshot()
+            self.rose()
         return entry
+
+    def rose(self):
+        """After the count grew: a new peak is noted, its contents kept only when the count is about
+        to fall (`record`): copying what is alive at every rise would cost O(live) per op."""
+        if self.now > self.peak:
+            self.peak, self.unrecorded = self.now, True
+            self.peak_phase = "backward" if torch._C._current_autograd_node() is not None else self.phase
+
+    def record(self):
+        """Before the count falls: keep what is alive as the peak's, if the peak is now."""
+        if self.unrecorded:
+            self.snapshot()
 
     def snapshot(self, *extra: Entry):
         """Keep what is alive now as the peak's: each entry with its size now (FSDP2 resizes
         storages in place), its category as it will be known."""
         self.peak_entries = [(e, e.nbytes) for e in (*self.live.values(), *extra)]
-        self.peak_phase = "backward" if torch._C._current_autograd_node() is not None else self.phase
+        self.unrecorded = False
 
     @contextmanager
     def storage_resizes(self):
@@ -114,11 +126,11 @@ class LiveBytes(FakeTensorMode):
                 entry = mode.live[id(storage)] = Entry(0, TRANSIENT)
                 weakref.finalize(storage, mode._gone, id(storage), entry)
             new = mode.size(storage)
+            if new < entry.nbytes:
+                mode.record()
             mode.now += new - entry.nbytes
             entry.nbytes = new
-            if mode.now > mode.peak:
-                mode.peak = mode.now
-                mode.snapshot()
+            mode.rose()
             return out
 
         torch.UntypedStorage.resize_ = resize_
@@ -129,6 +141,7 @@ class LiveBytes(FakeTensorMode):
 
     def _gone(self, key: int, entry: Entry):
         if self.live.get(key) is entry:
+            self.record()
             del self.live[key]
             self.now -= entry.nbytes
 
@@ -142,7 +155,7 @@ class LiveBytes(FakeTensorMode):
         # Only an op the step calls allocates: the ops a fake kernel or a decomposition runs inside
         # one (the first time an op is met; later its result comes from the mode's cache) compute
         # its shapes, not a kernel's buffers.
-        self.depth = getattr(self, "depth", 0) + 1
+        self.depth += 1
         try:
             out = super().__torch_dispatch__(func, types, args, kwargs)
         finally:
@@ -155,8 +168,8 @@ class LiveBytes(FakeTensorMode):
             if scratch:  # held while the kernel runs, beside its inputs and outputs
                 self.now += scratch
                 if self.now > self.peak:
-                    self.peak = self.now
-                    self.snapshot(Entry(scratch, SCRATCH))
+                    self.rose()
+                    self.snapshot(Entry(scratch, SCRATCH))  # now: the scratch is gone next line
                 self.now -= scratch
         return out
 
@@ -190,6 +203,7 @@ class LiveBytes(FakeTensorMode):
 
     def at_peak(self) -> dict[str, int]:
         """Bytes alive at the peak, by category."""
+        self.record()
         totals: dict[str, int] = {}
         for entry, nbytes in self.peak_entries:
             if nbytes:

@@ -842,7 +842,7 @@ def eval_model(cfg: TrainConfig, run: Run):
         for m in lora.lora_modules(model).values():
             for p in trained_tensors(m).values():
                 p.data = p.data.float()
-        _, metadata = lora.read_adapter_tensors(cfg.adapter)
+        _, metadata = lora.read_adapter_tensors(cfg.adapter, metadata_only=True)
         if metadata.get(lora.adapter.QUANT_KEY) == "nf4" and not cfg.quantize:
             run.console.print("note: the adapter was trained on an NF4 base (QLoRA); it is scored on the "
                               "full-precision one (--quantize nf4 scores it as trained)", style="yellow", markup=False)

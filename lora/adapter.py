@@ -180,8 +180,9 @@ def read_adapter_config(adapter_dir) -> LoRAConfig:
         raise LoRAError(f"{path}: {e}") from None
 
 
-def read_adapter_tensors(adapter_dir) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The adapter's tensors (PEFT key -> tensor, on the CPU) and its safetensors metadata."""
+def read_adapter_tensors(adapter_dir, metadata_only: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The adapter's tensors (PEFT key -> tensor, on the CPU; none with metadata_only) and its
+    safetensors metadata."""
     path = Path(adapter_dir) / WEIGHTS_FILE
     if not path.is_file():
         hint = " (adapter_model.bin is a pickle; convert it to safetensors)" if (
@@ -189,7 +190,7 @@ def read_adapter_tensors(adapter_dir) -> tuple[dict[str, torch.Tensor], dict[str
         raise LoRAError(f"{path}: not found{hint}")
     try:
         with safe_open(path, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+            return {} if metadata_only else {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     except Exception as e:  # a truncated or foreign file: one line, not a traceback
         raise LoRAError(f"{path}: not a readable safetensors file ({e})") from None
 
