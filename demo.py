@@ -20,10 +20,10 @@ from rich.console import Console
 from rich.table import Table
 
 import data
-from chat import reply
+from deploy.chat import reply
 from model import load_model, resolve_model_dir
-from settings import DEMO_PROMPTS, TrainConfig
-from train import train
+from training.loop import train
+from training.settings import DEMO_PROMPTS, TrainConfig
 
 OUTPUT_DIR = Path("runs/make-demo")  # not train.py's default runs/demo: a user's run there is kept
 MARK = ".made-by-make-demo"  # a directory holding it is a previous demo's, replaced by the next one

@@ -50,11 +50,12 @@ from model.llama import Llama
 from model.runtime import DTYPES, peak_memory_gib
 from model.files import (PICKLE_SUFFIXES, check_keys, expected_shapes, read_safetensors, safetensors_files,
                          save_safetensors)
-from lora.gguf import ADAPTER_TYPES, adapter_pairs, default_base_gguf, export_adapter_gguf, missing_base_note
-from model.gguf import OUT_TYPES, GGUFError, describe_modelfile, export_gguf
+from deploy.adapter_gguf import ADAPTER_TYPES, adapter_pairs, default_base_gguf, export_adapter_gguf, missing_base_note
+from deploy.gguf import OUT_TYPES, describe_modelfile, export_gguf
+from model.gguf import GGUFError
 from model.load import load_model, resolve_model_dir
-from model.chat_template import TEMPLATE_FILE, saved_template
-from model.ollama import modelfile_path
+from data.chat_template import TEMPLATE_FILE, saved_template
+from deploy.ollama import modelfile_path
 
 INDEX_FILE = "model.safetensors.index.json"
 NOT_COPIED = (".safetensors", ".gguf") + PICKLE_SUFFIXES  # weights are written, never copied

@@ -16,7 +16,7 @@ gpu_check.json (the same, for tools) and logs.tar.gz (each row's log), all three
 every row, so a run killed half-way leaves the rows it finished. Scratch (the random model, the
 runs) lives in a temporary directory under /tmp and is removed at the end.
 
-Rows (bench/gpu_rows.py holds the checks):
+Rows (bench/gpu_rows.py and, for memory, bench/gpu_memory_rows.py hold the checks):
   precision    bf16 and fp16 (autocast, LoRA fp32) against fp32: the loss and every LoRA gradient
   packed       varlen and per-document attention against the block-diagonal mask; packed against
                unpacked; gradient checkpointing on against off
@@ -110,14 +110,16 @@ class Context:
 def run_one(args):
     """Run the row args.one and write its result to args.result (the parent reads it)."""
     sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_memory_rows
     import gpu_rows
     row = next(r for r in ROWS if r.name == args.one)
+    checks = gpu_memory_rows if hasattr(gpu_memory_rows, row.check) else gpu_rows
     if os.environ.get("GPU_CHECK_HANG") == row.name:
         time.sleep(10**6)  # a hang, on request: the parent's timeout must end it
     ctx = Context("cpu" if args.dry_run else "cuda", args.shape, args.scratch)
     extra = (row.name.replace(" ", "-"),) if row.check in ("check_torchrun", "check_resume") else ()
     try:
-        result = getattr(gpu_rows, row.check)(ctx, *row.args, *extra)
+        result = getattr(checks, row.check)(ctx, *row.args, *extra)
     except gpu_rows.Skip as e:
         result = {"status": "SKIP", "what": str(e)}
     else:

@@ -6,7 +6,7 @@ Answer.AI publish figures for.
     python bench/memory.py --cases llama-3.1-8b-qlora --json
 
 No weight is read and nothing is downloaded: each model is built from its public config.json
-values (written out below) on fake tensors, and train.estimate_step runs the run's own step on
+values (written out below) on fake tensors, and training.estimate.estimate_step runs the run's own step on
 them (see memory_estimate.py). "ours, counted" is the step's counted peak (what
 torch.cuda.max_memory_allocated would show); "ours, total" adds the assumed CUDA lines (context,
 cuBLAS workspaces, fragmentation) that bench/gpu_check.py is to measure. The peers' figures are
@@ -118,22 +118,22 @@ def settings_text(case: Case, precision: str) -> str:
 
 
 def estimate(case: Case, precision: str):
-    """train.estimate_step for `case` on a modelled CUDA device: -> memory_estimate.Estimate."""
-    import train
+    """training.estimate.estimate_step for `case` on a modelled CUDA device: -> memory_estimate.Estimate."""
+    import training.estimate
     from model import LlamaConfig
-    from settings import TrainConfig
+    from training.settings import TrainConfig
     config = LlamaConfig.from_hf({"architectures": ["LlamaForCausalLM"], **MODELS[case.model]}, source=case.model)
     # As the peers' recipes: no LoRA dropout (torchtune's and unsloth's default), one micro-batch a step.
     cfg = TrainConfig(model=case.model, micro_batch_size=case.batch, max_seq_len=case.seq, grad_accum=1,
                       lora_r=case.r, lora_alpha=case.alpha, lora_dropout=0.0, lora_targets=case.targets,
                       quantize=case.quantize, grad_checkpointing=True, precision=precision, device="cuda",
                       parallel="fsdp" if case.world > 1 else "ddp", estimate_world_size=case.world)
-    return train.estimate_step(cfg, config, "cuda", DTYPES[precision])
+    return training.estimate.estimate_step(cfg, config, "cuda", DTYPES[precision])
 
 
 def run_case(name: str, precision: str) -> dict:
     """One case's row: our figures (bytes and GiB), the settings, the peers."""
-    from memory_estimate import GIB
+    from training.memory_estimate import GIB
     case = CASES[name]
     t0 = time.perf_counter()
     est = estimate(case, precision)

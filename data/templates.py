@@ -7,7 +7,7 @@ variables as transformers' `apply_chat_template` (model/chat_template.py, which 
 shares), and the tests check the output is identical.
 """
 
-from model.chat_template import ChatTemplateError, compile_template, render  # noqa: F401 (re-exported)
+from .chat_template import ChatTemplateError, compile_template, render  # noqa: F401 (re-exported)
 
 # ChatML (Qwen, SmolLM2, ...): every message is <|im_start|>role\ncontent<|im_end|>\n.
 CHATML = (

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from model.chat_template import TEMPLATE_FILE, saved_template
+from .chat_template import TEMPLATE_FILE, saved_template
 
 from .formats import DataError
 from .templates import BUILTIN_TEMPLATES, compile_template, render

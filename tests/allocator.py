@@ -22,20 +22,20 @@ def storage_bytes(tensors) -> int:
 
 
 def step_peak(cfg, model, loss_fn, dtype, wrap=None) -> int:
-    """The peak of two steps of the run's own functions (train.accumulate and train.update, on
-    train.worst_batch) on `model`, built by the caller with LoRA and its weights. wrap(), when
+    """The peak of two steps of the run's own functions (training.step.accumulate and training.step.update, on
+    training.estimate.worst_batch) on `model`, built by the caller with LoRA and its weights. wrap(), when
     given, makes the module the steps call (DDP), inside the measured span: what it allocates (the
     Reducer's buckets) is part of the step."""
     from contextlib import nullcontext
 
-    import memory_estimate
-    import parallel
-    import train
+    from training import memory_estimate
+    from training import parallel
+    import training.estimate, training.phases, training.step
     model.grad_checkpointing = cfg.grad_checkpointing
     model.train()
-    batches = [train.worst_batch(cfg) for _ in range(min(cfg.grad_accum, 2))]
+    batches = [training.estimate.worst_batch(cfg) for _ in range(min(cfg.grad_accum, 2))]
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scaler = train.build_optimizer(cfg, model, "cpu", torch.float32)
+    optimizer, scaler = training.phases.build_optimizer(cfg, model, "cpu", torch.float32)
     autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else nullcontext()
     held = [t for m in model.modules() for t in memory_estimate.module_tensors(m)]
     held += [v for b in batches for v in b.values() if isinstance(v, torch.Tensor)]
@@ -45,8 +45,8 @@ def step_peak(cfg, model, loss_fn, dtype, wrap=None) -> int:
         n_loss = parallel.all_reduce_sum(sum(b["n_loss"] for b in batches))[0]
         for _ in range(2):
             optimizer.zero_grad(set_to_none=True)
-            train.accumulate(step_fn, batches, scaler, autocast, n_loss, loss_fn.STATS)
-            train.update(optimizer, scaler, params, cfg.max_grad_norm)
+            training.step.accumulate(step_fn, batches, scaler, autocast, n_loss, loss_fn.STATS)
+            training.step.update(optimizer, scaler, params, cfg.max_grad_norm)
     return peak_of(steps, held)
 
 

@@ -12,7 +12,7 @@ import sys
 import torch
 
 import lora
-import parallel
+from training import parallel
 from model import load_model
 from model.load import meta_model
 from model.loss import LanguageModelLoss

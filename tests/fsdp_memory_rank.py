@@ -5,7 +5,7 @@ config as JSON, the file rank 0 writes its peak to.
 
 The model is built on meta with LoRA, sharded as train.py shards it (parallel.shard, then storage
 for each shard and random values in place of the checkpoint's), or wrapped in DDP; then two steps
-of train.accumulate and train.update on the worst batch, per rank."""
+of training.step.accumulate and training.step.update on the worst batch, per rank."""
 
 import json
 import sys
@@ -13,13 +13,13 @@ import sys
 import torch
 
 import lora
-import parallel
-import train
+from training import parallel
+import training.phases, training.step
 from allocator import step_peak
 from model import Llama, LlamaConfig
 from model.llama import rope_frequencies
 from model.loss import LanguageModelLoss
-from settings import TrainConfig
+from training.settings import TrainConfig
 
 cfg = TrainConfig(**json.loads(sys.argv[1]))
 config = LlamaConfig(**json.loads(sys.argv[2]))
@@ -29,7 +29,7 @@ torch.manual_seed(0)
 with torch.device("meta"):
     model = Llama(config)
 model = model.to(dtype)
-lora.inject_lora(model, train.lora_config(cfg), compute_dtype=dtype)
+lora.inject_lora(model, training.phases.lora_config(cfg), compute_dtype=dtype)
 for p in model.parameters():
     if p.requires_grad:
         p.data = p.data.float()

@@ -22,8 +22,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import checkpoint
+from training import checkpoint
 import train as train_module
+from training import loop as train_loop, phases as train_phases
+from training.settings import parse_config
 from test_train import config, metrics
 
 BASE = dict(val_fraction=0.0, max_steps=4, micro_batch_size=4, grad_accum=1, lr=1e-2, lora_r=4,
@@ -57,7 +59,7 @@ def run_main(argv, capsys) -> tuple[int, str]:
 def finished_run(tiny_chat_dir, chat_data, tmp_path_factory):
     """A finished 4-step run with checkpoints at steps 2 and 4."""
     out = tmp_path_factory.mktemp("finished") / "run"
-    train_module.train(config(tiny_chat_dir, chat_data, out, **{**BASE}))
+    train_loop.train(config(tiny_chat_dir, chat_data, out, **{**BASE}))
     return out
 
 
@@ -139,7 +141,7 @@ def full_disk(monkeypatch):
 def interrupt_loading(monkeypatch):
     def load(*a, **kw):
         raise KeyboardInterrupt  # Ctrl-C while the base model loads
-    monkeypatch.setattr(train_module, "load_model", load)
+    monkeypatch.setattr(train_phases, "load_model", load)
 
 
 def run_config_edited(edit):
@@ -304,7 +306,7 @@ def test_a_run_stopped_before_its_first_step_is_no_run(tiny_chat_dir, chat_data,
     for again in ([], ["--resume"]):
         run = tmp_path / f"run{len(again)}"
         with monkeypatch.context() as patched:
-            patched.setattr(train_module, "train_step", interrupt)
+            patched.setattr(train_loop, "train_step", interrupt)
             code, err = run_main(argv + ["--output-dir", str(run)], capsys)
         assert code == 130 and "Traceback" not in err, err[-2000:]
         assert {"run_config.json", "metrics.jsonl", "tensorboard"} <= {p.name for p in run.iterdir()}
@@ -340,14 +342,14 @@ def test_resume_takes_the_settings_as_the_last_resume_left_them(finished_run, tm
     run = tmp_path / "run"
     cut_at_step_2(finished_run, run)
     (run / "run_history.jsonl").write_text(json.dumps({"resumed_at_step": 2, "changed": {"max_steps": [4, 6]}}) + "\n")
-    cfg = train_module.parse_config(["--output-dir", str(run), "--resume", "--log-every", "3"])
+    cfg = parse_config(["--output-dir", str(run), "--resume", "--log-every", "3"])
     assert (cfg.max_steps, cfg.log_every, cfg.lr, cfg.resume) == (6, 3, 1e-2, True)  # flags given win
 
 
 def test_a_runs_run_config_is_a_config_file(finished_run, tiny_chat_dir, chat_data, tmp_path):
     """--config runs/x/run_config.json: the run's settings (not its fingerprints and counts, nor the
     device it resolved: this machine's --device auto picks again)."""
-    cfg = train_module.parse_config(["--config", str(finished_run / "run_config.json"),
+    cfg = parse_config(["--config", str(finished_run / "run_config.json"),
                                      "--output-dir", str(tmp_path / "again")])
     assert cfg == config(tiny_chat_dir, chat_data, tmp_path / "again", **{**BASE, "device": "auto"})
 

@@ -1,4 +1,4 @@
-"""Bad input to merge.py, chat.py, `python -m data.inspect` and `python -m model.gguf` is one line
+"""Bad input to merge.py, chat.py, `python -m data.inspect` and `python -m deploy.gguf` is one line
 `PROG: error: ...` naming the culprit and exit code 2, never a traceback, and it changes nothing.
 
 Every case uses real files: a checkpoint cut in half, a garbage tokenizer.json, chat templates that
@@ -40,6 +40,7 @@ import data
 import lora
 import merge
 import model.files
+import deploy.gguf
 import model.gguf
 from conftest import ROOT, save_tiny_hf
 from data.inspect import main as inspect_main
@@ -215,7 +216,7 @@ def export_disk_full(d):
 
 
 def import_disk_full(d):
-    model.gguf.export_gguf(d / "model", d / "m.gguf")  # the GGUF to import, written for real
+    deploy.gguf.export_gguf(d / "model", d / "m.gguf")  # the GGUF to import, written for real
     return ["import", d / "m.gguf", d / "imported"], [f"{d / 'imported'}: not written", "No space left"]
 
 
@@ -331,13 +332,13 @@ CASES = [
     Case("merge-disk-full-safetensorerror", "merge.py", merge_disk_full_safetensors,
          lambda mp: mp.setattr(model.files, "save_file", fills_disk(SAFETENSORS_ENOSPC))),
     Case("merge-gguf-modelfile-exists", "merge.py", merge_modelfile_exists),
-    Case("export-gguf-exists", "python -m model.gguf", export_gguf_exists),
-    Case("export-target-is-a-directory", "python -m model.gguf", export_target_is_a_directory),
-    Case("export-modelfile-exists", "python -m model.gguf", export_modelfile_exists),
-    Case("export-disk-full", "python -m model.gguf", export_disk_full,
+    Case("export-gguf-exists", "python -m deploy.gguf", export_gguf_exists),
+    Case("export-target-is-a-directory", "python -m deploy.gguf", export_target_is_a_directory),
+    Case("export-modelfile-exists", "python -m deploy.gguf", export_modelfile_exists),
+    Case("export-disk-full", "python -m deploy.gguf", export_disk_full,
          lambda mp: mp.setattr(gguf.GGUFWriter, "write_tensors_to_file", gguf_disk_full)),
-    Case("export-garbage-tokenizer", "python -m model.gguf", garbage_tokenizer_export),
-    Case("import-disk-full", "python -m model.gguf", import_disk_full,
+    Case("export-garbage-tokenizer", "python -m deploy.gguf", garbage_tokenizer_export),
+    Case("import-disk-full", "python -m deploy.gguf", import_disk_full,
          lambda mp: mp.setattr(model.files, "save_file", fills_disk(SAFETENSORS_ENOSPC))),
     Case("chat-base-cut-in-half", "chat.py", truncated_base_chat),
     Case("chat-garbage-tokenizer", "chat.py", garbage_tokenizer),
@@ -374,7 +375,7 @@ CASES = [
     Case("merge-adapter-as-base", "merge.py", adapter_as_base),
     Case("chat-run-dir-as-model", "chat.py", run_dir_as_model),
 ]
-MAINS = {"merge.py": merge.main, "chat.py": chat.main, "python -m model.gguf": model.gguf.main,
+MAINS = {"merge.py": merge.main, "chat.py": chat.main, "python -m deploy.gguf": deploy.gguf.main,
          "python -m data.inspect": inspect_main}
 
 
@@ -410,7 +411,7 @@ def test_export_overwrite_replaces_only_the_gguf_and_modelfile(d, capsys):
     (d / "m.Modelfile").write_text("FROM ./mine.gguf\n")
     (d / "other.Modelfile").write_text("FROM ./other.gguf\n")  # another export's, in the same folder
     (d / "notes.txt").write_text("mine")
-    assert model.gguf.main([str(a) for a in export_argv(d, "--overwrite")]) == 0, capsys.readouterr().err
+    assert deploy.gguf.main([str(a) for a in export_argv(d, "--overwrite")]) == 0, capsys.readouterr().err
     assert (d / "m.gguf").read_bytes()[:4] == b"GGUF" and "FROM ./m.gguf" in (d / "m.Modelfile").read_text()
     assert (d / "notes.txt").read_text() == "mine" and (d / "other.Modelfile").read_text() == "FROM ./other.gguf\n"
     assert sorted(p.name for p in d.iterdir()) == ["adapter", "chats.jsonl", "m.Modelfile", "m.gguf", "model",
@@ -439,8 +440,8 @@ def test_safetensors_files_get_the_mode_of_their_neighbours(d, capsys):
         lora.inject_lora(tiny, cfg)
         lora.save_adapter(tiny, cfg, d / "new-adapter")
         assert merge.main([str(a) for a in merge_argv(d)]) == 0, capsys.readouterr().err
-        model.gguf.export_gguf(d / "model", d / "m.gguf")
-        assert model.gguf.main(["import", str(d / "m.gguf"), str(d / "imported")]) == 0
+        deploy.gguf.export_gguf(d / "model", d / "m.gguf")
+        assert deploy.gguf.main(["import", str(d / "m.gguf"), str(d / "imported")]) == 0
         data.tokenize_file(d / "chats.jsonl", data.load_tokenizer(d / "model"), 64, cache_dir=d / "cache")
         (d / "cache" / "plain.txt").write_text("beside the cache")
     finally:

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import gpu_memory_rows  # noqa: E402
 import gpu_rows  # noqa: E402
 import memory as memory_bench  # noqa: E402
 import train_speed as bench  # noqa: E402
@@ -145,16 +146,16 @@ def test_gpu_check_dry_run(tmp_path):
 def test_memory_estimate_row_result():
     """The memory estimate row's verdict on CUDA figures: the counted peak against max_memory_allocated
     within 3%, the assumed total against reserved + context reported beside it, in GiB."""
-    import memory_estimate
+    from training import memory_estimate
     GIB = 2**30
     est = memory_estimate.Estimate("cuda", 10 * GIB, "backward", {}, {}, extras={"context": GIB})
     real = {"allocated": int(10.2 * GIB), "reserved": 11 * GIB, "context": GIB // 2}
-    close = gpu_rows.memory_result("case", est, real)
+    close = gpu_memory_rows.memory_result("case", est, real)
     assert close.figure == pytest.approx(abs(10 / 10.2 - 1)) and close.figure <= close.bound == 0.03
     assert close.figures["allocated_gib"] == 10.2
     assert close.figures["total_ratio"] == pytest.approx(11 / 11.5, abs=1e-4)
     assert "10.00 GiB vs 10.20 allocated" in close.what
-    far = gpu_rows.memory_result("case", est, {"allocated": 11 * GIB, "reserved": 12 * GIB, "context": GIB // 2})
+    far = gpu_memory_rows.memory_result("case", est, {"allocated": 11 * GIB, "reserved": 12 * GIB, "context": GIB // 2})
     assert far.figure > far.bound
 
 

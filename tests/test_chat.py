@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import data
+import deploy.chat
 import lora
 from conftest import ROOT
 from model import load_model
@@ -140,13 +141,12 @@ def test_a_reply_cut_inside_a_character_holds_it_back(monkeypatch, text, cut):
     an emoji's 4): the reply, streamed and returned, ends at the last whole character, no U+FFFD."""
     from types import SimpleNamespace
 
-    import chat
     ids = list(text.encode()[:-cut])
-    monkeypatch.setattr(chat, "generate", lambda *a, **kw: iter(ids))
+    monkeypatch.setattr(deploy.chat, "generate", lambda *a, **kw: iter(ids))
     args = SimpleNamespace(seed=0, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
                            max_new_tokens=len(ids))
     pieces = []
-    out, _ = chat.reply(None, ByteTokens(), [], args, on_text=pieces.append)
+    out, _ = deploy.chat.reply(None, ByteTokens(), [], args, on_text=pieces.append)
     assert out == text[:-1] and "".join(pieces) == out
 
 
@@ -161,7 +161,7 @@ def deepseek_run(tiny_chat_dir, chat_data, tmp_path_factory):
     """The README's path on the tiny model: `train.py --template deepseek` (2 steps), then
     `merge.py --gguf` of its adapter: (adapter dir, merged dir, GGUF path)."""
     import merge
-    from train import train
+    from training.loop import train
     tmp = tmp_path_factory.mktemp("deepseek")
     train(config(tiny_chat_dir, chat_data, tmp / "run", template="deepseek", max_steps=2))
     code = merge.main(["--base", str(tiny_chat_dir), "--adapter", str(tmp / "run" / "adapter"), "--output",
@@ -212,13 +212,13 @@ def test_another_template_than_the_adapters_warns_once(deepseek_run, tiny_chat_d
 
 
 def test_gguf_modelfiles_prompt_as_the_adapter_was_trained(deepseek_run, tiny_chat_dir, tmp_path):
-    """merge.py --gguf's Modelfile, and the adapter GGUF's (python -m lora.gguf export), carry
+    """merge.py --gguf's Modelfile, and the adapter GGUF's (python -m deploy.adapter_gguf export), carry
     Ollama's DeepSeek TEMPLATE, and the merged GGUF holds the DeepSeek Jinja template."""
     import gguf
 
     from data.templates import DEEPSEEK
-    from lora.gguf import export_adapter_gguf
-    from model.ollama import modelfile_path
+    from deploy.adapter_gguf import export_adapter_gguf
+    from deploy.ollama import modelfile_path
     adapter, _, merged_gguf = deepseek_run
     text = modelfile_path(merged_gguf).read_text()
     assert "# TEMPLATE and SYSTEM give the prompt the model's chat template gives (DeepSeek" in text

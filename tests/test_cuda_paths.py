@@ -19,12 +19,15 @@ import torch
 import torch.distributed as dist
 
 import data
-import run_dir
-import train as train_module
-from checkpoint import CheckpointError
+from training import run_dir
+from training import loop as train_loop, phases as train_phases
+from training.checkpoint import CheckpointError
 from model.runtime import peak_memory_gib, peak_reserved_gib
 from test_train import DeviceSyncs, config
-from train import clip_gradients, to_device, train
+from training.batches import step_batch
+from training.loop import train
+from training import step as train_step_module
+from training.step import clip_gradients
 
 
 # ----------------------------------------------------------------------------- RNG states
@@ -71,12 +74,13 @@ class PretendGPUs:
 def gpus_while(monkeypatch, name: str, gpus: PretendGPUs):
     """Run train.py's save_checkpoint or load_checkpoint (name) with the pretend GPUs; the rest of
     the run stays on the CPU as it is."""
-    real = getattr(train_module, name)
+    module = {"save_checkpoint": train_loop, "load_checkpoint": train_phases}[name]
+    real = getattr(module, name)
 
     def with_gpus(*args, **kwargs):
         with gpus.active():
             return real(*args, **kwargs)
-    monkeypatch.setattr(train_module, name, with_gpus)
+    monkeypatch.setattr(module, name, with_gpus)
 
 
 @pytest.fixture(scope="module")
@@ -192,12 +196,12 @@ def test_cuda_batches_are_pinned_before_their_non_blocking_copy(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "to", to)
     rows = [[{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9], "labels": [-100, 9]}]]
     batch = data.collate(rows, pad_id=0, pack=True)
-    moved = to_device(batch, torch.device("cuda", 1))
+    moved = step_batch(batch, torch.device("cuda", 1))
     tensors = len(batch) + 2  # + trained_index, and documents' cu_seqlens
     assert copies == [(True, True, torch.device("cuda", 1))] * tensors
     assert moved["n_trained"] == 3 and moved["n_tokens"] == 5  # counted on the CPU, before the copy
     copies.clear()
-    to_device(batch, "cpu")
+    step_batch(batch, "cpu")
     assert len(pinned_ids) == tensors and not copies  # nothing more pinned, nothing sent to a GPU
 
 
@@ -210,7 +214,7 @@ def test_reserved_memory_is_reported_beside_the_allocated(monkeypatch, tmp_path)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 3 * 2**30)
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: 5 * 2**30)
     assert (peak_memory_gib(), peak_reserved_gib()) == (3, 5)
-    step = train_module.Step(loss=1.0, grad_norm=0.5, tokens=10, trained_tokens=4, loss_scale=None, skipped=False,
+    step = train_step_module.Step(loss=1.0, grad_norm=0.5, tokens=10, trained_tokens=4, loss_scale=None, skipped=False,
                              stats={})
     row = step.row(1, 1e-3, 1.0, SimpleNamespace(device="cuda", t_start=0.0, elapsed_before=0.0), epoch=0)
     assert (row["max_memory_gib"], row["max_reserved_gib"]) == (3, 5)

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import data
-import dpo
+from training import dpo
 import lora
 from conftest import ROOT
 from model import load_model
@@ -31,7 +31,8 @@ from model.loss import IGNORE_INDEX
 from test_lora import peft_twin, randomize_lora
 from test_parallel import cut_at_step_2
 from test_train import adapter, config, metrics, run_cli
-from train import to_device, train
+from training.batches import step_batch
+from training.loop import train
 
 TARGETS = lora.LLAMA_LINEARS
 
@@ -135,7 +136,7 @@ def test_bad_pairs_name_the_file_and_line(tiny_chat_dir, tmp_path, record, messa
     (["--dpo-precompute-ref"], "is for --objective dpo"),
 ])
 def test_settings_refuse_what_dpo_does_not_take(args, message):
-    from settings import TrainError, parse_config
+    from training.settings import TrainError, parse_config
     with pytest.raises(TrainError, match=re.escape(message)):
         parse_config(args)
 
@@ -149,7 +150,7 @@ def test_cli_error_is_one_line(tmp_path):
 
 
 def test_dpo_demo_defaults():
-    from settings import DEMO_PREFERENCES, parse_config
+    from training.settings import DEMO_PREFERENCES, parse_config
     cfg = parse_config(["--objective", "dpo"])
     assert cfg.data == str(DEMO_PREFERENCES) and cfg.output_dir == "runs/demo-dpo"
     cfg = parse_config(["--objective", "dpo", "--output-dir", "x", "--data", str(DEMO_PREFERENCES)])
@@ -202,7 +203,7 @@ def reference_dpo(pc, pr, rc, rr, beta, smoothing, loss_type, rpo=0.0, chosen_nl
 @pytest.fixture(scope="module")
 def pair_batch(tiny_chat_dir, pairs_file):
     ds = data.tokenize_pairs(pairs_file, tokenizer(tiny_chat_dir), max_seq_len=512)
-    return to_device(data.make_pair_batch(ds.examples, [0, 1, 2], tokenizer(tiny_chat_dir).pad_id), "cpu")
+    return step_batch(dpo.count_pairs(data.make_pair_batch(ds.examples, [0, 1, 2], tokenizer(tiny_chat_dir).pad_id)), "cpu")
 
 
 @pytest.mark.parametrize("loss_type, smoothing, rpo, path", [
@@ -343,10 +344,10 @@ def test_accumulation_equals_big_batch(tiny_chat_dir, pair_data, tmp_path):
 def test_uneven_micro_batches_weigh_each_pair_once(tiny_chat_dir, pair_data):
     """A step of micro-batches of 1 and 3 pairs computes the loss and gradients of one micro-batch
     of the 4 (a mean of the micro-batches' means would weigh the lone pair 3 times as much)."""
-    import train as train_module
+    from training.step import train_step
     tok = tokenizer(tiny_chat_dir)
     examples = data.tokenize_pairs(pair_data, tok, 512).examples
-    batch = lambda idx: to_device(data.make_pair_batch(examples, idx, tok.pad_id), "cpu")
+    batch = lambda idx: step_batch(dpo.count_pairs(data.make_pair_batch(examples, idx, tok.pad_id)), "cpu")
     model = load_model(tiny_chat_dir)
     lora.inject_lora(model, lora.LoRAConfig(r=4, alpha=8, dropout=0.0, targets=TARGETS))
     randomize_lora(model, std=0.2)
@@ -356,8 +357,7 @@ def test_uneven_micro_batches_weigh_each_pair_once(tiny_chat_dir, pair_data):
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     results = []
     for batches in ([batch([0]), batch([5, 9, 13])], [batch([0, 5, 9, 13])]):
-        step = train_module.train_step(loss_fn, batches, optimizer, scaler, params, 0.0, contextlib.nullcontext(),
-                                       loss_fn.STATS)
+        step = train_step(loss_fn, batches, optimizer, scaler, params, 0.0, contextlib.nullcontext(), loss_fn.STATS)
         results.append((step, torch.cat([p.grad.flatten() for p in params])))
     (split, g_split), (whole, g_whole) = results
     assert split.loss == pytest.approx(whole.loss, rel=1e-6)
@@ -423,7 +423,7 @@ def test_reference_path_and_precomputed_reference_train_the_same_run(tiny_chat_d
 
 
 def test_resume_refuses_another_objective(tiny_chat_dir, pair_data, tmp_path):
-    from run_dir import RunDirError
+    from training.run_dir import RunDirError
     out = tmp_path / "run"
     train(dpo_config(tiny_chat_dir, pair_data, out, max_steps=2, save_every=1))
     with pytest.raises(RunDirError, match="dpo_beta 0.5 -> 0.1"):
@@ -468,8 +468,8 @@ def dpo_tolerance(row: dict) -> float:
 
 
 def test_sweeps_vary_dpo_settings():
-    import settings
-    import sweep
+    from training import settings
+    from training import sweep
     cfg = settings.parse_config(["--objective", "dpo", "--sweep", "dpo_beta=0.1,0.5", "dpo_loss=sigmoid,ipo"])
     assert len(sweep.settings(cfg)) == 4 and {"dpo_beta": 0.5, "dpo_loss": "ipo"} in sweep.settings(cfg)
     with pytest.raises(settings.TrainError, match="IPO has none"):

@@ -13,7 +13,7 @@ import pytest
 import train as train_module
 from conftest import ROOT
 from test_train import config
-from train import train
+from training.loop import train
 
 RUN = dict(max_steps=3, val_fraction=0.25, template="deepseek")  # another template than the base's
 

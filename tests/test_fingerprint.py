@@ -128,7 +128,7 @@ def test_chat_refuses_another_base_before_loading(adapter_on_a, capsys):
 
 
 def test_gguf_export_refuses_another_base(adapter_on_a, tmp_path, capsys):
-    from lora.gguf import main as export_main
+    from deploy.adapter_gguf import main as export_main
     a, b, adapter = adapter_on_a
     code = export_main(["export", str(adapter), str(tmp_path / "a.gguf"), "--base", str(b)])
     assert code == 2 and "--allow-other-base" in capsys.readouterr().err

@@ -36,7 +36,8 @@ from conftest import (ROOT, TINY_CHAT_TEMPLATE, assert_gguf_tensors_equal, asser
                       fp32_logits_bound, rel, save_tiny_hf, write_byte_level_tokenizer)
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from model.gguf import PRE_TOKENIZERS, GGUFError, export_gguf, import_gguf, main, permute_qk, unpermute_qk
+from deploy.gguf import export_gguf, main
+from model.gguf import PRE_TOKENIZERS, GGUFError, import_gguf, permute_qk, unpermute_qk
 from model.load import load_model
 
 PROMPTS = [
@@ -348,7 +349,7 @@ def test_failed_download_is_one_clear_error(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- command line
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "model.gguf", *map(str, args)], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "deploy.gguf", *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True)
 
 
@@ -370,5 +371,5 @@ def test_cli_errors_in_process(tmp_path, capsys):
     (tmp_path / "full" / "keep.txt").write_text("x")
     assert main(["import", str(tmp_path / "full"), str(tmp_path / "full")]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 2 and all(line.startswith("python -m model.gguf: error: ") for line in lines)
+    assert len(lines) == 2 and all(line.startswith("python -m deploy.gguf: error: ") for line in lines)
     assert not (tmp_path / "x.gguf").exists()

@@ -1,7 +1,10 @@
-"""The project's import graph keeps the shape it was designed with: entry points import model, lora
-and data; lora and data never import each other; model imports nothing of ours; nothing imports
-in a circle (a function-level import counts: it is a cycle deferred, not removed); and at run time
-nothing imports transformers, peft or trl, which are references for tests and benchmarks only.
+"""The project's house: the four commands on top and nothing else; the library in training/, deploy/,
+model/, lora/ and data/; imports flowing down (commands -> training/, deploy/ -> model/, lora/,
+data/), with model/ importing nothing of ours, lora/ and data/ never each other, deploy/ never
+training/, no command another command; nothing importing in a circle (a function-level import
+counts: it is a cycle deferred, not removed); at run time nothing importing transformers, peft or
+trl, which are references for tests and benchmarks only; and files and functions short enough to
+read (no library file over 500 lines, no function over 60).
 """
 
 import ast
@@ -10,7 +13,11 @@ from pathlib import Path
 
 from conftest import ROOT
 
-PACKAGES = ("model", "lora", "data")
+PACKAGES = ("training", "deploy", "model", "lora", "data")
+COMMANDS = ("train", "chat", "merge", "demo")
+# What each package may import of ours (besides itself): the layers, top to bottom.
+MAY_IMPORT = {"training": {"model", "lora", "data"}, "deploy": {"model", "lora", "data"},
+              "lora": {"model"}, "data": {"model"}, "model": set()}
 REFERENCES = ("transformers", "peft", "trl")
 
 
@@ -76,16 +83,21 @@ def test_nothing_imports_in_a_circle():
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
 
 
+def test_the_top_holds_the_commands_alone():
+    assert sorted(p.stem for p in ROOT.glob("*.py")) == sorted(COMMANDS)
+    assert not (set(p.name for p in ROOT.iterdir() if p.is_dir() and (p / "__init__.py").exists())
+                - set(PACKAGES))
+
+
 def test_the_layers_import_one_way():
     edges, _ = graph()
     top = lambda m: m.split(".")[0]
     for name, deps in edges.items():
-        if top(name) == "model":
-            assert all(top(d) == "model" for d in deps), f"{name} imports {sorted(deps)}: model imports nothing of ours"
-        if top(name) in ("lora", "data"):
-            other = {"lora": "data", "data": "lora"}[top(name)]
-            assert not any(top(d) == other for d in deps), f"{name} imports {other}"
-            assert all(top(d) in PACKAGES for d in deps), f"{name} imports an entry point: {sorted(deps)}"
+        others = {top(d) for d in deps} - {top(name)}
+        if top(name) in COMMANDS:
+            assert not others & set(COMMANDS), f"{name} imports another command: {sorted(others)}"
+        else:
+            assert others <= MAY_IMPORT[top(name)], f"{name} imports {sorted(others - MAY_IMPORT[top(name)])}"
 
 
 def test_no_reference_library_at_run_time():
@@ -99,20 +111,31 @@ def test_the_graph_sees_imports():
     edges, outside = graph()
     assert "model.llama" in edges["model.load"] and "model.files" in edges["model.gguf"]
     assert "lora.fused" in edges["lora.layer"] and "model.fused" in edges["lora.layer"]
-    assert {"model", "lora", "data", "settings"} <= edges["train"]
+    assert {"training.loop", "training.settings", "training.sweep"} <= edges["train"]
+    assert {"model.gguf", "data.chat_template", "deploy.ollama"} <= edges["deploy.gguf"]
+    assert {"training.parallel", "training.run_dir"} <= edges["training.loop"]  # relative imports
     assert "model.gguf" in edges["model.load"]  # a function-level import counts
-    assert "safetensors" in outside["model.files"] and "jinja2" in outside["model.chat_template"]
+    assert "safetensors" in outside["model.files"] and "jinja2" in outside["data.chat_template"]
     assert sys.modules  # (conftest put ROOT on sys.path)
 
 
-def test_train_reads_in_one_screen_per_function():
-    """train.py: no function over 80 lines, and the loop of run_training fits a screen (60 lines)."""
-    tree = ast.parse((ROOT / "train.py").read_text())
-    functions = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]
-    assert len(functions) > 20
-    long = {f.name: f.end_lineno - f.lineno + 1 for f in functions if f.end_lineno - f.lineno + 1 > 80}
-    assert not long, f"functions over 80 lines: {long}"
-    run_training = next(f for f in functions if f.name == "run_training")
+def test_files_and_functions_read_in_a_sitting():
+    """No library or command file over 500 lines, no function over 60 (benchmarks included), and
+    the loop of run_training fits a screen (60 lines)."""
+    files = {**our_modules(), **{f"bench.{p.stem}": p for p in (ROOT / "bench").glob("*.py")}}
+    long_files, long_functions = {}, {}
+    for name, path in files.items():
+        text = path.read_text()
+        if text.count("\n") > 500:
+            long_files[name] = text.count("\n")
+        for f in ast.walk(ast.parse(text)):
+            if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) and f.end_lineno - f.lineno + 1 > 60:
+                long_functions[f"{name}.{f.name}"] = f.end_lineno - f.lineno + 1
+    assert len(files) > 50
+    assert not long_files, f"files over 500 lines: {long_files}"
+    assert not long_functions, f"functions over 60 lines: {long_functions}"
+    tree = ast.parse((ROOT / "training" / "loop.py").read_text())
+    run_training = next(f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == "run_training")
     loop = next(n for n in ast.walk(run_training) if isinstance(n, ast.While))
     assert loop.end_lineno - loop.lineno + 1 <= 60
 

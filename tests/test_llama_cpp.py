@@ -34,9 +34,9 @@ import chat  # noqa: E402
 import data  # noqa: E402
 import lora  # noqa: E402
 import merge  # noqa: E402
-from model.gguf import OUT_TYPES, OUTPUT_TYPE, export_gguf  # noqa: E402
+from deploy.gguf import OUT_TYPES, OUTPUT_TYPE, export_gguf  # noqa: E402
 from model.load import load_model  # noqa: E402
-from model.ollama import ollama_prompt  # noqa: E402
+from deploy.ollama import ollama_prompt  # noqa: E402
 
 N_PROMPTS = 5
 MAX_NEW = 40

@@ -14,14 +14,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-import dpo
+from training import dpo
 import lora
-import memory_estimate
+from training import memory_estimate
+import training.estimate, training.phases, training.settings
 import train
 from allocator import step_peak
 from model import Llama, LlamaConfig
 from model.loss import LanguageModelLoss
-from settings import TrainConfig
+from training.settings import TrainConfig
 
 TINY = dict(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=1024)  # widths NF4 takes on the CPU (multiples of 64)
@@ -40,7 +41,7 @@ def allocator_peak(cfg: TrainConfig, config: LlamaConfig) -> int:
     torch.manual_seed(0)
     model = Llama(config).to(dtype)
     model.rope_inv_freq = model.rope_inv_freq.float()
-    lora.inject_lora(model, train.lora_config(cfg), quantize=cfg.quantize, compute_dtype=dtype)
+    lora.inject_lora(model, training.phases.lora_config(cfg), quantize=cfg.quantize, compute_dtype=dtype)
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
@@ -77,7 +78,7 @@ def test_the_estimate_is_the_allocators_peak(case):
     or alive at the wrong time, shows as more."""
     cfg = settings(**CASES[case])
     config = LlamaConfig(**TINY)
-    est = train.estimate_step(cfg, config, "cpu", DTYPES[cfg.precision])
+    est = training.estimate.estimate_step(cfg, config, "cpu", DTYPES[cfg.precision])
     assert est.peak_bytes == pytest.approx(allocator_peak(cfg, config), rel=0.01)
     assert sum(est.categories.values()) == est.peak_bytes
     assert est.categories[memory_estimate.WEIGHTS] == sum(est.weights_by_kind.values())
@@ -89,7 +90,7 @@ def test_one_ddp_rank_of_two(tmp_path):
     gradients)."""
     measured = torchrun_rank_peak(tmp_path, "ddp")
     with one_thread():  # as each rank ran (attention's buffers are per thread)
-        est = train.estimate_step(settings(**RANKS, parallel="ddp", estimate_world_size=2), LlamaConfig(**TINY),
+        est = training.estimate.estimate_step(settings(**RANKS, parallel="ddp", estimate_world_size=2), LlamaConfig(**TINY),
                                   "cpu", torch.bfloat16)
     assert est.categories[memory_estimate.BUCKETS] == est.categories[memory_estimate.LORA]
     assert est.peak_bytes == pytest.approx(measured, rel=0.01)
@@ -104,8 +105,8 @@ def test_one_fsdp_rank_of_two(tmp_path):
     cfg = settings(**RANKS, parallel="fsdp")
     config = LlamaConfig(**TINY)
     with one_thread():
-        one = train.estimate_step(cfg, config, "cpu", torch.bfloat16)
-        two = train.estimate_step(replace(cfg, estimate_world_size=2), config, "cpu", torch.bfloat16)
+        one = training.estimate.estimate_step(cfg, config, "cpu", torch.bfloat16)
+        two = training.estimate.estimate_step(replace(cfg, estimate_world_size=2), config, "cpu", torch.bfloat16)
     for category in (memory_estimate.WEIGHTS, memory_estimate.LORA, memory_estimate.OPTIMIZER):
         assert two.categories[category] == pytest.approx(one.categories[category] / 2, rel=0.01), category
     assert two.peak_bytes <= torchrun_rank_peak(tmp_path, "fsdp") * 1.02
@@ -145,7 +146,7 @@ def test_smollm2_shapes(smollm2_dir):
     """The demo model's shapes (30 layers, 49152 tokens), at a short length to stay quick."""
     cfg = settings(micro_batch_size=1, max_seq_len=64, lora_dropout=0.0, grad_accum=1)
     config = LlamaConfig.from_file(smollm2_dir / "config.json")
-    est = train.estimate_step(cfg, config, "cpu", torch.float32)
+    est = training.estimate.estimate_step(cfg, config, "cpu", torch.float32)
     assert est.peak_bytes == pytest.approx(allocator_peak(cfg, config), rel=0.01)
 
 
@@ -170,8 +171,8 @@ def test_config_alone_and_the_json(tmp_path, capsys):
     assert cuda["peak_bytes"] >= cpu["peak_bytes"] and cuda["not_counted"]
     assert cuda["total_bytes"] == cuda["peak_bytes"] + sum(cuda["not_counted"].values())
     config = LlamaConfig.from_file(only / "config.json")
-    cfg = train.parse_config(flags + ["--device", "cuda"])
-    total = lambda **kw: train.estimate_step(replace(cfg, **kw), config, "cuda", torch.float32).total_bytes
+    cfg = training.settings.parse_config(flags + ["--device", "cuda"])
+    total = lambda **kw: training.estimate.estimate_step(replace(cfg, **kw), config, "cuda", torch.float32).total_bytes
     b, t = cuda["max_micro_batch_size"], cuda["max_seq_len"]
     assert total(micro_batch_size=b) <= 600 * 2**20 < total(micro_batch_size=b + 1)
     assert total(max_seq_len=t) <= 600 * 2**20 < total(max_seq_len=t + 1)

@@ -182,7 +182,7 @@ def test_adapter_gguf_is_the_merge_delta_in_gguf_layout(tmp_path, capsys, rslora
     import gguf
 
     from conftest import write_byte_level_tokenizer
-    from model.gguf import export_gguf
+    from deploy.gguf import export_gguf
     base = save_tiny_hf(tmp_path / "base")
     write_byte_level_tokenizer(base)
     peft_adapter(base, tmp_path / "adapter", use_rslora=rslora)
@@ -210,9 +210,9 @@ def test_adapter_gguf_is_the_merge_delta_in_gguf_layout(tmp_path, capsys, rslora
             np.testing.assert_array_equal(w, plain[name], err_msg=name)
     modelfile = (tmp_path / "adapter.Modelfile").read_text()
     assert "FROM ./base.gguf\nADAPTER ./adapter.gguf\nTEMPLATE" in modelfile
-    # python -m lora.gguf export writes the same file (the base from adapter_config.json).
-    import lora.gguf
-    assert lora.gguf.main(["export", str(tmp_path / "adapter"), str(tmp_path / "cli" / "a.gguf"),
+    # python -m deploy.adapter_gguf export writes the same file (the base from adapter_config.json).
+    import deploy.adapter_gguf
+    assert deploy.adapter_gguf.main(["export", str(tmp_path / "adapter"), str(tmp_path / "cli" / "a.gguf"),
                            "--base", str(base)]) == 0
     cli = read("cli/a.gguf")
     assert cli.keys() == adapter.keys() and all(np.array_equal(cli[k], adapter[k]) for k in cli)
@@ -225,34 +225,34 @@ def test_adapter_gguf_is_the_merge_delta_in_gguf_layout(tmp_path, capsys, rslora
 
 
 def test_lora_gguf_cli_errors(tmp_path, capsys):
-    import lora.gguf
+    import deploy.adapter_gguf
     base = save_tiny_hf(tmp_path / "base")
     peft_adapter(base, tmp_path / "adapter")
     config = tmp_path / "adapter" / "adapter_config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": None}))
-    assert lora.gguf.main(["export", str(tmp_path / "adapter"), str(tmp_path / "a.gguf")]) == 2
+    assert deploy.adapter_gguf.main(["export", str(tmp_path / "adapter"), str(tmp_path / "a.gguf")]) == 2
     assert "names no base model; pass --base" in capsys.readouterr().err
-    assert lora.gguf.main(["export", str(tmp_path / "adapter"), str(tmp_path / "a.txt"), "--base", str(base)]) == 2
+    assert deploy.adapter_gguf.main(["export", str(tmp_path / "adapter"), str(tmp_path / "a.txt"), "--base", str(base)]) == 2
     assert "expected a file name ending in .gguf" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]
     # A base GGUF the adapter does not fit (llama.cpp would refuse it at load): refused, nothing written.
     from conftest import write_byte_level_tokenizer
-    from model.gguf import export_gguf
+    from deploy.gguf import export_gguf
     other = save_tiny_hf(tmp_path / "other", intermediate_size=128)
     write_byte_level_tokenizer(other)
     write_byte_level_tokenizer(base)
     export_gguf(other, tmp_path / "other.gguf", "f16")
     export = ["export", str(tmp_path / "adapter"), str(tmp_path / "out" / "a.gguf"), "--base", str(base)]
     capsys.readouterr()  # transformers' save progress
-    assert lora.gguf.main(export + ["--base-gguf", str(tmp_path / "other.gguf")]) == 2
+    assert deploy.adapter_gguf.main(export + ["--base-gguf", str(tmp_path / "other.gguf")]) == 2
     err = capsys.readouterr().err
     assert "other.gguf: not the base of" in err and "blk.0.ffn_gate.weight is (64, 128)" in err, err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists(), err
     # A base GGUF that does not exist yet: written, with the command that makes it.
-    assert lora.gguf.main(export) == 0
-    assert f"python -m model.gguf export {base} {tmp_path / 'out' / 'base.gguf'}" in capsys.readouterr().out
+    assert deploy.adapter_gguf.main(export) == 0
+    assert f"python -m deploy.gguf export {base} {tmp_path / 'out' / 'base.gguf'}" in capsys.readouterr().out
     # The adapter GGUF is no base.
-    assert lora.gguf.main(export[:2] + [str(tmp_path / "b.gguf")] + export[3:] + ["--base-gguf", export[2]]) == 2
+    assert deploy.adapter_gguf.main(export[:2] + [str(tmp_path / "b.gguf")] + export[3:] + ["--base-gguf", export[2]]) == 2
     assert "not a llama model GGUF (general.type 'adapter'" in capsys.readouterr().err
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from data.templates import BUILTIN_TEMPLATES, compile_template, render
-from model.ollama import FAMILIES, GoTemplateError, modelfile, ollama_prompt, render_go, translate
+from deploy.ollama import FAMILIES, GoTemplateError, modelfile, ollama_prompt, render_go, translate
 
 CHATML_TOKENS = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}
 LLAMA3_TOKENS = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}

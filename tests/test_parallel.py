@@ -21,13 +21,13 @@ import pytest
 import torch
 
 import lora
-import parallel
+from training import parallel
 from conftest import ROOT
 from model import load_model
 from model.loss import LanguageModelLoss
 from test_train import adapter, config, metrics
-from settings import TrainConfig, TrainError, check_config
-from train import train
+from training.settings import TrainConfig, TrainError, check_config
+from training.loop import train
 
 # 21 training examples (3 of the 24 held out): a global micro-batch of 4 leaves 1 example at each
 # epoch's end, so rank 1's slice is empty there. 3 steps per epoch: step 3 has that tail.
@@ -205,31 +205,32 @@ def test_a_step_waits_for_the_device_once(tiny_chat_dir, chat_data, tmp_path, mo
 
 
 FAILING_RANK = """
-import os, time
+import importlib, os, time
 import train
+module = importlib.import_module("{module}")
 if os.environ["RANK"] == "1":
-    real, calls = train.{target}, []
+    real, calls = module.{target}, []
     def failing(*args, **kwargs):
         calls.append(1)
         if len(calls) == {call}:
             {action}
         return real(*args, **kwargs)
-    train.{target} = failing
+    setattr(module, "{target}", failing)
 train.main()
 """
 
 
-@pytest.mark.parametrize("target, call, action, timeout, message", [
+@pytest.mark.parametrize("module, target, call, action, timeout, message", [
     # rank 1 raises in step 2, after the ranks have been exchanging gradients: torchrun reports
     # its error as the root cause and stops rank 0
-    ("forward_loss", 3, 'raise RuntimeError("failure on rank 1")', 600, "RuntimeError: failure on rank 1"),
+    ("training.step", "forward_loss", 3, 'raise RuntimeError("failure on rank 1")', 600, "RuntimeError: failure on rank 1"),
     # rank 1 hangs while loading the model: rank 0 waits in a collective until --parallel-timeout
-    ("load_model", 1, "time.sleep(600)", 3, "Timed out"),
+    ("training.phases", "load_model", 1, "time.sleep(600)", 3, "Timed out"),
 ])
-def test_a_failing_rank_ends_the_job(tiny_chat_dir, chat_data, tmp_path, target, call, action, timeout,
+def test_a_failing_rank_ends_the_job(tiny_chat_dir, chat_data, tmp_path, module, target, call, action, timeout,
                                      message):
     script = tmp_path / "failing_rank.py"
-    script.write_text(FAILING_RANK.format(target=target, call=call, action=action))
+    script.write_text(FAILING_RANK.format(module=module, target=target, call=call, action=action))
     cfg = config(tiny_chat_dir, chat_data, tmp_path / "run", micro_batch_size=2, grad_accum=2, max_steps=4,
                  parallel_timeout=float(timeout))
     t0 = time.perf_counter()

@@ -12,8 +12,9 @@ from dataclasses import replace
 
 import pytest
 
-import sweep
+from training import sweep
 import train as train_module
+from training.settings import parse_config
 from conftest import ROOT
 from test_train import config, metrics
 
@@ -93,7 +94,7 @@ def test_failed_runs_make_the_sweep_fail(tiny_chat_dir, chat_data, tmp_path):
 
 
 def test_sweep_settings_from_flags_and_toml(tmp_path):
-    cfg = train_module.parse_config(["--sweep", "lr=2e-4,1e-3", "lora-r=8,64",
+    cfg = parse_config(["--sweep", "lr=2e-4,1e-3", "lora-r=8,64",
                                      "lora_targets=q_proj+k_proj,all-linear", "--max-steps", "5"])
     combos = sweep.settings(cfg)
     assert len(combos) == 8 and cfg.max_steps == 5
@@ -104,7 +105,7 @@ def test_sweep_settings_from_flags_and_toml(tmp_path):
 
     toml = tmp_path / "run.toml"
     toml.write_text('max_steps = 3\n\n[sweep]\nlr = [2e-4, 1e-3]\nlora_r = [8, 64]\nrslora = [true, false]\n')
-    cfg = train_module.parse_config(["--config", str(toml)])
+    cfg = parse_config(["--config", str(toml)])
     assert cfg.sweep == "lr=2e-4,1e-3 lora_r=8,64 rslora=true,false" and cfg.max_steps == 3
     assert sweep.settings(cfg)[-1] == {"lr": 1e-3, "lora_r": 64, "rslora": False}
 

@@ -17,11 +17,13 @@ import torch
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import train as train_module
+from training.settings import parse_config
+from training import batches as train_batches, phases as train_phases
 from conftest import ROOT, save_tiny_hf
-from checkpoint import CheckpointError
-from settings import TrainConfig
-from train import lr_at, train
+from training.checkpoint import CheckpointError
+from training.settings import TrainConfig
+from training.loop import train
+from training.step import lr_at
 
 
 
@@ -206,7 +208,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tiny_chat_dir, chat_data, t
 
 
 def test_nonfinite_gradient_names_the_module(tiny_chat_dir, chat_data, tmp_path, monkeypatch):
-    real_inject = train_module.lora.inject_lora
+    real_inject = train_phases.lora.inject_lora
     target = "model.layers.1.mlp.down_proj.lora_B.weight"
 
     def inject_then_poison(model, *a, **kw):
@@ -214,7 +216,7 @@ def test_nonfinite_gradient_names_the_module(tiny_chat_dir, chat_data, tmp_path,
         dict(model.named_parameters())[target].register_hook(lambda g: g * float("nan"))
         return names
 
-    monkeypatch.setattr(train_module.lora, "inject_lora", inject_then_poison)
+    monkeypatch.setattr(train_phases.lora, "inject_lora", inject_then_poison)
     with pytest.raises(FloatingPointError, match=f"first non-finite gradient in {target}"):
         train(config(tiny_chat_dir, chat_data, tmp_path / "run", max_steps=3, save_every=1))
     assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
@@ -222,7 +224,7 @@ def test_nonfinite_gradient_names_the_module(tiny_chat_dir, chat_data, tmp_path,
 
 def poison_gradient(monkeypatch, target, steps):
     """Make `target`'s gradient inf in the given optimizer steps (1-based; None: every step)."""
-    real_inject = train_module.lora.inject_lora
+    real_inject = train_phases.lora.inject_lora
     calls = []
 
     def inject_then_poison(model, *a, **kw):
@@ -232,7 +234,7 @@ def poison_gradient(monkeypatch, target, steps):
             return g * float("inf") if steps is None or len(calls) in steps else g
         dict(model.named_parameters())[target].register_hook(hook)
         return names
-    monkeypatch.setattr(train_module.lora, "inject_lora", inject_then_poison)
+    monkeypatch.setattr(train_phases.lora, "inject_lora", inject_then_poison)
 
 
 def test_fp16_skipped_steps_are_logged_and_the_run_goes_on(tiny_chat_dir, chat_data, tmp_path, monkeypatch):
@@ -257,13 +259,13 @@ def test_fp16_stops_after_too_many_skipped_steps(tiny_chat_dir, chat_data, tmp_p
 
 
 def test_fp16_nan_loss_stops_at_once(tiny_chat_dir, chat_data, tmp_path, monkeypatch):
-    real_load = train_module.load_model
+    real_load = train_phases.load_model
 
     def load_then_poison(*a, **kw):
         model = real_load(*a, **kw)
         model.model.norm.register_forward_hook(lambda m, i, o: o * float("nan"))
         return model
-    monkeypatch.setattr(train_module, "load_model", load_then_poison)
+    monkeypatch.setattr(train_phases, "load_model", load_then_poison)
     with pytest.raises(FloatingPointError, match="step 1: loss nan"):
         train(config(tiny_chat_dir, chat_data, tmp_path / "run", max_steps=4, precision="fp16"))
 
@@ -273,7 +275,7 @@ class DeviceSyncs(TorchDispatchMode):
     bool: aten._local_scalar_dense), shapes that depend on values (nonzero, masked_select, boolean
     indexing), and tolist (`count_tolist`). It counts on the thread that made it, the loop's: the
     batch prefetcher's thread counts on the CPU, before the copy, by design (and dispatch modes
-    are per thread). Not counted either: ops while `paused` is set (train.to_device, on the loop's
+    are per thread). Not counted either: ops while `paused` is set (training/batches.step_batch, on the loop's
     thread for the validation batches) and reads of tensors marked host-only (`host_only`: under
     torchrun, the CPU tensors reduced over the gloo host group, in which no GPU takes part)."""
     SYNCING = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
@@ -295,21 +297,21 @@ class DeviceSyncs(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
     def count_tolist(self, monkeypatch):
-        """Count Tensor.tolist too (it reads without a dispatched op), and pause in train.to_device."""
-        real_to_device, real_tolist = train_module.to_device, torch.Tensor.tolist
+        """Count Tensor.tolist too (it reads without a dispatched op), and pause in training/batches.step_batch."""
+        real_step_batch, real_tolist = train_batches.step_batch, torch.Tensor.tolist
 
-        def to_device(*a, **kw):
+        def step_batch(*a, **kw):
             mine = threading.get_ident() == self.thread
             self.paused |= mine
             try:
-                return real_to_device(*a, **kw)
+                return real_step_batch(*a, **kw)
             finally:
                 self.paused &= not mine
 
         def tolist(t):
             self.count += self.counts(t)
             return real_tolist(t)
-        monkeypatch.setattr(train_module, "to_device", to_device)
+        monkeypatch.setattr(train_batches, "step_batch", step_batch)
         monkeypatch.setattr(torch.Tensor, "tolist", tolist)
 
 
@@ -374,7 +376,7 @@ def test_cli_errors_are_one_line(args, message, tmp_path):
 def test_config_file_and_flags_win(tmp_path):
     cfg_file = tmp_path / "run.toml"
     cfg_file.write_text('lr = 0.5\nlora-r = 3\nmax_steps = 7\n')
-    cfg = train_module.parse_config(["--config", str(cfg_file), "--lr", "0.25"])
+    cfg = parse_config(["--config", str(cfg_file), "--lr", "0.25"])
     assert (cfg.lr, cfg.lora_r, cfg.max_steps) == (0.25, 3, 7)
 
 
@@ -498,7 +500,7 @@ def test_samples_come_from_the_runs_own_validation_prompts(tiny_chat_dir, chat_d
     """Any data but the demo's: each eval answers the first user turns of the first 3 validation
     conversations (never the demo's English prompts); no validation data, no samples; the demo
     data keeps examples/prompts.txt; an explicit file, or '' for none, is honoured."""
-    from settings import DEMO_PROMPTS, parse_config
+    from training.settings import DEMO_PROMPTS, parse_config
     assert parse_config(["--data", str(chat_data)]).sample_prompts is None
     assert parse_config([]).sample_prompts == str(DEMO_PROMPTS)
     assert parse_config(["--data", str(ROOT / "examples" / "train.json")]).sample_prompts == str(DEMO_PROMPTS)
@@ -516,7 +518,7 @@ def test_samples_come_from_the_runs_own_validation_prompts(tiny_chat_dir, chat_d
 def test_resume_takes_the_device_of_this_machine(tiny_chat_dir, chat_data, tmp_path):
     """--resume with only --output-dir fills in the run's settings but not the device it resolved:
     a run made on a GPU machine (run_config.json says cuda) resumes here with --device auto."""
-    from settings import parse_config
+    from training.settings import parse_config
     out = tmp_path / "run"
     train(config(tiny_chat_dir, chat_data, out, max_steps=1))
     path = out / "run_config.json"

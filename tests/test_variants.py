@@ -26,14 +26,15 @@ import transformers
 from transformers.integrations.neftune import neftune_post_forward_hook
 
 import lora
-import train as train_module
+from training import loop as train_loop
 from conftest import save_tiny_hf
 from model import load_model
 from model.generate import generate
 from model.llama import neftune_noise
 from test_parallel import cut_at_step_2
 from test_train import adapter, config, metrics
-from train import train
+from training.loop import train
+from training.phases import build_optimizer
 
 
 # ----------------------------------------------------------------------------- LoRA+
@@ -47,7 +48,7 @@ def test_loraplus_groups_equal_peft(tmp_path):
     lora.inject_lora(ours, lora.LoRAConfig(r=4, alpha=8, targets=targets))
     cfg = config(path, tmp_path / "unused.jsonl", tmp_path / "out", lr=2e-4, loraplus_lr_ratio=16.0,
                  weight_decay=0.01)
-    optimizer, _ = train_module.build_optimizer(cfg, ours, "cpu", torch.float32)
+    optimizer, _ = build_optimizer(cfg, ours, "cpu", torch.float32)
     names = {id(p): n for n, p in ours.named_parameters()}
     got = {names[id(p)]: (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
 
@@ -83,17 +84,17 @@ def test_loraplus_schedule_keeps_the_ratio(tiny_chat_dir, chat_data, tmp_path):
     """Warmup and cosine scale both groups: at every step B's lr is ratio x A's."""
     out = tmp_path / "run"
     seen = []
-    real = train_module.train_step
+    real = train_loop.train_step
 
     def spy(loss_fn, batches, optimizer, *args):
         seen.append(sorted({(g["lr"], g["lr_ratio"]) for g in optimizer.param_groups}))
         return real(loss_fn, batches, optimizer, *args)
 
-    train_module.train_step = spy
+    train_loop.train_step = spy
     try:
         train(config(tiny_chat_dir, chat_data, out, max_steps=4, warmup_steps=2, loraplus_lr_ratio=8.0))
     finally:
-        train_module.train_step = real
+        train_loop.train_step = real
     lrs = [m["lr"] for m in metrics(out)]
     assert len(seen) == 4 and len(set(lrs)) > 1  # warmup 0.005, 0.01, then cosine 0.01, 0.005
     for step, (lr, groups) in enumerate(zip(lrs, seen)):
@@ -399,8 +400,8 @@ def test_pissa_resume_is_exact(tiny_chat_dir, chat_data, pissa_run, tmp_path):
 
 def test_sweeps_vary_the_variants():
     """A sweep grid over the variants' flags, every combination checked before the first run."""
-    import settings
-    import sweep
+    from training import settings
+    from training import sweep
     cfg = settings.parse_config(["--sweep", "dora=true,false", "neftune_alpha=0,5", "loraplus_lr_ratio=1,16",
                                  "--max-steps", "2"])
     combos = sweep.settings(cfg)

@@ -23,9 +23,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import parallel
-import train
-from settings import parse_config
+from training import parallel
+import training.loop
+from training.settings import parse_config
 from test_train import DeviceSyncs
 
 torch.set_num_threads(1)  # test_train's conftest set more; torchrun gave each rank one thread
@@ -33,7 +33,7 @@ cfg = parse_config(sys.argv[1:])
 counter, monkeypatch = DeviceSyncs(), pytest.MonkeyPatch()
 counter.count_tolist(monkeypatch)
 host_reductions, misplaced, at_step = [0], [], []
-real_all_reduce, real_train_step = dist.all_reduce, train.train_step
+real_all_reduce, real_train_step = dist.all_reduce, training.loop.train_step
 
 
 def all_reduce(tensor, *args, group=None, **kwargs):
@@ -51,9 +51,9 @@ def train_step(*args, **kwargs):
 
 
 monkeypatch.setattr(dist, "all_reduce", all_reduce)
-monkeypatch.setattr(train, "train_step", train_step)
+monkeypatch.setattr(training.loop, "train_step", train_step)
 with counter:
-    train.train(cfg)
+    training.loop.train(cfg)
 assert len(at_step) == cfg.max_steps >= 5, at_step
 (syncs_2, reductions_2), (syncs_5, reductions_5) = at_step[1], at_step[4]
 result = {"syncs_per_step": (syncs_5 - syncs_2) / 3, "host_reductions_per_step": (reductions_5 - reductions_2) / 3,

@@ -8,7 +8,7 @@ the default system prompt the model was trained with. So the export writes the T
        Ollama renders a chat (the Modelfile's SYSTEM put first unless the chat has a system
        message, consecutive messages of one role joined by a blank line, then the template run over
        .Messages; llama.cpp's tokenizer then adds BOS where the GGUF says so).
-    2. The model's own chat template is rendered (model/chat_template.py, as transformers does)
+    2. The model's own chat template is rendered (data/chat_template.py, as transformers does)
        for the same conversations, with the generation prompt.
     3. The default system prompt is what the Jinja rendering of a chat with no system message
        holds where the family puts a system turn.
@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .chat_template import ChatTemplateError, compile_template, render
+from data.chat_template import ChatTemplateError, compile_template, render
 
 # The Go templates. `{eos}` is replaced by the model's EOS token text before use.
 FAMILIES = {

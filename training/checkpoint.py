@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 import lora
-import parallel
+from . import parallel
 from model.errors import UserError, one_line
 
 STATE_FILE = "training_state.pt"

@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
-import parallel
+from . import parallel
 from model.errors import UserError
 from model.fingerprint import file_sha256, legacy_model_fingerprint, model_fingerprint
 from model.runtime import peak_memory_gib, peak_reserved_gib

@@ -2,7 +2,7 @@
 a GGUF's tokenizer.chat_template), compiled in a sandbox and rendered exactly as transformers'
 `apply_chat_template` renders it.
 
-data/ renders it to build training text; model/ollama.py renders it to translate it into Ollama's
+data/ renders it to build training text; deploy/ollama.py renders it to translate it into Ollama's
 Go template. The template is untrusted code from a model repository, hence the sandbox.
 """
 
@@ -14,7 +14,7 @@ import jinja2
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .errors import UserError
+from model.errors import UserError
 
 TEMPLATE_FILE = "chat_template.jinja"  # transformers' file for the template (it wins over tokenizer_config.json)
 

@@ -13,12 +13,12 @@ rows are in llama.cpp's interleaved order (model/gguf.py's permute_qk): the rows
 the rows of B, so only B is permuted. DoRA (a per-row magnitude after the update) has no llama.cpp
 equivalent and is refused; merge it instead.
 
-    python -m lora.gguf export ADAPTER_DIR OUT.gguf [--base MODEL_DIR] [--base-gguf BASE.gguf]
+    python -m deploy.adapter_gguf export ADAPTER_DIR OUT.gguf [--base MODEL_DIR] [--base-gguf BASE.gguf]
                                [--type f32|f16] [--overwrite]
 
-OUT.Modelfile goes beside it: FROM the base's GGUF (export the base once, `python -m model.gguf
+OUT.Modelfile goes beside it: FROM the base's GGUF (export the base once, `python -m deploy.gguf
 export MODEL_DIR BASE.gguf`), ADAPTER OUT.gguf, and the TEMPLATE and SYSTEM of the chat template
-the adapter was trained with (its chat_template.jinja; the base's if it has none; model/ollama.py).
+the adapter was trained with (its chat_template.jinja; the base's if it has none; deploy/ollama.py).
 """
 
 import argparse
@@ -29,18 +29,18 @@ import gguf
 import numpy as np
 import torch
 
+from data.chat_template import saved_template
+from lora.adapter import (PEFT_PREFIX, WEIGHTS_FILE, check_adapter_tensors, check_base, read_adapter_config,
+                          read_adapter_tensors, resolve_adapter_dir)
+from lora.config import LoRAError
+from lora.inject import inject_lora, lora_modules
 from model import gguf as model_gguf
-from model import ollama
-from model.chat_template import saved_template
 from model.config import LlamaConfig
 from model.errors import run_command
-from model.load import resolve_model_dir
 from model.llama import Llama
+from model.load import resolve_model_dir
 
-from .adapter import (PEFT_PREFIX, WEIGHTS_FILE, check_adapter_tensors, check_base, read_adapter_config,
-                      read_adapter_tensors, resolve_adapter_dir)
-from .config import LoRAError
-from .inject import inject_lora, lora_modules
+from . import gguf as gguf_export, ollama
 
 ADAPTER_TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16}
 
@@ -85,7 +85,7 @@ def export_adapter_gguf(adapter_dir, base_dir, out_path, base_gguf=None, out_typ
         raise LoRAError(f"type {out_type!r}: choose one of {', '.join(ADAPTER_TYPES)}")
     if out_path.suffix != ".gguf":
         raise LoRAError(f"{out_path}: expected a file name ending in .gguf")
-    model_gguf.check_outputs([out_path, modelfile], overwrite)
+    gguf_export.check_outputs([out_path, modelfile], overwrite)
     config = LlamaConfig.from_file(base_dir / "config.json")
     cfg, pairs = adapter or adapter_pairs(adapter_dir, config, base_dir)[:2]
     if cfg.dora:
@@ -107,10 +107,10 @@ def export_adapter_gguf(adapter_dir, base_dir, out_path, base_gguf=None, out_typ
     if base_gguf.exists():
         needed = {names[f"{m}.weight"]: (A.shape[1], B.shape[0]) for m, (A, B, _) in pairs.items()}
         check_base_gguf(base_gguf, config, needed, adapter_dir)
-    vocab = model_gguf.vocab_from_hf(base_dir, config)
+    vocab = gguf_export.vocab_from_hf(base_dir, config)
     # The Modelfile's TEMPLATE: the one the adapter was trained with when it carries it, else the base's.
     vocab["chat_template"] = saved_template(adapter_dir) or vocab["chat_template"]
-    chat = model_gguf.ollama_chat(vocab)
+    chat = gguf_export.ollama_chat(vocab)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with model_gguf.atomic_path(modelfile) as modelfile_tmp, model_gguf.atomic_path(out_path) as tmp:
         text = ollama.modelfile(base_gguf, chat, adapter_path=out_path)
@@ -141,7 +141,7 @@ def missing_base_note(base_gguf: Path, base_dir) -> str | None:
     if Path(base_gguf).exists():
         return None
     return (f"note: the Modelfile's FROM, {base_gguf}, does not exist yet: write it once with "
-            f"python -m model.gguf export {base_dir} {base_gguf}")
+            f"python -m deploy.gguf export {base_dir} {base_gguf}")
 
 
 def default_base_gguf(out_path: Path, base_dir: Path) -> Path:
@@ -167,15 +167,15 @@ def _write(path: Path, config: LlamaConfig, alpha: float, tensors, qtype, name: 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lora.gguf", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m deploy.adapter_gguf", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    exp = model_gguf.export_parser(sub, "adapter_dir", "adapter directory", ADAPTER_TYPES, "f32")
+    exp = gguf_export.export_parser(sub, "adapter_dir", "adapter directory", ADAPTER_TYPES, "f32")
     exp.add_argument("--base", help="the base model directory (default: the adapter's base_model_name_or_path)")
     exp.add_argument("--base-gguf", help="the base's GGUF, for the Modelfile's FROM (default: BASE_NAME.gguf "
                      "beside OUT.gguf)")
     exp.add_argument("--allow-other-base", action="store_true", help="export for a base other than the one the "
                      "adapter was trained on (its nanolora_base.json), with a warning")
-    return run_command("python -m lora.gguf", export, parser.parse_args(argv))
+    return run_command("python -m deploy.adapter_gguf", export, parser.parse_args(argv))
 
 
 def export(args):
@@ -188,7 +188,7 @@ def export(args):
     base_gguf = args.base_gguf or default_base_gguf(Path(args.out_gguf), base_dir)
     chat = export_adapter_gguf(args.adapter_dir, base_dir, args.out_gguf, base_gguf, args.type, args.overwrite)
     print(args.out_gguf)
-    print(model_gguf.describe_modelfile(Path(args.out_gguf), chat))
+    print(gguf_export.describe_modelfile(Path(args.out_gguf), chat))
     if note := missing_base_note(base_gguf, base):
         print(note)
 

@@ -29,11 +29,11 @@ import typing
 from dataclasses import asdict, fields
 from pathlib import Path
 
-import run_dir as run_files
-from checkpoint import list_checkpoints
+from . import run_dir as run_files
+from .checkpoint import list_checkpoints
 from model.errors import UserError
 
-TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
 LIST_SETTINGS = ("lora_targets", "adam_betas")  # values that are comma lists: parts joined by + in a sweep
 NOT_SWEPT = ("sweep", "sweep_samples", "output_dir", "resume", "overwrite")  # settings of the sweep itself
 COLUMNS = ("run", "steps", "final loss", "best val loss", "at step", "max grad_norm", "tokens/s",

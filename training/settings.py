@@ -14,15 +14,15 @@ from pathlib import Path
 import torch
 
 import lora
-import parallel
-import run_dir
-import sweep
+from . import parallel
+from . import run_dir
+from . import sweep
 from data import DataError, is_preference_file
 from data.formats import SUFFIXES
 from model import DEMO_MODEL
 from model.errors import UserError, parse_size
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repository: examples/ is there
 DEMO_DATA = ROOT / "examples" / "train.json"
 DEMO_VAL_DATA = ROOT / "examples" / "val.json"
 DEMO_PROMPTS = ROOT / "examples" / "prompts.txt"

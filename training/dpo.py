@@ -36,10 +36,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lora
-import parallel
+from . import parallel
 from model.errors import UserError
 from model.files import save_safetensors
-from model.loss import sequence_logps
+from model.loss import IGNORE_INDEX, sequence_logps, trained_positions
 
 LOSS_TYPES = ("sigmoid", "ipo")
 REFERENCE_FILE = "ref_logps.safetensors"  # --dpo-precompute-ref's numbers, in the run directory
@@ -166,3 +166,12 @@ def cached_reference(loss_fn: PreferenceLoss, train: list[dict], val: list[dict]
         tmp = path.with_name(path.name + ".tmp")
         save_safetensors({"train": pairs(train), "val": pairs(val)}, tmp)
         tmp.replace(path)  # atomic: a kill mid-write leaves no half file for --resume to read
+
+
+def count_pairs(batch: dict) -> dict:
+    """A micro-batch of pairs (data.make_pair_batch: chosen rows, then rejected) with what the
+    preference loss reads, on the CPU before training/batches.step_batch moves it: n_loss, the pairs
+    it is a mean over; the row of each trained position; each row's trained tokens (IPO's averages)."""
+    labels = batch["labels"]
+    return {**batch, "n_loss": batch["pairs"], "trained_rows": trained_positions(labels) // labels.shape[1],
+            "reply_tokens": (labels[:, 1:] != IGNORE_INDEX).sum(1)}
