@@ -21,8 +21,8 @@ import data
 import lora
 from deploy.chat import reply
 from model import DEMO_MODEL, load_model, resolve_model_dir
-from model.errors import UserError, at_least, between, positive_float, run_command
-from model.fused import reference_path
+from model.errors import Renamed, UserError, at_least, between, positive_float, run_command
+from model.fused import textbook_path
 from model.runtime import choose_device, choose_dtype
 
 STDIN_CLOSED = "stdin is closed; pass --prompt TEXT for a one-shot reply"
@@ -50,8 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=at_least(0, 2**64 - 1), default=0)  # torch.manual_seed's range
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
-    p.add_argument("--reference", action="store_true",
+    p.add_argument("--textbook", action="store_true",
                    help="run the textbook twins of the fast pieces (model/fused.py): same replies, slower")
+    p.add_argument("--reference", action=Renamed, nargs=0, dest="textbook", help=argparse.SUPPRESS)
     p.add_argument("--allow-other-base", action="store_true", help="apply --adapter to a base other than the "
                    "one it was trained on (its nanolora_base.json), with a warning")
     args = p.parse_args(argv)
@@ -157,7 +158,7 @@ def chat(args):
     if args.adapter:  # a training run's directory: its final adapter
         args.adapter = str(lora.adapter.resolve_adapter_dir(args.adapter))
     model, tok = load(args)
-    with torch.no_grad(), reference_path(args.reference):
+    with torch.no_grad(), textbook_path(args.textbook):
         if args.prompt is not None:
             one_shot(model, tok, args)
         else:

@@ -1,4 +1,4 @@
-"""The fast path of the LoRA layers: what LoRALinear.forward runs unless model.fused.reference_path()
+"""The fast path of the LoRA layers: what LoRALinear.forward runs unless model.fused.textbook_path()
 is on. Its textbook twin is LoRALinear.textbook (lora/layer.py): base(x) + scaling * B A dropout(x),
 autograd deriving the gradient; tests/test_lora.py proves them equal in float64 and under bf16/fp16
 autocast.

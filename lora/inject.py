@@ -150,7 +150,3 @@ def trainable_table(model: nn.Module) -> Table:
     table.add_row("total", f"{total:,}", "100.000", "")
     return table
 
-
-def print_trainable(model: nn.Module):
-    from rich.console import Console
-    Console().print(trainable_table(model))

@@ -146,7 +146,7 @@ class LoRALinear(nn.Module):
 
         By default the same sum comes from lora/fused.py, which computes the LoRA layers of one
         input (q/k/v, gate/up) together with their backward written out; under
-        model.fused.reference_path() (train.py --reference) it is `textbook`, below."""
+        model.fused.textbook_path() (train.py --reference) it is `textbook`, below."""
         if not self.enabled:
             return self.base_forward(x)
         if self.use_dora:

@@ -62,6 +62,15 @@ def run_command(prog: str, work, *args, codes: dict | None = None) -> int:
 # --- argparse types: a flag out of range is refused before any work, argparse naming the flag in
 # its one-line error ("argument --top-p: expected a number in (0, 1], got 2.0") with exit code 2.
 
+class Renamed(argparse.Action):
+    """A flag that was renamed (--reference, now --textbook): still accepted, with a notice."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        new = "--" + self.dest.replace("_", "-")
+        print(f"note: {option_string} was renamed {new}; it means the same", file=sys.stderr)
+        setattr(namespace, self.dest, True)
+
+
 def at_least(low: int, high: int | None = None):
     """An argparse type: an integer >= low (and <= high, if given)."""
     def parse(text: str) -> int:

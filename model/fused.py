@@ -2,15 +2,15 @@
 
 Every piece here has a textbook twin in model/llama.py or model/loss.py, written op by op with
 autograd deriving its gradient; tests/test_model.py and tests/test_loss.py prove each pair equal in
-float64, forward and backward. The fast pieces run by default. Inside `reference_path()` (or after
-`use_reference()`, or with train.py / chat.py --reference) the model, the LoRA layers
+float64, forward and backward. The fast pieces run by default. Inside `textbook_path()` (train.py
+and chat.py --textbook) the model, the LoRA layers
 (lora/fused.py holds their fast piece) and the loss run on the twins instead, so a learner reads,
 and a debugger hooks, every intermediate tensor.
 
     RMSNormFunction      RMSNorm with a four-pass backward                twin: llama.rms_norm
     RoPE / apply_rope    rotary embedding without a rotated copy of x     twin: llama.rope_rotate
-    LinearCrossEntropy   lm_head and cross-entropy in chunks, no logits   twin: loss.reference_loss_sum
-    LinearTokenCrossEntropy   the same, per token (DPO's log-probs)       twin: loss.reference_sequence_logps
+    LinearCrossEntropy   lm_head and cross-entropy in chunks, no logits   twin: loss.textbook_loss_sum
+    LinearTokenCrossEntropy   the same, per token (DPO's log-probs)       twin: loss.textbook_sequence_logps
     varlen attention     packed rows without a mask, one kernel call      twin: SDPA with the mask
     document_attention   packed rows without a mask, a call per document  twin: SDPA with the mask
     shared_input         q/k/v (and gate/up) of one input together        twin: each layer on its own
@@ -39,14 +39,8 @@ def enabled() -> bool:
     return _FAST
 
 
-def use_reference(on: bool = True):
-    """From now on run the textbook twins (on=True) or the fast pieces (on=False)."""
-    global _FAST
-    _FAST = not on
-
-
 @contextmanager
-def reference_path(on: bool = True):
+def textbook_path(on: bool = True):
     """Inside the block the model, its LoRA layers and the loss run their textbook twins (on=False:
     the fast pieces); the previous choice comes back after."""
     global _FAST

@@ -397,7 +397,7 @@ class Llama(nn.Module):
         picks: FlashAttention's varlen kernel or one SDPA call per document, both reading
         `documents` (packed_documents(document_ids), found here when not given: on a GPU that makes
         the host wait), or SDPA with a block-diagonal mask (the CPU). The textbook path
-        (fused.reference_path) always takes the mask, into attention() written out: that twin
+        (fused.textbook_path) always takes the mask, into attention() written out: that twin
         holds the (B, H, T, T) scores by design.
         """
         B, T = input_ids.shape

@@ -6,7 +6,7 @@ lm_head at all, and they go in chunks of at most CHUNK_ELEMENTS fp32 logits, so 
 logits never exist.
 
 The fast loss (model/fused.py: LinearCrossEntropy) never forms the logits; its twin
-(`reference_loss_sum`) does, as a textbook writes it: lm_head, then cross-entropy.
+(`textbook_loss_sum`) does, as a textbook writes it: lm_head, then cross-entropy.
 """
 
 import torch
@@ -38,7 +38,7 @@ def lm_loss_sum(model, input_ids, labels, position_ids=None, document_ids=None, 
     """
     hidden = model.hidden_states(input_ids, position_ids, document_ids, documents=documents)  # (B, T, C)
     if not fused.enabled():
-        return reference_loss_sum(model.lm_head(hidden), labels)
+        return textbook_loss_sum(model.lm_head(hidden), labels)
     if trained_index is None:
         trained_index = trained_positions(labels)
     # Position t predicts token t+1; only trained positions reach lm_head. index_select with known
@@ -60,7 +60,7 @@ def head_is_plain(model) -> bool:
     return type(model.lm_head) is nn.Linear
 
 
-def reference_loss_sum(logits, labels):
+def textbook_loss_sum(logits, labels):
     """The textbook twin of fused.LinearCrossEntropy: logits (B, T, vocab) at position t predict
     labels[t + 1]; the sum of the cross-entropies, in float32 (or wider), over the labels that are
     not -100, and their number."""
@@ -102,7 +102,7 @@ def sequence_logps(model, input_ids, labels, trained_index=None, trained_rows=No
     """
     hidden = model.hidden_states(input_ids)  # (R, T, C)
     if not fused.enabled():
-        return reference_sequence_logps(model.lm_head(hidden), labels)
+        return textbook_sequence_logps(model.lm_head(hidden), labels)
     if trained_index is None:
         trained_index = trained_positions(labels)
     if trained_rows is None:
@@ -121,7 +121,7 @@ def sequence_logps(model, input_ids, labels, trained_index=None, trained_rows=No
     return -sums
 
 
-def reference_sequence_logps(logits, labels):
+def textbook_sequence_logps(logits, labels):
     """The textbook twin of sequence_logps' fast path: logits (R, T, vocab) at position t predict
     labels[t + 1]; log_softmax over the vocabulary, the label's entry picked, summed over each row's
     positions whose label is not -100. In float32 (or wider)."""

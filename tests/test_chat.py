@@ -83,7 +83,7 @@ def run_chat(*args):
 
 
 def test_unmerged_adapter_answers_like_merged_model(tiny_chat_dir, tmp_path):
-    """chat.py with an adapter answers as the merged model does, and so does --reference (the
+    """chat.py with an adapter answers as the merged model does, and so does --textbook (the
     textbook twins: model/fused.py); the base model answers otherwise."""
     model = load_model(tiny_chat_dir)
     cfg = lora.LoRAConfig(r=4, alpha=8, dropout=0.0, targets="all-linear")
@@ -102,7 +102,7 @@ def test_unmerged_adapter_answers_like_merged_model(tiny_chat_dir, tmp_path):
     unmerged = run_chat("--model", str(tiny_chat_dir), "--adapter", str(tmp_path / "adapter"), *prompt)
     fused = run_chat("--model", str(merged), *prompt)
     base = run_chat("--model", str(tiny_chat_dir), *prompt)
-    textbook = run_chat("--model", str(tiny_chat_dir), "--adapter", str(tmp_path / "adapter"), "--reference", *prompt)
+    textbook = run_chat("--model", str(tiny_chat_dir), "--adapter", str(tmp_path / "adapter"), "--textbook", *prompt)
     assert unmerged.returncode == fused.returncode == textbook.returncode == 0, unmerged.stderr[-2000:]
     assert unmerged.stdout == fused.stdout == textbook.stdout and unmerged.stdout.strip()
     assert base.stdout != fused.stdout  # the adapter did change the answer

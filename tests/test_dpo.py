@@ -7,7 +7,7 @@
 - Pairs are tokenized as transformers' apply_chat_template renders them, and only each reply and
   its end-of-turn token count, never the prompt (earlier assistant turns included).
 - A run: accumulation 4 x 1 equals 1 x 4; a resumed run is exact (with and without precomputed
-  reference log-probs); --reference trains the same run; precomputed reference log-probs train
+  reference log-probs); --textbook trains the same run; precomputed reference log-probs train
   the same run as ones computed each step; the metrics are where they should be.
 - Bad preference data and settings fail with one line.
 """
@@ -26,7 +26,7 @@ from training import dpo
 import lora
 from conftest import ROOT
 from model import load_model
-from model.fused import reference_path
+from model.fused import textbook_path
 from model.loss import IGNORE_INDEX
 from test_lora import peft_twin, randomize_lora
 from test_parallel import cut_at_step_2
@@ -208,7 +208,7 @@ def pair_batch(tiny_chat_dir, pairs_file):
 
 @pytest.mark.parametrize("loss_type, smoothing, rpo, path", [
     ("sigmoid", 0.0, 0.0, "fast"), ("sigmoid", 0.2, 0.0, "fast"), ("ipo", 0.0, 0.0, "fast"), ("sigmoid", 0.0, 0.7, "fast"),
-    ("ipo", 0.0, 0.7, "fast"), ("sigmoid", 0.2, 0.7, "reference"), ("ipo", 0.0, 0.0, "reference")])
+    ("ipo", 0.0, 0.7, "fast"), ("sigmoid", 0.2, 0.7, "textbook"), ("ipo", 0.0, 0.0, "textbook")])
 def test_loss_rewards_and_grads_equal_the_formula_on_peft(tiny_chat_dir, pair_batch, monkeypatch, loss_type,
                                                           smoothing, rpo, path):
     """Float64 throughout: ours (PreferenceLoss on our Llama with LoRA) against the formula on
@@ -225,7 +225,7 @@ def test_loss_rewards_and_grads_equal_the_formula_on_peft(tiny_chat_dir, pair_ba
     twin = peft_twin(tiny_chat_dir, ours, TARGETS, rslora=False).double()
 
     loss_fn = dpo.PreferenceLoss(ours, beta, smoothing, loss_type, rpo)
-    with reference_path(path == "reference"):
+    with textbook_path(path == "textbook"):
         loss_sum, stats = loss_fn(pair_batch)
     loss_sum.backward()
 
@@ -308,7 +308,7 @@ def test_a_lora_on_lm_head_is_in_both_losses(tmp_path):
     for fn in (lambda: lm_loss_sum(model, ids, labels)[0], lambda: sequence_logps(model, ids, labels).sum()):
         fast = fn()
         (g_fast,) = torch.autograd.grad(fast, model.lm_head.lora_B.weight)
-        with reference_path():
+        with textbook_path():
             textbook = fn()
         (g_ref,) = torch.autograd.grad(textbook, model.lm_head.lora_B.weight)
         assert fast.item() == pytest.approx(textbook.item(), rel=1e-12)
@@ -402,16 +402,16 @@ def test_resume_is_exact(tiny_chat_dir, pair_data, tmp_path, precompute):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_reference_path_and_precomputed_reference_train_the_same_run(tiny_chat_dir, pair_data, tmp_path):
-    """--reference (textbook pieces) and --dpo-precompute-ref (reference log-probs once, in other
+def test_textbook_path_and_precomputed_reference_train_the_same_run(tiny_chat_dir, pair_data, tmp_path):
+    """--textbook (textbook pieces) and --dpo-precompute-ref (reference log-probs once, in other
     batches: other padding) both train the default run, to float32 rounding: the losses and
     margins within dpo_tolerance, the adapters as test_accumulation_equals_big_batch bounds them."""
     kw = dict(max_steps=3, lora_dropout=0.1, micro_batch_size=2, grad_accum=2)
-    runs = {name: tmp_path / name for name in ("default", "reference", "precomputed")}
+    runs = {name: tmp_path / name for name in ("default", "textbook", "precomputed")}
     train(dpo_config(tiny_chat_dir, pair_data, runs["default"], **kw))
-    train(dpo_config(tiny_chat_dir, pair_data, runs["reference"], reference=True, **kw))
+    train(dpo_config(tiny_chat_dir, pair_data, runs["textbook"], textbook=True, **kw))
     train(dpo_config(tiny_chat_dir, pair_data, runs["precomputed"], dpo_precompute_ref=True, **kw))
-    for name in ("reference", "precomputed"):
+    for name in ("textbook", "precomputed"):
         for m, n in zip(metrics(runs["default"]), metrics(runs[name]), strict=True):
             for k in ("loss", "reward_margin"):
                 assert abs(m[k] - n[k]) <= dpo_tolerance(n), (name, k, m[k], n[k])

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from conftest import assert_logits_match, break_model, fp32_logits_bound, rel, save_tiny_hf
 from model import ConfigError, KVCache, LoadError, load_model
-from model.fused import RMSNormFunction, RoPE, reference_path
+from model.fused import RMSNormFunction, RoPE, textbook_path
 from model.llama import rms_norm, rope_rotate
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -198,9 +198,9 @@ def test_packed_kernels_on_cuda(tiny_llama_dir, monkeypatch, dtype):
 
 @pytest.mark.parametrize("overrides", [{}, {"arch": "qwen2", "tie_word_embeddings": True},
                                        {"arch": "mistral", "sliding_window": 6}])
-def test_reference_path_equals_the_fast_one(tmp_path, overrides):
+def test_textbook_path_equals_the_fast_one(tmp_path, overrides):
     """The whole model with LoRA on every projection, through the fast pieces and through their
-    textbook twins (model.fused.reference_path: RMSNorm, RoPE, attention written out, q/k/v and
+    textbook twins (model.fused.textbook_path: RMSNorm, RoPE, attention written out, q/k/v and
     gate/up one by one, LoRA's formula, the loss over full logits): the same loss and the same
     gradient of every LoRA weight, in float64, on unpacked and packed rows (the mask path, and a
     KV-cached decode). float64: the same sums, in other orders."""
@@ -228,7 +228,7 @@ def test_reference_path_equals_the_fast_one(tmp_path, overrides):
 
     for batch in (unpacked, packed):
         fast = loss_and_grads(batch)
-        with reference_path():
+        with textbook_path():
             textbook = loss_and_grads(batch)
         for a, b in zip(fast, textbook, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
@@ -237,31 +237,28 @@ def test_reference_path_equals_the_fast_one(tmp_path, overrides):
         ids = unpacked["input_ids"][:1, :9]
         outs = []
         for reference in (False, True):
-            with reference_path(reference):
+            with textbook_path(reference):
                 cache = KVCache(model.config, 1, 16, torch.float64, "cpu")
                 outs.append(torch.cat([model(ids[:, :5], kv_cache=cache)] +
                                       [model(ids[:, t:t + 1], kv_cache=cache) for t in range(5, 9)], dim=1))
         torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-12)
 
 
-def test_reference_path_switch_is_scoped():
-    """reference_path() turns the twins on for its block and restores the previous choice, also on
-    an exception; use_reference sets it until changed."""
+def test_textbook_path_switch_is_scoped():
+    """textbook_path() turns the twins on for its block and restores the previous choice, also on
+    an exception and when blocks nest."""
     from model import fused
     assert fused.enabled()
     with pytest.raises(ZeroDivisionError):
-        with reference_path():
+        with textbook_path():
             assert not fused.enabled()
             1 / 0
     assert fused.enabled()
-    fused.use_reference()
-    try:
+    with textbook_path():
         assert not fused.enabled()
-        with reference_path(False):
+        with textbook_path(False):
             assert fused.enabled()
         assert not fused.enabled()
-    finally:
-        fused.use_reference(False)
     assert fused.enabled()
 
 

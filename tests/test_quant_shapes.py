@@ -110,7 +110,7 @@ def test_fake_lora_step_matches_real(shape, dtype, textbook):
     for m in (fake.lora_A, fake.lora_B):
         m.weight = nn.Parameter(fake_mode.from_tensor(m.weight.detach()))
     x_shape = (2, 5, shape[1])
-    with model_fused.reference_path(textbook):
+    with model_fused.textbook_path(textbook):
         expected = lora_step(real, torch.randn(x_shape, dtype=dtype, requires_grad=True), dtype)
         with fake_mode:
             x = torch.randn(x_shape, dtype=dtype, requires_grad=True)

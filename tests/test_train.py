@@ -66,15 +66,15 @@ def test_accumulation_equals_big_batch(tiny_chat_dir, chat_data, tmp_path):
 
 
 def test_reference_run_equals_the_default_one(tiny_chat_dir, chat_data, tmp_path):
-    """train.py --reference (every fast piece replaced by its textbook twin, model/fused.py) trains
+    """train.py --textbook (every fast piece replaced by its textbook twin, model/fused.py) trains
     the run the default one does, with dropout: the same loss and gradient norm at every step, to
     float32 rounding of sums taken in other orders, and the same adapter, up to that rounding as
     Adam amplifies it (see test_accumulation_equals_big_batch)."""
     kw = dict(max_steps=3, lora_dropout=0.1, micro_batch_size=2, grad_accum=2)
     fast, textbook = tmp_path / "fast", tmp_path / "textbook"
     train(config(tiny_chat_dir, chat_data, fast, **kw))
-    train(config(tiny_chat_dir, chat_data, textbook, reference=True, **kw))
-    assert json.loads((textbook / "run_config.json").read_text())["reference"] is True
+    train(config(tiny_chat_dir, chat_data, textbook, textbook=True, **kw))
+    assert json.loads((textbook / "run_config.json").read_text())["textbook"] is True
     for m, n in zip(metrics(fast), metrics(textbook), strict=True):
         assert m["loss"] == pytest.approx(n["loss"], rel=1e-5) and m["grad_norm"] == pytest.approx(n["grad_norm"], rel=1e-5)
     a, b = adapter(fast), adapter(textbook)
@@ -371,6 +371,17 @@ def test_cli_errors_are_one_line(args, message, tmp_path):
     result = run_cli(*args, "--output-dir", str(tmp_path / "out"))
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_reference_flag_was_renamed_textbook(tmp_path, capsys):
+    """--reference (the textbook twins' old name) still works and says it was renamed; a config
+    file or a run's run_config.json holding `reference` sets `textbook`."""
+    assert parse_config(["--reference"]).textbook
+    assert "note: --reference was renamed --textbook" in capsys.readouterr().err
+    old = tmp_path / "old.json"
+    old.write_text('{"reference": true}')
+    assert parse_config(["--config", str(old)]).textbook
+    assert not parse_config([]).textbook
 
 
 def test_config_file_and_flags_win(tmp_path):

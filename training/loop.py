@@ -23,7 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import data
-from model.fused import reference_path
+from model.fused import textbook_path
 
 from . import parallel, run_dir
 from .checkpoint import save_checkpoint
@@ -40,7 +40,7 @@ def train(cfg: TrainConfig) -> dict:
 
     One run per --output-dir at a time: rank 0 holds its lock while the run lasts."""
     with run_dir.locked(Path(cfg.output_dir), owner=os.environ.get("RANK", "0") == "0"), \
-            reference_path(cfg.reference):
+            textbook_path(cfg.textbook):
         return run_training(cfg)
 
 

@@ -106,11 +106,6 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def rank_tag() -> str:
-    """' (rank 1)' for messages when several ranks run, else ''."""
-    return f" (rank {rank()})" if dist.is_initialized() else ""
-
-
 def barrier():
     if dist.is_initialized():
         dist.barrier()

@@ -47,7 +47,7 @@ RUN_FILES = (CONFIG_FILE, HISTORY_FILE, METRICS_FILE, SUMMARY_FILE, "checkpoints
 # Settings that may differ on --resume: how long, how often, on what hardware; recorded in the history.
 MAY_CHANGE = ("max_steps", "epochs", "log_every", "eval_every", "save_every", "keep_checkpoints",
               "debug_grads", "sample_prompts", "sample_tokens", "device", "parallel", "parallel_timeout",
-              "micro_batch_size", "grad_checkpointing", "compile", "reference", "max_skipped_steps", "resume", "overwrite", "output_dir",
+              "micro_batch_size", "grad_checkpointing", "compile", "textbook", "max_skipped_steps", "resume", "overwrite", "output_dir",
               "sweep", "sweep_samples", "model", "data", "val_data", "precision",
               "eval_only", "adapter", "allow_other_base", "estimate_memory", "memory_budget", "json",
               "estimate_world_size")

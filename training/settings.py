@@ -20,7 +20,7 @@ from . import sweep
 from data import DataError, is_preference_file
 from data.formats import SUFFIXES
 from model import DEMO_MODEL
-from model.errors import UserError, parse_size
+from model.errors import Renamed, UserError, parse_size
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: examples/ is there
 DEMO_DATA = ROOT / "examples" / "train.json"
@@ -29,6 +29,7 @@ DEMO_PROMPTS = ROOT / "examples" / "prompts.txt"
 DEMO_PREFERENCES = ROOT / "examples" / "preferences.jsonl"  # --objective dpo's demo data
 DEMO_VALIDATION = {DEMO_DATA: DEMO_VAL_DATA, DEMO_PREFERENCES: ROOT / "examples" / "preferences_val.jsonl"}
 DEMO_OUTPUT = {"sft": "runs/demo", "dpo": "runs/demo-dpo"}
+RENAMED = {"reference": "textbook"}  # old setting name -> new, read from old config files and runs
 
 
 def flag(default, help):
@@ -102,8 +103,8 @@ class TrainConfig:
     device: str = flag("auto", "cpu | cuda (auto: cuda when available)")
     grad_checkpointing: bool = flag(False, "recompute each decoder block in backward to save memory")
     compile: bool = flag(False, "torch.compile each decoder block")
-    reference: bool = flag(False, "run the textbook twins of the fast pieces (model/fused.py): the same "
-                                  "results, slower, every intermediate tensor hookable")
+    textbook: bool = flag(False, "run the textbook twins of the fast pieces (model/fused.py): the same "
+                                 "results, slower, every intermediate tensor hookable")
     tf32: bool = flag(True, "on CUDA, fp32 matmuls on tensor cores in TF32 (--no-tf32: full fp32)")
     parallel: str = flag("ddp", "under torchrun: ddp (a model replica per GPU) | fsdp (FSDP2: model sharded)")
     parallel_timeout: float = flag(600.0, "seconds a rank waits for the others before the job fails")
@@ -147,12 +148,14 @@ class TrainError(UserError):
     """A problem with the run's settings or files: printed as one line, exit code 2."""
 
 
+
 def parse_config(argv=None) -> TrainConfig:
     parser = argparse.ArgumentParser(description="LoRA / QLoRA fine-tuning of a Llama-family model. Settings "
                                      "come from the defaults shown, then a --config file, then these flags "
                                      "(flags win); each is checked for type and range before any work.",
                                      argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="TOML or JSON file of settings (flags win)")
+    parser.add_argument("--reference", action=Renamed, nargs=0, dest="textbook", help=argparse.SUPPRESS)
     for f in fields(TrainConfig):
         name = "--" + f.name.replace("_", "-")
         text = f.metadata["help"]  # with the default, unless it says it (SUPPRESS hides argparse's own)
@@ -214,7 +217,7 @@ def read_config_file(path: str) -> dict:
         raise TrainError(f"--config {path}: expected a table of settings, got {type(values).__name__}")
     if isinstance(values.get("defining"), dict):  # a run's own run_config.json: the settings it ran with
         return read_run_settings(p, f"--config {path}")
-    values = {k.replace("-", "_"): v for k, v in values.items()}
+    values = {RENAMED.get(k.replace("-", "_"), k.replace("-", "_")): v for k, v in values.items()}
     kinds = {f.name: f.type for f in fields(TrainConfig)}
     unknown = sorted(set(values) - set(kinds))
     if unknown:
@@ -263,6 +266,7 @@ def run_settings(saved: dict, history: list[dict]) -> dict:
                                                       "estimate_world_size", "device"}
     changed = {k: now for entry in history for k, (_, now) in entry["changed"].items()}
     values = {**saved, **changed, **saved.get("defining", {})}
+    values = {RENAMED.get(k, k): v for k, v in values.items()}
     return {k: v for k, v in values.items() if k in names}
 
 
