@@ -41,7 +41,7 @@ test-latest:
 
 # Not CI: GGUF exports checked in real llama.cpp (tests/test_llama_cpp.py, skipped elsewhere), in
 # their own venv: the lock, then llama-cpp-python built from source with the tools pinned in
-# requirements-llama.lock (the build took 3 to 7 min on 2 cores, once). Not -march=native: on a CPU
+# requirements-llama.lock (built once; the README says how long it takes). Not -march=native: on a CPU
 # with AMX, llama.cpp's AMX kernels for Q4/Q8 crash in some containers (seen here), so the build
 # targets AVX2 (every x86-64 CPU of the last decade; ignored elsewhere). --no-cache-dir: pip's wheel
 # cache ignores CMAKE_ARGS and would hand back a wheel built with other flags.

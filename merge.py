@@ -6,10 +6,10 @@ its magnitude, m * W' / ||W'||_row), one shard at a time.
     python merge.py --base MODEL --adapter ADAPTER_DIR --adapter-gguf OUT.gguf [--base-gguf BASE.gguf]
 
 --gguf also writes OUT.Modelfile for Ollama (`ollama create NAME -f OUT.Modelfile`), whose TEMPLATE
-and SYSTEM prompt the model exactly as its chat template does (model/ollama.py). --adapter-gguf
-merges nothing: it writes the adapter alone as llama.cpp's LoRA GGUF (lora/gguf.py; llama.cpp
+and SYSTEM prompt the model exactly as its chat template does (deploy/ollama.py). --adapter-gguf
+merges nothing: it writes the adapter alone as llama.cpp's LoRA GGUF (deploy/adapter_gguf.py; llama.cpp
 `--lora`, Ollama `ADAPTER`) with a Modelfile over --base-gguf (the base exported once, with
-`python -m model.gguf export`), so one base file serves many fine-tunes.
+`python -m deploy.gguf export`), so one base file serves many fine-tunes.
 
 OUT_DIR is a plain Hugging Face model directory (sharded safetensors, config, tokenizer, chat
 template) that loads in transformers, in `model.load.load_model`, and in anything else. Its
@@ -292,7 +292,7 @@ def merge(args):
 
 
 def write_gguf(out: Path, gguf_path: Path, gguf_type: str, overwrite: bool):
-    """The merged model as a llama.cpp / Ollama GGUF (model/gguf.py), with its Modelfile beside it."""
+    """The merged model as a llama.cpp / Ollama GGUF (deploy/gguf.py), with its Modelfile beside it."""
     try:
         chat = export_gguf(out, gguf_path, gguf_type, overwrite=overwrite)
     except GGUFError as e:

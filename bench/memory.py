@@ -7,7 +7,7 @@ Answer.AI publish figures for.
 
 No weight is read and nothing is downloaded: each model is built from its public config.json
 values (written out below) on fake tensors, and training.estimate.estimate_step runs the run's own step on
-them (see memory_estimate.py). "ours, counted" is the step's counted peak (what
+them (see training/memory_estimate.py). "ours, counted" is the step's counted peak (what
 torch.cuda.max_memory_allocated would show); "ours, total" adds the assumed CUDA lines (context,
 cuBLAS workspaces, fragmentation) that bench/gpu_check.py is to measure. The peers' figures are
 quoted as published, with their settings where they differ from ours: they are measurements on

@@ -3,7 +3,7 @@
 A model only answers (and stops) well if it is fine-tuned on exactly the text it will be prompted
 with, so we never hand-write a prompt format: the template that ships with the model (or a built-in
 one chosen with `--template`) is rendered in jinja2's sandbox with the same settings, globals and
-variables as transformers' `apply_chat_template` (model/chat_template.py, which the GGUF export
+variables as transformers' `apply_chat_template` (data/chat_template.py, which the GGUF export
 shares), and the tests check the output is identical.
 """
 

@@ -1,7 +1,7 @@
 """Content fingerprints of model directories: sha256 over every byte, each file hashed once.
 
 A model's fingerprint says "these exact weights, config and tokenizer". `--resume` compares it
-with the run's (run_dir.py), and merge.py and chat.py compare it with the base an adapter was
+with the run's (training/run_dir.py), and merge.py and chat.py compare it with the base an adapter was
 trained on (nanolora_base.json, lora/adapter.py). Every byte counts: a merged model whose changed
 weights sit in the middle of a shard (an adapter on o_proj and down_proj) is another model.
 

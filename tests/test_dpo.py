@@ -1,4 +1,4 @@
-"""DPO (train.py --objective dpo, dpo.py, data/preference.py) against independent references.
+"""DPO (train.py --objective dpo, training/dpo.py, data/preference.py) against independent references.
 
 - The loss, the rewards and every LoRA gradient equal the formula computed in float64 by this test
   from transformers + peft log-probabilities (the reference policy: peft's disable_adapter), for

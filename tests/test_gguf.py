@@ -1,4 +1,4 @@
-"""GGUF import and export (model/gguf.py), checked against transformers' own GGUF loader.
+"""GGUF import and export (model/gguf.py, deploy/gguf.py), checked against transformers' own GGUF loader.
 
 What this proves:
 - Importing the SmolLM2 Q4_1 GGUF gives a directory whose logits equal those of transformers

@@ -10,7 +10,7 @@ Skipped unless `llama_cpp` imports: `make test-llama-cpp` builds it into .venv-l
   except where chat.py's own greedy path passes a near tie (two tokens within TIE of each other,
   which f16's rounding of the weights may flip: SmolLM2's first reply token to the Chinese prompt
   is such a tie, 'I' and a Chinese byte at 28.208 both); those are reported, not compared.
-- The adapter alone (lora/gguf.py), applied with llama.cpp's --lora to the f32 base: logits within
+- The adapter alone (deploy/adapter_gguf.py), applied with llama.cpp's --lora to the f32 base: logits within
   1e-3 of ours with the adapter on (unmerged), and greedy replies equal to the merged model's in
   llama.cpp and to chat.py's with the adapter.
 - Every export type, for the table in the README: max logit difference and whether the greedy

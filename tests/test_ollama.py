@@ -1,4 +1,4 @@
-"""Ollama Modelfiles (model/ollama.py): the TEMPLATE and SYSTEM give the chat template's prompt.
+"""Ollama Modelfiles (deploy/ollama.py): the TEMPLATE and SYSTEM give the chat template's prompt.
 
 What this proves:
 - `render_go`, our interpreter of the Go template subset, prints what Go's own text/template prints
@@ -30,7 +30,7 @@ CHATML_TOKENS = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}
 LLAMA3_TOKENS = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}
 DEEPSEEK_TOKENS = {"bos_token": "<｜begin▁of▁sentence｜>", "eos_token": "<｜end▁of▁sentence｜>"}
 
-# Not model/ollama.py's PROBES: longer, other languages, code, a system turn after the first.
+# Not deploy/ollama.py's PROBES: longer, other languages, code, a system turn after the first.
 CONVERSATIONS = [
     [{"role": "user", "content": "Write a haiku about the sea."}],
     [{"role": "system", "content": "You are a pirate.\nSpeak like one."},

@@ -1,4 +1,4 @@
-"""parallel.py under torchrun on the CPU (gloo, 2 processes): DDP and FSDP2 train what one process does.
+"""training/parallel.py under torchrun on the CPU (gloo, 2 processes): DDP and FSDP2 train what one process does.
 
 2 ranks x micro-batch 2 give the adapter of 1 process x micro-batch 4 (fp32, to rounding), under
 DDP and under FSDP2, through an epoch end where one rank's slice of a micro-batch is empty;

@@ -67,8 +67,8 @@ def dpo_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: f
 
 class PreferenceLoss(nn.Module):
     """The model with DPO's loss as forward: forward(batch) -> (sum of the pairs' losses, the
-    STAT_NAMES sums (5,)), batch being data.make_pair_batch's (2B rows; with train.py's to_device
-    extras: trained_index, trained_rows, reply_tokens; maybe ref_logps).
+    STAT_NAMES sums (5,)), batch being data.make_pair_batch's (2B rows) with what count_pairs and
+    training/batches.step_batch add: trained_index, trained_rows, reply_tokens; maybe ref_logps.
 
     Like model.loss.LanguageModelLoss it holds no parameters of its own, so DDP can wrap it and
     the model's names stay as they are; the caller divides the sum by the pairs of the whole step.

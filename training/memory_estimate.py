@@ -301,7 +301,7 @@ def weights_by_kind(model: torch.nn.Module, mode: LiveBytes) -> dict[str, int]:
 
 
 def fake_batch(batch: dict, mode: LiveBytes) -> dict:
-    """A batch made and counted on the CPU (train.to_device) with each tensor fake, counted as the
+    """A batch made and counted on the CPU (training/batches.step_batch) with each tensor fake, counted as the
     batch; PackedDocuments keep their CPU tensors (the host reads them, the step never waits on them)."""
     fake = {}
     for k, v in batch.items():
