@@ -339,4 +339,6 @@ def tokenizer_from_gguf(meta: dict, source: Path) -> tuple[Tokenizer, dict]:
 
 
 if __name__ == "__main__":  # the command line moved with the export
-    sys.exit("python -m model.gguf is now python -m deploy.gguf (import FILE.gguf OUT_DIR, export HF_DIR OUT.gguf)")
+    print("python -m model.gguf: error: moved: run python -m deploy.gguf (import FILE.gguf OUT_DIR, "
+          "export HF_DIR OUT.gguf)", file=sys.stderr)
+    sys.exit(2)

@@ -373,3 +373,14 @@ def test_cli_errors_in_process(tmp_path, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 2 and all(line.startswith("python -m deploy.gguf: error: ") for line in lines)
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_the_old_command_line_says_where_it_moved(tmp_path):
+    """`python -m model.gguf` (the command line before deploy/ held the export) answers with one
+    line naming the new one, exit 2, and writes nothing."""
+    result = subprocess.run([sys.executable, "-m", "model.gguf", "export", str(tmp_path), str(tmp_path / "x.gguf")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "python -m model.gguf: error: moved: run python -m deploy.gguf (import FILE.gguf OUT_DIR, export HF_DIR OUT.gguf)"]
+    assert list(tmp_path.iterdir()) == []

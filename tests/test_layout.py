@@ -85,6 +85,7 @@ def test_nothing_imports_in_a_circle():
 
 def test_the_top_holds_the_commands_alone():
     assert sorted(p.stem for p in ROOT.glob("*.py")) == sorted(COMMANDS)
+    assert all((ROOT / pkg / "__init__.py").is_file() for pkg in PACKAGES)  # each a package, with its docstring
     assert not (set(p.name for p in ROOT.iterdir() if p.is_dir() and (p / "__init__.py").exists())
                 - set(PACKAGES))
 
