@@ -101,7 +101,7 @@ def real_step_memory(cfg, config, device: str, dtype) -> dict | None:
     from model.runtime import reset_peak_memory
     torch.manual_seed(0)
     with torch.device("meta"):
-        model = Llama(config).to(dtype)
+        model = Llama(config, grad_checkpointing=cfg.grad_checkpointing).to(dtype)
     replace_linear = None
     if cfg.quantize:
         from lora.quant import nf4_loader
@@ -111,7 +111,6 @@ def real_step_memory(cfg, config, device: str, dtype) -> dict | None:
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()  # as build_model: A and B in float32
-    model.grad_checkpointing = cfg.grad_checkpointing
     loss_fn, (optimizer, scaler) = LanguageModelLoss(model.train()), training.phases.build_optimizer(cfg, model, device, dtype)
     # as estimate_step's: worst_batch (counted on the CPU, its ints kept), its tensors moved
     batches = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in training.estimate.worst_batch(cfg).items()}

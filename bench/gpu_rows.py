@@ -132,11 +132,12 @@ def worst(grads: dict, ref: dict) -> tuple[float, str]:
     return rel(grads[name], ref[name]), name.split(".lora")[0]
 
 
-def lora_model(model_dir, dtype, device, quantize=None):
-    """The model with LoRA on every projection, B random (so that every gradient is non-zero)."""
+def lora_model(model_dir, dtype, device, quantize=None, grad_checkpointing=False):
+    """The model with LoRA on every projection, B random (so that every gradient is non-zero), the
+    same for the same arguments."""
     import lora
     from model import load_model
-    model = load_model(model_dir, dtype, device)
+    model = load_model(model_dir, dtype, device, grad_checkpointing=grad_checkpointing)
     cfg = lora.LoRAConfig(r=8, alpha=16, dropout=0.0, targets=lora.LLAMA_LINEARS)
     torch.manual_seed(1)
     lora.inject_lora(model, cfg, quantize=quantize, compute_dtype=dtype)
@@ -265,10 +266,9 @@ def check_packing(ctx):
 
 def check_checkpointing(ctx):
     batch = random_batch(ctx.device)
-    model = lora_model(ctx.model_dir, torch.float32, ctx.device)
-    _, plain = loss_and_grads(model, batch, torch.float32)
-    model.grad_checkpointing = True
-    _, ckpt = loss_and_grads(model, batch, torch.float32)
+    _, plain = loss_and_grads(lora_model(ctx.model_dir, torch.float32, ctx.device), batch, torch.float32)
+    ckpt_model = lora_model(ctx.model_dir, torch.float32, ctx.device, grad_checkpointing=True)
+    _, ckpt = loss_and_grads(ckpt_model, batch, torch.float32)
     figure, where = worst(ckpt, plain)
     return Result(figure, FP32_BOUND, f"LoRA gradients, checkpointing on vs off; worst {where}")
 

@@ -127,18 +127,18 @@ def nanolora_step_fn(case: dict, compile: bool = False):
         from lora.quant import nf4_loader
         replace_linear = nf4_loader(dtype)
     if case["model"] == "demo":
-        model = load_model(resolve_model_dir("demo"), dtype=dtype, device=device, replace_linear=replace_linear)
+        model = load_model(resolve_model_dir("demo"), dtype=dtype, device=device, replace_linear=replace_linear,
+                           grad_checkpointing=case["ckpt"])
     else:  # built on the device in its dtype, from random weights (no checkpoint)
         config = case_config(case)
         with torch.device("meta"):
-            model = Llama(config).to(dtype)
+            model = Llama(config, grad_checkpointing=case["ckpt"]).to(dtype)
         model = fill_model(model, random_weights(config, dtype, device), device, replace_linear)
     lora_cfg = lora.LoRAConfig(r=16, alpha=32, dropout=case.get("dropout", 0.0), targets="all-linear")
     lora.inject_lora(model, lora_cfg, quantize=case["quantize"], compute_dtype=dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
-    model.grad_checkpointing = case["ckpt"]
     if compile:  # what train.py --compile does: each decoder block on its own
         for layer in model.model.layers:
             layer.compile()

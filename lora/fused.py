@@ -1,7 +1,8 @@
-"""The fast path of the LoRA layers: what LoRALinear.forward runs unless model.fused.textbook_path()
-is on. Its textbook twin is LoRALinear.textbook (lora/layer.py): base(x) + scaling * B A dropout(x),
-autograd deriving the gradient; tests/test_lora.py proves them equal in float64 and under bf16/fp16
-autocast.
+"""The fast path of the LoRA layers: what LoRALinear.forward and LoRALinear.forward_shared (which the
+model's Attention and MLP call for q/k/v and gate/up) run unless model.fused.textbook_path() is on;
+model/fused.py's docstring follows one attention call through it. Its textbook twin is
+LoRALinear.textbook (lora/layer.py): base(x) + scaling * B A dropout(x), autograd deriving the
+gradient; tests/test_lora.py proves them equal in float64 and under bf16/fp16 autocast.
 
     lora_forward(x, layers)   the LoRA layers that read one x (q/k/v, gate/up, or one layer alone):
                               LoRAGroup where it runs, else forward_ops, op by op

@@ -56,7 +56,7 @@ class LoRADropout(nn.Dropout):
         return bits >= threshold - 2**15, 2**16 / (2**16 - threshold)
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(nn.Module, model_fused.SharedInputLinear):
     """Replaces an `nn.Linear` (or, for QLoRA, an `NF4Linear` from quant.py) inside a model.
 
     It keeps the base layer's own `weight` and `bias` Parameters as its attributes, so the model's
@@ -70,8 +70,9 @@ class LoRALinear(nn.Module):
 
     `forward` is the formula; `textbook` computes it module by module, and lora/fused.py computes it
     fast (the layers of one input together, the backward written out): the default, proven equal
-    to the textbook in tests/test_lora.py. DoRA layers (dora=True) run `dora_forward`, op by op,
-    on both paths: there is no fused DoRA yet.
+    to the textbook in tests/test_lora.py. Being a model.fused.SharedInputLinear is how the model
+    reaches that group: its Attention and MLP call `forward_shared` with q/k/v and gate/up. DoRA
+    layers (dora=True) run `dora_forward`, op by op, on both paths: there is no fused DoRA yet.
     """
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
@@ -146,7 +147,7 @@ class LoRALinear(nn.Module):
 
         By default the same sum comes from lora/fused.py, which computes the LoRA layers of one
         input (q/k/v, gate/up) together with their backward written out; under
-        model.fused.textbook_path() (train.py --reference) it is `textbook`, below."""
+        model.fused.textbook_path() (train.py --textbook) it is `textbook`, below."""
         if not self.enabled:
             return self.base_forward(x)
         if self.use_dora:
@@ -188,8 +189,10 @@ class LoRALinear(nn.Module):
 
     @staticmethod
     def forward_shared(x, layers):
-        """[layer(x) for layer in layers] for layers that read the same x: model.fused.shared_input
-        calls this for q/k/v and gate/up, and lora/fused.py computes them together."""
+        """[layer(x) for layer in layers] for layers that read the same x: the model's Attention and
+        MLP call this on the fast path for q/k/v and gate/up (model.fused.SharedInputLinear), and
+        lora/fused.py computes them together. A group with a layer that is not a plain enabled LoRA
+        layer (DoRA, adapter off, an nn.Linear beside it) runs each layer's forward instead."""
         if not all(isinstance(m, LoRALinear) and m.enabled and not m.use_dora for m in layers):
             return [m(x) for m in layers]
         return fused.lora_forward(x, layers)

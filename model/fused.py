@@ -13,7 +13,7 @@ and a debugger hooks, every intermediate tensor.
     LinearTokenCrossEntropy   the same, per token (DPO's log-probs)       twin: loss.textbook_sequence_logps
     varlen attention     packed rows without a mask, one kernel call      twin: SDPA with the mask
     document_attention   packed rows without a mask, a call per document  twin: SDPA with the mask
-    shared_input         q/k/v (and gate/up) of one input together        twin: each layer on its own
+    SharedInputLinear    q/k/v (and gate/up) of one input together        twin: each layer on its own
 
 Cross entropy of logits z = h W^T against target y is  loss = logsumexp(z) - z_y,  and its gradient
 is  d loss / d z = softmax(z) - onehot(y).  Since the loss is the last thing computed in a step,
@@ -22,6 +22,37 @@ and multiplies it into d loss / d h = (softmax(z) - onehot(y)) W  straight away.
 is then dropped: backward only scales the stored (N, C) gradient by the incoming scalar. This costs
 the same two matmuls as autograd would, without saving the logits for backward, recomputing them,
 or running log_softmax's backward over them.
+
+Where a debugger steps in one attention call of a LoRA model (every projection a LoRALinear),
+file by file, in order. The fast path (the default):
+
+    model/llama.py   Attention.forward(x)                       x (B, T, hidden)
+    lora/layer.py    LoRALinear.forward_shared(x, (q_proj, k_proj, v_proj)): reached because
+                     LoRALinear is a SharedInputLinear (below); it calls each layer's forward
+                     instead when one is not a plain enabled LoRA layer (DoRA, adapter off)
+    lora/fused.py    lora_forward -> LoRAGroup.forward: q, k, v with one matmul for the stacked
+                     A's (forward_ops, op by op, for an NF4 base or a bf16 one outside autocast)
+    model/fused.py   RoPE.forward (apply_rope) on q, then on k
+    model/llama.py   the kernel: F.scaled_dot_product_attention (C++); on packed rows on a GPU
+                     Attention.varlen_attention or document_attention
+    lora/layer.py    o_proj: LoRALinear.forward -> lora/fused.py lora_forward -> LoRAGroup.forward
+    backward         autograd calls o_proj's LoRAGroup.backward, SDPA's (C++), RoPE.backward
+                     (q's and k's), then the q/k/v LoRAGroup.backward (with grad_checkpointing
+                     the block's forward runs again first)
+
+The textbook path (inside textbook_path()):
+
+    model/llama.py   Attention.forward(x)
+    lora/layer.py    LoRALinear.forward -> LoRALinear.textbook, for q_proj, k_proj, v_proj in
+                     turn: base_forward, then the lora_A and lora_B modules (their hooks fire)
+    model/llama.py   rope_rotate on q, then on k
+    model/llama.py   attention(): scores, mask (Llama.attention_mask, built once in
+                     Llama.hidden_states), softmax and the product with v, written out
+    lora/layer.py    o_proj: LoRALinear.forward -> LoRALinear.textbook
+    backward         autograd's own, through those ops: no Python of ours
+
+A projection that is a plain nn.Linear runs its own forward on both paths; DoRA layers run
+LoRALinear.dora_forward on both.
 """
 
 from contextlib import contextmanager
@@ -202,11 +233,14 @@ class LinearTokenCrossEntropy(torch.autograd.Function):
         return grad_h * grad_out.to(grad_h.dtype)[:, None], None, None, None
 
 
-def shared_input(x, *layers):
-    """[layer(x) for layer in layers]: several linear layers of the same input (q/k/v, gate/up).
+class SharedInputLinear:
+    """A linear layer class whose layers that read the same input (q/k/v, gate/up) can compute
+    their outputs together. The model's hook for LoRA's fused group: model/ imports nothing of
+    lora/, so LoRALinear subclasses this and overrides `forward_shared`; on the fast path
+    Attention and MLP call it when their first projection is one of these, and call each
+    projection on its own otherwise (plain nn.Linear) and on the textbook path."""
 
-    A layer class may compute such a group at once by defining `forward_shared(x, layers)`; LoRA's
-    does (one matmul for all the A matrices). The model needs to know nothing more about it.
-    """
-    forward_shared = getattr(type(layers[0]), "forward_shared", None)
-    return forward_shared(x, layers) if forward_shared else [layer(x) for layer in layers]
+    @staticmethod
+    def forward_shared(x, layers) -> list[torch.Tensor]:
+        """[layer(x) for layer in layers]: the outputs of `layers`, which all read x (..., in)."""
+        return [layer(x) for layer in layers]

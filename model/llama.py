@@ -257,10 +257,12 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, kv_cache: KVCache | None = None, layer: int = 0):
         """mask: None (causal), a bool (B|1, 1, T, S) mask, or PackedDocuments: packed rows, whose
         documents are kept apart by FlashAttention's variable-length kernel (its kernel "varlen") or
-        by one SDPA call per document ("documents", document_attention)."""
+        by one SDPA call per document ("documents", document_attention). Where a debugger steps
+        from here, file by file, on the fast path and on the textbook one: model/fused.py's
+        docstring."""
         B, T, _ = x.shape
-        if fused.enabled():  # LoRA layers compute q, k, v together (lora/fused.py)
-            q, k, v = fused.shared_input(x, self.q_proj, self.k_proj, self.v_proj)
+        if fused.enabled() and isinstance(self.q_proj, fused.SharedInputLinear):  # LoRA: lora/layer.py
+            q, k, v = self.q_proj.forward_shared(x, (self.q_proj, self.k_proj, self.v_proj))
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -316,8 +318,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=bias)
 
     def forward(self, x):
-        if fused.enabled():
-            gate, up = fused.shared_input(x, self.gate_proj, self.up_proj)
+        if fused.enabled() and isinstance(self.gate_proj, fused.SharedInputLinear):  # LoRA: lora/layer.py
+            gate, up = self.gate_proj.forward_shared(x, (self.gate_proj, self.up_proj))
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)
@@ -337,7 +339,10 @@ class DecoderLayer(nn.Module):
 
 
 class Llama(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, *, grad_checkpointing: bool = False, neftune_alpha: float = 0.0):
+        """grad_checkpointing and neftune_alpha change training only (model.train()), and are off by
+        default: train.py passes its --grad-checkpointing and --neftune-alpha here, through
+        load_model or meta_model."""
         super().__init__()
         self.config = config
         self.model = nn.ModuleDict(dict(
@@ -350,8 +355,8 @@ class Llama(nn.Module):
         # float32 always: cos/sin are computed in float32 and only then cast to the activations'
         # dtype. Not persistent: it is derived from the config, never read from a checkpoint.
         self.register_buffer("rope_inv_freq", rope_frequencies(config), persistent=False)
-        self.grad_checkpointing = False  # recompute each block in backward (train.py sets it)
-        self.neftune_alpha = 0.0  # NEFTune noise on the input embeddings in training (train.py sets it)
+        self.grad_checkpointing = grad_checkpointing  # recompute each block in backward
+        self.neftune_alpha = neftune_alpha  # NEFTune noise on the input embeddings (0: none)
 
     def tie_weights(self):
         """Make lm_head share embed_tokens' weight when the config says so (call after to_empty)."""

@@ -31,7 +31,6 @@ def step_peak(cfg, model, loss_fn, dtype, wrap=None) -> int:
     from training import memory_estimate
     from training import parallel
     import training.estimate, training.phases, training.step
-    model.grad_checkpointing = cfg.grad_checkpointing
     model.train()
     batches = [training.estimate.worst_batch(cfg) for _ in range(min(cfg.grad_accum, 2))]
     params = [p for p in model.parameters() if p.requires_grad]

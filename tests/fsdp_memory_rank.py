@@ -27,7 +27,7 @@ dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.precision]
 parallel.init("cpu", 120)
 torch.manual_seed(0)
 with torch.device("meta"):
-    model = Llama(config)
+    model = Llama(config, grad_checkpointing=cfg.grad_checkpointing)
 model = model.to(dtype)
 lora.inject_lora(model, training.phases.lora_config(cfg), compute_dtype=dtype)
 for p in model.parameters():

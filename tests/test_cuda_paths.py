@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 import data
-from training import run_dir
+from training import metrics, run_dir
 from training import loop as train_loop, phases as train_phases
 from training.checkpoint import CheckpointError
 from model.runtime import peak_memory_gib, peak_reserved_gib
@@ -219,13 +219,13 @@ def test_reserved_memory_is_reported_beside_the_allocated(monkeypatch, tmp_path)
     row = step.row(1, 1e-3, 1.0, SimpleNamespace(device="cuda", t_start=0.0, elapsed_before=0.0), epoch=0)
     assert (row["max_memory_gib"], row["max_reserved_gib"]) == (3, 5)
     from rich.console import Console
-    logs = run_dir.RunLog(tmp_path, Console(file=io.StringIO()), 1, 1, None, {}, {}, {})
+    logs = metrics.RunLog(tmp_path, Console(file=io.StringIO()), 1, 1, None, {}, {}, {})
     drawn = []
     logs.writer = SimpleNamespace(add_scalar=lambda tag, value, step: drawn.append((tag, value)),
                                   close=lambda: None)
     logs.step(row)
     logs.close()
     assert ("train/max_memory_gib", 3) in drawn and ("train/max_reserved_gib", 5) in drawn
-    run_dir.write_summary(tmp_path, steps=1)
+    metrics.write_summary(tmp_path, steps=1)
     summary = json.loads((tmp_path / run_dir.SUMMARY_FILE).read_text())
     assert (summary["peak_memory_gib"], summary["peak_reserved_gib"]) == (3, 5)

@@ -473,7 +473,8 @@ def test_sweeps_vary_dpo_settings():
     cfg = settings.parse_config(["--objective", "dpo", "--sweep", "dpo_beta=0.1,0.5", "dpo_loss=sigmoid,ipo"])
     assert len(sweep.settings(cfg)) == 4 and {"dpo_beta": 0.5, "dpo_loss": "ipo"} in sweep.settings(cfg)
     with pytest.raises(settings.TrainError, match="IPO has none"):
-        settings.parse_config(["--objective", "dpo", "--dpo-label-smoothing", "0.1", "--sweep", "dpo_loss=sigmoid,ipo"])
+        sweep.settings(settings.parse_config(["--objective", "dpo", "--dpo-label-smoothing", "0.1",
+                                                 "--sweep", "dpo_loss=sigmoid,ipo"]))
 
 
 @pytest.mark.parametrize("precision, precompute", [("bf16", True)])

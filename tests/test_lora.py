@@ -99,17 +99,21 @@ def test_gradient_checkpointing_recomputes_the_same_dropout_masks(tiny_llama_dir
     float64 base take LoRAGroup's path; float32 A and B on it, the op-by-op one; a bf16 base under
     autocast, LoRAGroup's path in bf16 (the recomputation runs under autocast too)."""
     dtype = {"float64": torch.float64, "float32": torch.float64, "bf16-autocast": torch.bfloat16}[precision]
-    model = load_model(tiny_llama_dir, dtype=dtype)
-    lora.inject_lora(model, lora.LoRAConfig(r=4, dropout=0.3, targets="all-linear"))
-    if precision == "float64":
-        model.double()  # A and B too: one dtype throughout, so LoRAGroup runs
     lora_dtype = torch.float64 if precision == "float64" else torch.float32
-    assert {m.lora_A.weight.dtype for m in lora.lora_modules(model).values()} == {lora_dtype}
-    randomize_lora(model)
-    params = [p for p in model.parameters() if p.requires_grad]
+
+    def build(checkpointing):  # the same weights either way: the file's, and randomize_lora's seed
+        model = load_model(tiny_llama_dir, dtype=dtype, grad_checkpointing=checkpointing)
+        lora.inject_lora(model, lora.LoRAConfig(r=4, dropout=0.3, targets="all-linear"))
+        if precision == "float64":
+            model.double()  # A and B too: one dtype throughout, so LoRAGroup runs
+        assert {m.lora_A.weight.dtype for m in lora.lora_modules(model).values()} == {lora_dtype}
+        randomize_lora(model)
+        return model, [p for p in model.parameters() if p.requires_grad]
+
+    models = {checkpointing: build(checkpointing) for checkpointing in (False, True)}
 
     def grads(checkpointing, train=True):
-        model.grad_checkpointing = checkpointing
+        model, params = models[checkpointing]
         model.train(train)
         torch.manual_seed(0)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-autocast"):
@@ -136,6 +140,25 @@ def group_of_three(dropout, seed=0):
     for m in layers:
         nn.init.normal_(m.lora_B.weight)
     return layers
+
+
+def test_the_model_groups_its_projections_on_the_fast_path_only(tmp_path, monkeypatch):
+    """A LoRA model's forward reaches lora/fused.py once per group of projections that read the same
+    input (q/k/v, o, gate/up, down: through LoRALinear.forward_shared, the model's SharedInputLinear
+    hook), and under textbook_path() never."""
+    from lora import fused as lora_fused
+    from model.fused import textbook_path
+    model = load_model(save_tiny_hf(tmp_path / "m"))
+    lora.inject_lora(model, lora.LoRAConfig(r=4, alpha=8, dropout=0.0, targets=lora.LLAMA_LINEARS))
+    groups, real = [], lora_fused.lora_forward
+    monkeypatch.setattr(lora_fused, "lora_forward", lambda x, layers: groups.append(len(layers)) or real(x, layers))
+    fast = model(IDS)
+    assert groups == [3, 1, 2, 1] * model.config.num_hidden_layers
+    groups.clear()
+    with textbook_path():
+        textbook = model(IDS)
+    assert groups == []
+    torch.testing.assert_close(fast, textbook, rtol=1e-5, atol=1e-5)  # fp32: the two differ by rounding only
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.5])
@@ -441,7 +464,7 @@ def test_qlora_on_cpu(nf4_llama_dir):
         randomize_lora(model)
     q_logits, r_logits, f_logits = qmodel(IDS), rounded(IDS), full(IDS)
     assert_logits_match(q_logits, r_logits, n_layers=2, what="NF4 kernel vs NF4-rounded fp32 weights")
-    # NF4 rounds Gaussian weights with about 9% relative RMS error; the logits move by the same order.
+    # NF4 rounds each weight to one of 16 levels of its block's absmax; the logits move by the same order.
     assert max(weight_errors) < 0.1
     assert 0 < frobenius_rel(q_logits, f_logits) < 2 * max(weight_errors)
 

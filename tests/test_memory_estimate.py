@@ -39,7 +39,7 @@ def allocator_peak(cfg: TrainConfig, config: LlamaConfig) -> int:
     steps of the run's own functions on random weights of the same shapes."""
     dtype = DTYPES[cfg.precision]
     torch.manual_seed(0)
-    model = Llama(config).to(dtype)
+    model = Llama(config, grad_checkpointing=cfg.grad_checkpointing).to(dtype)
     model.rope_inv_freq = model.rope_inv_freq.float()
     lora.inject_lora(model, training.phases.lora_config(cfg), quantize=cfg.quantize, compute_dtype=dtype)
     for p in model.parameters():

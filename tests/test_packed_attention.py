@@ -108,7 +108,9 @@ def test_model_through_document_attention_equals_the_mask(tmp_path, monkeypatch,
     the same gradient of every parameter; also with gradient checkpointing, whose recomputation
     re-reads the documents. The per-document path is taken in every layer, the mask never built."""
     path = save_tiny_hf(tmp_path / "m", **{"arch": "llama", **overrides})
-    model = load_model(path, dtype=torch.float64)
+    # the same weights (the file's) either way; checkpointing only recomputes in training, and the
+    # tiny model has no dropout
+    models = {c: load_model(path, dtype=torch.float64, grad_checkpointing=c).train() for c in (False, True)}
     batch = packed_rows([(9, 7, 4), (13,), (3, 5)])  # a full row, two padded
     calls = []
     document_attention = llama.document_attention
@@ -116,7 +118,7 @@ def test_model_through_document_attention_equals_the_mask(tmp_path, monkeypatch,
 
     def run(kernel, checkpointing=False):
         monkeypatch.setattr(llama, "packed_kernel", lambda x, config: kernel)
-        model.grad_checkpointing = checkpointing
+        model = models[checkpointing]
         calls.clear()
         with torch.no_grad():
             logits = model(batch["input_ids"], batch["position_ids"], batch["document_ids"])
@@ -127,7 +129,6 @@ def test_model_through_document_attention_equals_the_mask(tmp_path, monkeypatch,
         assert len(calls) == (0 if kernel == "mask" else (3 if checkpointing else 2) * layers)
         return [logits, loss, *grads]
 
-    model.train()  # checkpointing only recomputes in training; the tiny model has no dropout
     mask = run("mask")
     for kernel, checkpointing in [("documents", False), ("documents", True)]:
         for a, b in zip(run(kernel, checkpointing), mask, strict=True):

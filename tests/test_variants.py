@@ -407,4 +407,4 @@ def test_sweeps_vary_the_variants():
     combos = sweep.settings(cfg)
     assert len(combos) == 8 and {"dora": True, "neftune_alpha": 5.0, "loraplus_lr_ratio": 16.0} in combos
     with pytest.raises(settings.TrainError, match="--lora-init pissa_niter_2 does not combine with"):
-        settings.parse_config(["--sweep", "dora=true,false", "lora_init=default,pissa_niter_2"])
+        sweep.settings(settings.parse_config(["--sweep", "dora=true,false", "lora_init=default,pissa_niter_2"]))

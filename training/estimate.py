@@ -75,8 +75,8 @@ def estimate_step(cfg: TrainConfig, config: LlamaConfig, device: str, dtype: tor
     the device, which fake tensors cannot)."""
     t0 = time.perf_counter()
     mode = memory_estimate.LiveBytes(cuda=device == "cuda")
-    with torch.device("meta"):
-        model = Llama(config)
+    with torch.device("meta"):  # built as build_model's load_model builds it
+        model = Llama(config, grad_checkpointing=cfg.grad_checkpointing, neftune_alpha=cfg.neftune_alpha)
     model = model.to(dtype)
     model.rope_inv_freq = model.rope_inv_freq.float()  # float32 always, as fill_model makes it
     if cfg.quantize:  # each linear but lm_head as the NF4 layer nf4_loader makes, its tensors fake
@@ -112,9 +112,7 @@ def estimate_run(cfg: TrainConfig, model, mode, device: str, dtype: torch.dtype,
         for t in memory_estimate.module_tensors(m):
             mode.mark(t, memory_estimate.LORA if t.requires_grad else memory_estimate.WEIGHTS)
     weights = memory_estimate.weights_by_kind(model, mode)
-    model.grad_checkpointing = cfg.grad_checkpointing
-    model.neftune_alpha = cfg.neftune_alpha
-    if cfg.grad_checkpointing:  # a checkpointed block keeps its input for the recomputation
+    if model.grad_checkpointing:  # a checkpointed block keeps its input for the recomputation
         for layer in model.model.layers:
             layer.register_forward_pre_hook(lambda _, args: mode.mark(args[0], memory_estimate.SAVED))
     model.train()

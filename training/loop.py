@@ -25,7 +25,7 @@ from pathlib import Path
 import data
 from model.fused import textbook_path
 
-from . import parallel, run_dir
+from . import metrics, parallel, run_dir
 from .checkpoint import save_checkpoint
 from .evaluate import evaluate_and_sample, sample_prompts
 from .batches import step_batches
@@ -60,7 +60,7 @@ def run_training(cfg: TrainConfig) -> dict:
     if cfg.dpo_precompute_ref:
         reference_logps(loss_fn, ds, cfg, run, resuming=plan.checkpoint is not None)
     pos = resume(plan.checkpoint, model, optimizer, scaler, run) if plan.checkpoint else Position()
-    logs = run_dir.RunLog(run.out, run.console, plan.total_steps, cfg.log_every, pos.step if plan.checkpoint else None,
+    logs = metrics.RunLog(run.out, run.console, plan.total_steps, cfg.log_every, pos.step if plan.checkpoint else None,
                           plan.settings, plan.defining, plan.changed)
     prompts = sample_prompts(cfg, ds)
     evaluation = lambda: evaluate_and_sample(loss_fn, model, ds, prompts, cfg, run.autocast)
@@ -104,12 +104,12 @@ def run_training(cfg: TrainConfig) -> dict:
     return finish(run, logs, pos.step, losses, row, first_val) | {"model": model}
 
 
-def finish(run: Run, logs: run_dir.RunLog, steps: int, losses: list, row: dict, first_val: dict) -> dict:
+def finish(run: Run, logs: metrics.RunLog, steps: int, losses: list, row: dict, first_val: dict) -> dict:
     """The run's logs closed, its summary written and said; -> run_training's result."""
     logs.close()
     last_val = {k: v for k, v in row.items() if k.startswith("val_")}
     wall_s = time.perf_counter() - run.t_start
-    run_dir.write_summary(run.out, diverged=False, steps=steps, final_loss=losses[-1] if losses else None,
+    metrics.write_summary(run.out, diverged=False, steps=steps, final_loss=losses[-1] if losses else None,
                           **last_val, wall_s=wall_s, replies=logs.replies)
     run.console.print(f"done: {steps} steps in {wall_s:.0f}s; adapter in {run.out / 'adapter'}; "
                       f"TensorBoard: tensorboard --logdir {run.out / 'tensorboard'}")
@@ -129,7 +129,7 @@ class ProgressBar:
         self.progress.start()
 
     def update(self, step: int, row: dict):
-        self.progress.update(self.task, completed=step, info=run_dir.step_info(row))
+        self.progress.update(self.task, completed=step, info=metrics.step_info(row))
 
     def stop(self):
         self.progress.stop()

@@ -174,15 +174,18 @@ def build_model(cfg: TrainConfig, run: Run, lora_cfg: lora.LoRAConfig, resuming:
     the training micro-steps call: the same one in one process, under torchrun parallel.wrap's
     (DDP: a replica per rank, LoRA gradients summed over ranks; FSDP2: the model sharded, each
     rank then reading only its shards from the files)."""
+    training = dict(grad_checkpointing=cfg.grad_checkpointing, neftune_alpha=cfg.neftune_alpha)
     if parallel.shards_model(cfg.parallel):
-        model = meta_model(run.model_dir, run.dtype)  # weights come after sharding: each rank reads its own
+        # weights come after sharding: each rank reads its own
+        model = meta_model(run.model_dir, run.dtype, **training)
     else:
         # QLoRA: each linear becomes NF4 as it is read, so the full-precision model never exists whole.
         replace_linear = None
         if cfg.quantize:
             from lora.quant import nf4_loader
             replace_linear = nf4_loader(run.dtype)
-        model = load_model(run.model_dir, dtype=run.dtype, device=run.device, replace_linear=replace_linear)
+        model = load_model(run.model_dir, dtype=run.dtype, device=run.device, replace_linear=replace_linear,
+                           **training)
     lora.inject_lora(model, lora_cfg, quantize=cfg.quantize, compute_dtype=run.dtype)
     if cfg.lora_init != "default" and not resuming:  # resumed: the checkpoint holds PiSSA's start
         lora.pissa_init_(lora.lora_modules(model), lora.pissa.niter_of(cfg.lora_init))
@@ -190,8 +193,6 @@ def build_model(cfg: TrainConfig, run: Run, lora_cfg: lora.LoRAConfig, resuming:
         if p.requires_grad:
             p.data = p.data.float()  # A and B: their updates are tiny next to them, bf16 would round them away
     run.console.print(lora.trainable_table(model))
-    model.grad_checkpointing = cfg.grad_checkpointing
-    model.neftune_alpha = cfg.neftune_alpha
     if cfg.compile:
         for layer in model.model.layers:
             layer.compile()

@@ -3,8 +3,8 @@
     OUTPUT_DIR/.lock             pid and host of the process training here (one at a time)
     OUTPUT_DIR/run_config.json   every resolved setting of the run, and fingerprints of its inputs
     OUTPUT_DIR/run_history.jsonl one line per --resume: what changed (only settings that may change)
-    OUTPUT_DIR/metrics.jsonl     one line per step (and per evaluation): RunLog, with TensorBoard
-    OUTPUT_DIR/summary.json      how the run ended, finished or diverged (write_summary)
+    OUTPUT_DIR/metrics.jsonl     one line per step (and per evaluation): metrics.RunLog, with TensorBoard
+    OUTPUT_DIR/summary.json      how the run ended, finished or diverged (metrics.write_summary)
 
 A fresh run refuses a directory that holds another run's files unless --overwrite is passed (then
 it deletes them: those files only); the leftovers of a run stopped before it finished a step (no
@@ -13,7 +13,7 @@ starts from step 0. `--resume` continues the run only if every setting that defi
 it is the same: the content of the data and the base model (their paths may move), the tokenizer
 and template, the LoRA shape, the batch geometry, seed, schedule, mask, length, precision and
 quantization. The rest (how long, how often to log, evaluate and save, the device, the number of
-ranks as long as the global batch stays) may change, and the change is written to the history,
+ranks as long as the global batch stays: the settings whose fields say may_change) may change, and the change is written to the history,
 never over run_config.json. metrics.jsonl is cut back to the checkpoint's step, so no step is
 logged twice (TensorBoard hides the later steps' events), and elapsed_s goes on from the checkpoint's.
 
@@ -29,13 +29,11 @@ import shutil
 import socket
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
-from . import parallel
 from model.errors import UserError
 from model.fingerprint import file_sha256, legacy_model_fingerprint, model_fingerprint
-from model.runtime import peak_memory_gib, peak_reserved_gib
 
 LOCK_FILE = ".lock"
 CONFIG_FILE = "run_config.json"
@@ -44,19 +42,6 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 # What a run writes; a fresh run refuses a directory holding any of them (and --overwrite deletes them).
 RUN_FILES = (CONFIG_FILE, HISTORY_FILE, METRICS_FILE, SUMMARY_FILE, "checkpoints", "adapter", "tensorboard")
-# Settings that may differ on --resume: how long, how often, on what hardware; recorded in the history.
-MAY_CHANGE = ("max_steps", "epochs", "log_every", "eval_every", "save_every", "keep_checkpoints",
-              "debug_grads", "sample_prompts", "sample_tokens", "device", "parallel", "parallel_timeout",
-              "micro_batch_size", "grad_checkpointing", "compile", "textbook", "max_skipped_steps", "resume", "overwrite", "output_dir",
-              "sweep", "sweep_samples", "model", "data", "val_data", "precision",
-              "eval_only", "adapter", "allow_other_base", "estimate_memory", "memory_budget", "json",
-              "estimate_world_size")
-# ...where micro_batch_size may change only with the number of ranks (the global batch is compared),
-# the model and data only in where they live (their content is compared) and precision only in
-# name ("auto" on the same device: the resolved dtype is compared).
-# --objective dpo's per-step metrics (dpo.STAT_NAMES and the margin), drawn in TensorBoard
-DPO_METRICS = ("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy", "logps_chosen",
-               "logps_rejected")
 MODEL_KEY = "model_content_sha256"  # the base model's fingerprint in run_config.json's "defining"
 LEGACY_MODEL_KEY = "model_sha256"  # ...as written before every byte was hashed (edges only)
 
@@ -159,9 +144,15 @@ def claim_fresh(out: Path, overwrite: bool):
 # -----------------------------------------------------------------------------
 # what defines a run, and --resume's check that it is the same one
 
+def may_change(cfg) -> set[str]:
+    """The settings that may differ on --resume (how long, how often, on what hardware): their
+    fields say may_change (training/settings.py, where the conditions on some of them are)."""
+    return {f.name for f in fields(cfg) if f.metadata["may_change"]}
+
+
 def defining_settings(cfg, model_dir: Path, val_data, dtype, world_size: int) -> dict:
     """The settings a resumed run must share with its checkpoint's, inputs as content hashes."""
-    settings = {k: v for k, v in asdict(cfg).items() if k not in MAY_CHANGE}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in may_change(cfg)}
     settings.update(data_sha256=file_sha256(Path(cfg.data)),
                     val_data_sha256=file_sha256(Path(val_data)) if val_data else None,
                     dtype=str(dtype), global_micro_batch=cfg.micro_batch_size * world_size)
@@ -204,11 +195,10 @@ def check_resume(out: Path, defining: dict, settings: dict, model_dir: Path) -> 
 
 
 def record_resume(out: Path, step: int, changed: dict):
-    """Append the resume to run_history.jsonl, and cut metrics.jsonl back to the checkpoint's step."""
+    """Append the resume to run_history.jsonl: at which step, and what changed."""
     with open(out / HISTORY_FILE, "a") as f:
         f.write(json.dumps({"resumed_at_step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                             "changed": changed}) + "\n")
-    cut_metrics(out / METRICS_FILE, step)
 
 
 def show(value) -> str:
@@ -220,16 +210,6 @@ def read_history(out: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().split("\n") if line.strip()]
-
-
-def cut_metrics(path: Path, step: int):
-    """Keep the rows of steps up to `step` (the checkpoint's); drop later ones and a torn last line."""
-    if not path.exists():
-        return
-    kept = [json.dumps(row) + "\n" for row in read_rows(path) if row.get("step", step + 1) <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)  # atomic: a crash here leaves the old file whole
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -250,101 +230,3 @@ def elapsed_at(out: Path, step: int) -> float:
     continues, so elapsed_s runs on across resumes."""
     return max([row.get("elapsed_s", 0.0) for row in read_rows(out / METRICS_FILE) if row.get("step") == step],
                default=0.0)
-
-
-# -----------------------------------------------------------------------------
-# what the run writes as it goes
-
-class RunLog:
-    """What rank 0 writes as a run goes: run_config.json (resumed: run_history.jsonl, with
-    metrics.jsonl cut back to the checkpoint's step), metrics.jsonl, TensorBoard, log lines; on
-    the other ranks, nothing. `resumed` is the checkpoint's step, or None for a fresh run."""
-
-    def __init__(self, out: Path, console, total_steps: int, log_every: int, resumed: int | None,
-                 settings: dict, defining: dict, changed: dict):
-        self.console, self.total_steps, self.log_every = console, total_steps, log_every
-        self.replies = {}  # prompt -> the newest sample reply; the final ones go into summary.json
-        self.metrics = self.writer = parallel.Silent()
-        if parallel.is_main():
-            from torch.utils.tensorboard import SummaryWriter
-            if resumed is not None:
-                record_resume(out, resumed, changed)
-            else:
-                record_fresh(out, settings, defining)
-            self.metrics = (out / METRICS_FILE).open("a" if resumed is not None else "w")
-            # resumed: TensorBoard hides the events of steps after the checkpoint's (logged by the
-            # interrupted run, to be run again); the checkpoint's own step stays
-            self.writer = SummaryWriter(str(out / "tensorboard"),
-                                        purge_step=resumed + 1 if resumed is not None else None)
-
-    def eval(self, step: int, row: dict, replies: dict) -> dict:
-        for k, v in row.items():
-            self.writer.add_scalar(f"eval/{k}", v, step)
-        for prompt, reply in replies.items():
-            self.writer.add_text(f"samples/{prompt[:40]}", reply, step)
-        self.replies = replies
-        return row
-
-    def first_eval(self, step: int, row: dict, replies: dict) -> dict:
-        """The evaluation before training: its own line of metrics.jsonl."""
-        self.eval(step, row, replies)
-        if row:
-            self.write({"step": step, **row})
-            self.console.print(f"step {step}: {val_info(row)}")
-        return row
-
-    def step(self, row: dict):
-        self.write(row)
-        for k in ("loss", "lr", "grad_norm", "tokens_per_s", "max_memory_gib", "max_reserved_gib", "loss_scale",
-                  *DPO_METRICS):
-            if k in row:
-                self.writer.add_scalar(f"train/{k}", row[k], row["step"])
-        if self.log_every and row["step"] % self.log_every == 0 and not self.console.is_terminal:
-            self.console.print(f"step {row['step']}/{self.total_steps}  {step_info(row)}" +
-                               (f"  {val_info(row)}" if "val_loss" in row else ""))
-
-    def grads(self, step: int, rows: list[tuple[str, dict]]):
-        print_grad_table(self.console, step, rows)
-        for name, figures in rows:
-            self.writer.add_scalars(f"grads/{name}", figures, step)
-
-    def write(self, row: dict):
-        self.metrics.write(json.dumps(row) + "\n")
-        self.metrics.flush()
-
-    def close(self):
-        self.writer.close()
-        self.metrics.close()
-
-
-def step_info(row: dict) -> str:
-    dpo = f"acc {row['reward_accuracy']:.2f}  margin {row['reward_margin']:.3f}  " if "reward_margin" in row else ""
-    return (f"loss {row['loss']:.4f}  {dpo}lr {row['lr']:.2e}  grad {row['grad_norm']:.3f}  "
-            f"{row['tokens_per_s']:.0f} tok/s")
-
-
-def val_info(row: dict) -> str:
-    dpo = f"  val_reward_accuracy {row['val_reward_accuracy']:.2f}" if "val_reward_accuracy" in row else ""
-    return f"val_loss {row['val_loss']:.4f}{dpo}"
-
-
-def print_grad_table(console, step, rows: list[tuple[str, dict]]):
-    """--debug-grads' table: per LoRA module, the gradient norms of A, B (DoRA: m) and the update
-    each step made relative to the tensor."""
-    from rich.table import Table
-    table = Table(title=f"LoRA gradients, step {step}", show_lines=False)
-    keys = list(dict.fromkeys(k for _, figures in rows for k in figures))  # grad_A ... update_m
-    heading = lambda k: f"|grad {k[5:]}|" if k.startswith("grad_") else f"|d{k[7:]}|/|{k[7:]}|"
-    table.add_column("module", justify="left", overflow="fold")
-    for k in keys:
-        table.add_column(heading(k), justify="right")
-    for name, figures in rows:
-        table.add_row(name, *(f"{figures[k]:.3e}" if k in figures else "" for k in keys))
-    console.print(table)
-
-
-def write_summary(out: Path, **figures):
-    """summary.json: how a run ended, finished or diverged (an interrupted run has none; a sweep reads it)."""
-    if parallel.is_main():
-        figures.update(peak_memory_gib=peak_memory_gib(), peak_reserved_gib=peak_reserved_gib())
-        (out / SUMMARY_FILE).write_text(json.dumps(figures, indent=2))

@@ -1,7 +1,10 @@
-"""train.py's settings: the TrainConfig dataclass (one field per flag, its help beside it), how
-they are read (dataclass defaults < a --config TOML/JSON file < command-line flags), and their
-validation, for type and range, before any work starts: a bad value is one line naming the flag
-(or the file and setting) and exit 2.
+"""train.py's settings: the TrainConfig dataclass (one field per flag; beside it, in the field's
+metadata, its help, its range or choices, and whether a --resume may change it, a --sweep may vary
+it and its value is a comma list: run_dir.py and sweep.py read those there), how they are read
+(dataclass defaults < a --config TOML/JSON file < command-line flags), and their validation, for
+type and range, before any work starts: a bad value is one line naming the flag (or the file and
+setting) and exit 2. A --sweep's every setting is checked the same way by sweep.py, before its
+first run.
 """
 
 import argparse
@@ -16,7 +19,6 @@ import torch
 import lora
 from . import parallel
 from . import run_dir
-from . import sweep
 from data import DataError, is_preference_file
 from data.formats import SUFFIXES
 from model import DEMO_MODEL
@@ -32,8 +34,22 @@ DEMO_OUTPUT = {"sft": "runs/demo", "dpo": "runs/demo-dpo"}
 RENAMED = {"reference": "textbook"}  # old setting name -> new, read from old config files and runs
 
 
-def flag(default, help):
-    return field(default=default, metadata={"help": help})
+def flag(default, help, *, within=None, choices=None, may_change=False, swept=True, comma_list=False):
+    """A setting: its default and its help, and what the rest of training/ reads about it (field metadata).
+
+    within      its range, as an interval: "[" includes its end, "(" excludes it; floats must also be
+                finite (argparse and JSON accept nan and inf). Every int and float setting has one.
+    choices     the values it may take, where it is one of a few
+    may_change  --resume may continue the run with another value (how long, how often, on what
+                hardware): recorded in run_history.jsonl; every other setting defines the run. Of those,
+                micro_batch_size may change only with the number of ranks (the global batch is
+                compared), model and data only in where they live (their content is compared) and
+                precision only in name ("auto" on the same device: the resolved dtype is compared).
+    swept       a --sweep may vary it (False: the settings of the sweep itself)
+    comma_list  its value is a comma list (in --sweep, its parts are joined by +)
+    """
+    return field(default=default, metadata={"help": help, "within": within, "choices": choices,
+                                            "may_change": may_change, "swept": swept, "comma_list": comma_list})
 
 
 @dataclass
@@ -41,44 +57,50 @@ class TrainConfig:
     # what to train on, and how
     objective: str = flag("sft", "sft (supervised fine-tuning) | dpo (preference tuning, Rafailov et al. 2023, on "
                                  "{prompt, chosen, rejected} records; the reference policy is the base: the "
-                                 "adapter switched off)")
-    model: str = flag(DEMO_MODEL, "model directory or hub id ('demo': the offline SmolLM2-135M-Instruct)")
+                                 "adapter switched off)", choices=("sft", "dpo"))
+    model: str = flag(DEMO_MODEL, "model directory or hub id ('demo': the offline SmolLM2-135M-Instruct)",
+                      may_change=True)
     data: str = flag(str(DEMO_DATA), "training data (.json, .jsonl, .csv; --objective dpo: preference pairs, "
-                                     "default examples/preferences.jsonl)")
-    val_data: str | None = flag(None, "validation data (default: --val-fraction of --data; the demo data has its own)")
-    val_fraction: float = flag(0.1, "share of --data held out for validation when there is no --val-data")
+                                     "default examples/preferences.jsonl)", may_change=True)
+    val_data: str | None = flag(None, "validation data (default: --val-fraction of --data; the demo data has its own)",
+                                may_change=True)
+    val_fraction: float = flag(0.1, "share of --data held out for validation when there is no --val-data",
+                               within="[0, 1)")
     val_seed: int = flag(0, "which examples --val-fraction holds out; not --seed, so that runs of different "
-                            "seeds are compared on the same held-out set")
+                            "seeds are compared on the same held-out set", within="(-inf, inf)")
     output_dir: str = flag(DEMO_OUTPUT["sft"], "where metrics, TensorBoard logs, checkpoints and the adapter go "
-                                              "(--objective dpo: default runs/demo-dpo)")
-    max_seq_len: int = flag(512, "longer examples are truncated")
-    mask: str = flag("assistant", "which tokens train: assistant | last | all")
+                                              "(--objective dpo: default runs/demo-dpo)", may_change=True, swept=False)
+    max_seq_len: int = flag(512, "longer examples are truncated", within="[2, inf)")
+    mask: str = flag("assistant", "which tokens train: assistant | last | all", choices=("assistant", "last", "all"))
     template: str | None = flag(None, "built-in chat template instead of the model's own")
     pack: bool = flag(False, "pack several examples per row (block-diagonal attention)")
     group_by_length: bool = flag(False, "batch examples of similar length together")
     # how long and how big
-    max_steps: int = flag(0, "optimizer steps (0: from --epochs)")
-    epochs: float = flag(3.0, "passes over the training data when --max-steps is 0")
-    micro_batch_size: int = flag(4, "examples per forward/backward")
-    grad_accum: int = flag(2, "micro-batches per optimizer step")
+    max_steps: int = flag(0, "optimizer steps (0: from --epochs)", within="[0, inf)", may_change=True)
+    epochs: float = flag(3.0, "passes over the training data when --max-steps is 0", within="(0, inf)",
+                         may_change=True)
+    micro_batch_size: int = flag(4, "examples per forward/backward", within="[1, inf)", may_change=True)
+    grad_accum: int = flag(2, "micro-batches per optimizer step", within="[1, inf)")
     # optimizer and schedule
-    lr: float = flag(1e-3, "peak learning rate")
-    lr_schedule: str = flag("cosine", "cosine | linear | constant, after warmup")
-    warmup_steps: int = flag(0, "linear warmup steps (overrides --warmup-ratio)")
-    warmup_ratio: float = flag(0.1, "warmup as a share of all steps")
-    min_lr_ratio: float = flag(0.0, "the schedule decays to lr * min_lr_ratio")
-    weight_decay: float = flag(0.0, "AdamW weight decay (never on biases and norms)")
-    adam_betas: str = flag("0.9,0.999", "AdamW betas")
-    adam_eps: float = flag(1e-8, "AdamW epsilon")
+    lr: float = flag(1e-3, "peak learning rate", within="(0, inf)")
+    lr_schedule: str = flag("cosine", "cosine | linear | constant, after warmup",
+                            choices=("cosine", "linear", "constant"))
+    warmup_steps: int = flag(0, "linear warmup steps (overrides --warmup-ratio)", within="[0, inf)")
+    warmup_ratio: float = flag(0.1, "warmup as a share of all steps", within="[0, 1]")
+    min_lr_ratio: float = flag(0.0, "the schedule decays to lr * min_lr_ratio", within="[0, 1]")
+    weight_decay: float = flag(0.0, "AdamW weight decay (never on biases and norms)", within="[0, inf)")
+    adam_betas: str = flag("0.9,0.999", "AdamW betas", comma_list=True)
+    adam_eps: float = flag(1e-8, "AdamW epsilon", within="(0, 1)")
     amsgrad: bool = flag(False, "AMSGrad variant of AdamW")
-    max_grad_norm: float = flag(1.0, "clip the global gradient norm (0: no clipping)")
-    max_skipped_steps: int = flag(10, "fp16: stop when the loss scaler skips this many steps in a row")
+    max_grad_norm: float = flag(1.0, "clip the global gradient norm (0: no clipping)", within="[0, inf)")
+    max_skipped_steps: int = flag(10, "fp16: stop when the loss scaler skips this many steps in a row",
+                                  within="[1, inf)", may_change=True)
     # LoRA
-    lora_r: int = flag(16, "rank of A and B")
-    lora_alpha: float = flag(32.0, "scaling = alpha / r (alpha / sqrt(r) with --rslora)")
-    lora_dropout: float = flag(0.05, "dropout on the LoRA path")
+    lora_r: int = flag(16, "rank of A and B", within="[1, inf)")
+    lora_alpha: float = flag(32.0, "scaling = alpha / r (alpha / sqrt(r) with --rslora)", within="(0, inf)")
+    lora_dropout: float = flag(0.05, "dropout on the LoRA path", within="[0, 1)")
     lora_targets: str = flag("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-                             "comma-separated module names, or all-linear")
+                             "comma-separated module names, or all-linear", comma_list=True)
     rslora: bool = flag(False, "rank-stabilised scaling alpha / sqrt(r)")
     lora_init: str = flag("default", "A and B at the start: default (A kaiming-uniform, B zero) | pissa (PiSSA, "
                                      "Meng et al. 2024: W0's top-r singular vectors, the base keeping the rest; "
@@ -86,62 +108,86 @@ class TrainConfig:
     dora: bool = flag(False, "DoRA (Liu et al. 2024): a trained magnitude per output row; runs op by op "
                              "(no fused path yet), not under --parallel fsdp")
     loraplus_lr_ratio: float = flag(1.0, "LoRA+ (Hayou et al. 2024): B, and any 1-D trainable, learns at this "
-                                         "times --lr; 16 is typical, 1 is plain LoRA")
+                                         "times --lr; 16 is typical, 1 is plain LoRA", within="(0, inf)")
     neftune_alpha: float = flag(0.0, "NEFTune (Jain et al. 2023): uniform noise of scale alpha / sqrt(L d) on the "
-                                     "input embeddings, in training only; 5 is typical, 0 is off")
-    quantize: str | None = flag(None, "nf4: QLoRA, the frozen base in 4-bit NF4")
+                                     "input embeddings, in training only; 5 is typical, 0 is off", within="[0, inf)")
+    quantize: str | None = flag(None, "nf4: QLoRA, the frozen base in 4-bit NF4", choices=(None, "nf4"))
     # DPO (--objective dpo)
-    dpo_beta: float = flag(0.1, "DPO's beta: how far the policy may move from the reference (IPO: its tau)")
-    dpo_loss: str = flag("sigmoid", "sigmoid (DPO, eq. 7) | ipo (Azar et al. 2023, on per-token mean log-probs)")
-    dpo_label_smoothing: float = flag(0.0, "cDPO: the share of preference labels assumed flipped, in [0, 0.5)")
+    dpo_beta: float = flag(0.1, "DPO's beta: how far the policy may move from the reference (IPO: its tau)",
+                           within="(0, inf)")
+    dpo_loss: str = flag("sigmoid", "sigmoid (DPO, eq. 7) | ipo (Azar et al. 2023, on per-token mean log-probs)",
+                         choices=("sigmoid", "ipo"))
+    dpo_label_smoothing: float = flag(0.0, "cDPO: the share of preference labels assumed flipped, in [0, 0.5)",
+                                      within="[0, 0.5)")
     dpo_rpo_alpha: float = flag(0.0, "RPO (Pang et al. 2024, TRL's rpo_alpha): add alpha x the chosen reply's per-token "
-                                     "NLL, which keeps DPO from lowering the chosen reply with the rejected one")
+                                     "NLL, which keeps DPO from lowering the chosen reply with the rejected one",
+                                within="[0, inf)")
     dpo_precompute_ref: bool = flag(False, "compute the reference log-probs once per pair before training "
                                            "(kept in --output-dir): a step is then one forward, not two")
     # hardware
-    precision: str = flag("auto", "bf16 | fp16 | fp32 (auto: bf16 on CUDA when supported, else fp32)")
-    device: str = flag("auto", "cpu | cuda (auto: cuda when available)")
-    grad_checkpointing: bool = flag(False, "recompute each decoder block in backward to save memory")
-    compile: bool = flag(False, "torch.compile each decoder block")
+    precision: str = flag("auto", "bf16 | fp16 | fp32 (auto: bf16 on CUDA when supported, else fp32)",
+                          choices=("auto", "bf16", "fp16", "fp32"), may_change=True)
+    device: str = flag("auto", "cpu | cuda (auto: cuda when available)", choices=("auto", "cpu", "cuda"),
+                       may_change=True)
+    grad_checkpointing: bool = flag(False, "recompute each decoder block in backward to save memory", may_change=True)
+    compile: bool = flag(False, "torch.compile each decoder block", may_change=True)
     textbook: bool = flag(False, "run the textbook twins of the fast pieces (model/fused.py): the same "
-                                 "results, slower, every intermediate tensor hookable")
+                                 "results, slower, every intermediate tensor hookable", may_change=True)
     tf32: bool = flag(True, "on CUDA, fp32 matmuls on tensor cores in TF32 (--no-tf32: full fp32)")
-    parallel: str = flag("ddp", "under torchrun: ddp (a model replica per GPU) | fsdp (FSDP2: model sharded)")
-    parallel_timeout: float = flag(600.0, "seconds a rank waits for the others before the job fails")
-    seed: int = flag(42, "seeds data order, LoRA init and dropout")
+    parallel: str = flag("ddp", "under torchrun: ddp (a model replica per GPU) | fsdp (FSDP2: model sharded)",
+                         choices=("ddp", "fsdp"), may_change=True)
+    parallel_timeout: float = flag(600.0, "seconds a rank waits for the others before the job fails",
+                                   within="(0, inf)", may_change=True)
+    seed: int = flag(42, "seeds data order, LoRA init and dropout", within="(-inf, inf)")
     # bookkeeping
-    log_every: int = flag(1, "print a log line every N steps")
-    eval_every: int = flag(0, "evaluate every N steps (0: before and after training only)")
-    save_every: int = flag(0, "checkpoint every N steps (0: only at the end)")
-    keep_checkpoints: int = flag(2, "how many newest checkpoints to keep (0: keep every one)")
-    resume: bool = flag(False, "continue from the newest checkpoint in --output-dir (the same run only)")
-    overwrite: bool = flag(False, "replace the run already in --output-dir (its metrics, checkpoints, adapter)")
-    debug_grads: bool = flag(False, "per-module LoRA gradient norms and update/weight ratios, every step")
+    log_every: int = flag(1, "print a log line every N steps", within="[0, inf)", may_change=True)
+    eval_every: int = flag(0, "evaluate every N steps (0: before and after training only)", within="[0, inf)",
+                           may_change=True)
+    save_every: int = flag(0, "checkpoint every N steps (0: only at the end)", within="[0, inf)", may_change=True)
+    keep_checkpoints: int = flag(2, "how many newest checkpoints to keep (0: keep every one)", within="[0, inf)",
+                                 may_change=True)
+    resume: bool = flag(False, "continue from the newest checkpoint in --output-dir (the same run only)",
+                        may_change=True, swept=False)
+    overwrite: bool = flag(False, "replace the run already in --output-dir (its metrics, checkpoints, adapter)",
+                           may_change=True, swept=False)
+    debug_grads: bool = flag(False, "per-module LoRA gradient norms and update/weight ratios, every step",
+                             may_change=True)
     sample_prompts: str | None = flag(None, "file of prompts (one per line), three answered at each eval (default: "
                                             "the first user turns of the first 3 validation conversations; the "
-                                            "demo data: examples/prompts.txt; '' for none)")
-    sample_tokens: int = flag(48, "max new tokens of each eval sample reply")
+                                            "demo data: examples/prompts.txt; '' for none)", may_change=True)
+    sample_tokens: int = flag(48, "max new tokens of each eval sample reply", within="[0, inf)", may_change=True)
     # scoring only
     eval_only: bool = flag(False, "train nothing: score --model (with --adapter applied) on --val-data, else on the "
                                   "share of --data training holds out (--val-fraction 1: all of it), as a run's end "
                                   "does: loss and perplexity (DPO: rewards and their accuracy) and sample replies; "
-                                  "one JSON object on stdout, nothing written")
+                                  "one JSON object on stdout, nothing written", may_change=True)
     adapter: str | None = flag(None, "--eval-only: the LoRA adapter to score (a run directory: its final adapter); "
-                                     "--model then defaults to the base it records")
+                                     "--model then defaults to the base it records", may_change=True)
     allow_other_base: bool = flag(False, "--eval-only: apply --adapter to a base other than the one it was trained "
-                                         "on (its nanolora_base.json), with a warning")
+                                         "on (its nanolora_base.json), with a warning", may_change=True)
     # memory, before the run (memory_estimate.py)
     estimate_memory: bool = flag(False, "train nothing: count the memory this run's training step holds (the real "
                                         "step on fake tensors: no weight or data is read, config.json is enough), "
-                                        "print it by category and exit; --device cuda models a CUDA run on any machine")
+                                        "print it by category and exit; --device cuda models a CUDA run on any machine",
+                                 may_change=True)
     memory_budget: str | None = flag(None, "--estimate-memory: the memory a device has (e.g. 24GiB, 80GB): whether "
-                                           "the run fits, and the largest --micro-batch-size and --max-seq-len that do")
-    json: bool = flag(False, "--estimate-memory: print one JSON object on stdout")
+                                           "the run fits, and the largest --micro-batch-size and --max-seq-len that do",
+                                     may_change=True)
+    json: bool = flag(False, "--estimate-memory: print one JSON object on stdout", may_change=True)
     estimate_world_size: int = flag(1, "--estimate-memory: estimate one rank of this many GPUs under torchrun, with "
-                                       "--parallel ddp (a whole replica each) or fsdp (each rank its shards)")
+                                       "--parallel ddp (a whole replica each) or fsdp (each rank its shards)",
+                                    within="[1, inf)", may_change=True)
     # sweeps (sweep.py)
-    sweep: str | None = flag(None, "train once per setting of a grid, e.g. --sweep lr=2e-4,1e-3 lora_r=8,64")
-    sweep_samples: int = flag(0, "train only N settings of the --sweep grid, drawn with --seed (0: all)")
+    sweep: str | None = flag(None, "train once per setting of a grid, e.g. --sweep lr=2e-4,1e-3 lora_r=8,64",
+                             may_change=True, swept=False)
+    sweep_samples: int = flag(0, "train only N settings of the --sweep grid, drawn with --seed (0: all)",
+                              within="[0, inf)", may_change=True, swept=False)
+
+
+# What the fields' metadata says, as the checks read it (in field order)
+RANGES = {f.name: f.metadata["within"] for f in fields(TrainConfig) if f.metadata["within"]}
+CHOICES = {f.name: f.metadata["choices"] for f in fields(TrainConfig) if f.metadata["choices"]}
+LIST_SETTINGS = tuple(f.name for f in fields(TrainConfig) if f.metadata["comma_list"])
 
 
 class TrainError(UserError):
@@ -177,8 +223,6 @@ def parse_config(argv=None) -> TrainConfig:
         given = {**(read_run_settings(path, f"--resume: {path}") if path.is_file() else {}), **given}
     cfg = demo_defaults(TrainConfig(**given), given)
     check_config(cfg)
-    for setting in sweep.settings(cfg) if cfg.sweep else []:  # every run of a sweep, before the first
-        check_config(replace(cfg, **setting))
     return cfg
 
 
@@ -223,8 +267,29 @@ def read_config_file(path: str) -> dict:
     if unknown:
         raise TrainError(f"--config {path}: unknown settings {', '.join(unknown)}")
     if isinstance(values.get("sweep"), dict):  # a [sweep] table: lr = [2e-4, 1e-3]
-        values["sweep"] = sweep.spec_from_table(values["sweep"])
+        values["sweep"] = spec_from_table(values["sweep"])
     return typed(values, f"--config {path}")
+
+
+def spec_from_table(table: dict) -> str:
+    """A [sweep] table of a TOML config (lr = [2e-4, 1e-3]) as --sweep text (lr=2e-4,1e-3)."""
+    items = []
+    for key, values in table.items():
+        values = values if isinstance(values, list) else [values]
+        items.append(f"{key}=" + ",".join(value_text(key.replace("-", "_"), v) for v in values))
+    return " ".join(items)
+
+
+def value_text(key: str, value) -> str:
+    """A value as written in --sweep and in run names: 2e-4 not 0.0002, q_proj+k_proj for lists."""
+    if isinstance(value, bool) or value is None:
+        return str(value).lower()
+    if isinstance(value, float):
+        plain = f"{value:g}"
+        mantissa, exponent = f"{value:e}".split("e")
+        scientific = f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+        return scientific if len(scientific) < len(plain) else plain
+    return str(value).replace(",", "+") if key in LIST_SETTINGS else str(value)
 
 
 def typed(values: dict, where: str) -> dict:
@@ -285,21 +350,6 @@ def type_error(value, kind) -> str | None:
     return None if ok(value) else text + (" (or leave it out)" if optional else "")
 
 
-# The range of every numeric setting, as an interval: "[" includes its end, "(" excludes it.
-# Floats must also be finite (argparse and JSON accept nan and inf).
-RANGES = {
-    "max_seq_len": "[2, inf)", "micro_batch_size": "[1, inf)", "grad_accum": "[1, inf)", "lora_r": "[1, inf)",
-    "max_steps": "[0, inf)", "epochs": "(0, inf)", "lr": "(0, inf)", "warmup_steps": "[0, inf)",
-    "warmup_ratio": "[0, 1]", "min_lr_ratio": "[0, 1]", "weight_decay": "[0, inf)", "adam_eps": "(0, 1)",
-    "max_grad_norm": "[0, inf)", "max_skipped_steps": "[1, inf)", "lora_alpha": "(0, inf)",
-    "lora_dropout": "[0, 1)", "val_fraction": "[0, 1)", "loraplus_lr_ratio": "(0, inf)", "neftune_alpha": "[0, inf)",
-    "parallel_timeout": "(0, inf)", "log_every": "[0, inf)", "eval_every": "[0, inf)", "save_every": "[0, inf)",
-    "keep_checkpoints": "[0, inf)", "sample_tokens": "[0, inf)", "sweep_samples": "[0, inf)",
-    "estimate_world_size": "[1, inf)",
-    "dpo_beta": "(0, inf)", "dpo_label_smoothing": "[0, 0.5)", "dpo_rpo_alpha": "[0, inf)",
-}
-
-
 def in_range(value, interval: str) -> bool:
     low, high = (float(x) for x in interval[1:-1].split(","))
     above = value >= low if interval[0] == "[" else value > low
@@ -309,11 +359,7 @@ def in_range(value, interval: str) -> bool:
 
 def check_config(cfg: TrainConfig):
     """Every setting, for type and range, before any work: the message names the flag."""
-    choices = {"lr_schedule": ("cosine", "linear", "constant"), "mask": ("assistant", "last", "all"),
-               "precision": ("auto", "bf16", "fp16", "fp32"), "device": ("auto", "cpu", "cuda"),
-               "quantize": (None, "nf4"), "parallel": ("ddp", "fsdp"), "objective": ("sft", "dpo"),
-               "dpo_loss": ("sigmoid", "ipo")}
-    for name, allowed in choices.items():
+    for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             raise TrainError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected one of "
                              f"{', '.join(str(a) for a in allowed if a)}")

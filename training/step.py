@@ -12,7 +12,7 @@ import torch
 import lora
 from model.runtime import peak_memory_gib, peak_reserved_gib
 
-from . import dpo, parallel, run_dir
+from . import dpo, metrics, parallel
 from .phases import Run
 from .settings import TrainConfig
 
@@ -151,7 +151,7 @@ def check_finite(step: Step, skipped_in_a_row: int, cfg: TrainConfig, model, run
                                      fp16 and skipped_in_a_row < cfg.max_skipped_steps):
         return
     message = divergence_message(model, number, step.loss, step.grad_norm, skipped_in_a_row, step.loss_scale)
-    run_dir.write_summary(run.out, diverged=True, steps=number - 1, error=message,
+    metrics.write_summary(run.out, diverged=True, steps=number - 1, error=message,
                           wall_s=time.perf_counter() - run.t_start)
     raise FloatingPointError(message)
 

@@ -26,16 +26,17 @@ import signal
 import subprocess
 import sys
 import typing
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 from . import run_dir as run_files
 from .checkpoint import list_checkpoints
+from .settings import TrainConfig, check_config, value_text
 from model.errors import UserError
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
-LIST_SETTINGS = ("lora_targets", "adam_betas")  # values that are comma lists: parts joined by + in a sweep
-NOT_SWEPT = ("sweep", "sweep_samples", "output_dir", "resume", "overwrite")  # settings of the sweep itself
+# the settings of the sweep itself (their fields say swept=False): no grid varies them
+NOT_SWEPT = tuple(f.name for f in fields(TrainConfig) if not f.metadata["swept"])
 COLUMNS = ("run", "steps", "final loss", "best val loss", "at step", "max grad_norm", "tokens/s",
            "peak mem GiB", "wall s", "status", "reply")
 
@@ -78,32 +79,13 @@ def parse_value(f, raw: str):
             return kinds[0](raw)
         except ValueError:
             raise SweepError(f"--sweep {f.name}={raw}: expected {kinds[0].__name__} values") from None
-    return raw.replace("+", ",") if f.name in LIST_SETTINGS else raw
-
-
-def spec_from_table(table: dict) -> str:
-    """A [sweep] table of a TOML config (lr = [2e-4, 1e-3]) as --sweep text (lr=2e-4,1e-3)."""
-    items = []
-    for key, values in table.items():
-        values = values if isinstance(values, list) else [values]
-        items.append(f"{key}=" + ",".join(value_text(key.replace("-", "_"), v) for v in values))
-    return " ".join(items)
-
-
-def value_text(key: str, value) -> str:
-    """A value as written in --sweep and in run names: 2e-4 not 0.0002, q_proj+k_proj for lists."""
-    if isinstance(value, bool) or value is None:
-        return str(value).lower()
-    if isinstance(value, float):
-        plain = f"{value:g}"
-        mantissa, exponent = f"{value:e}".split("e")
-        scientific = f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
-        return scientific if len(scientific) < len(plain) else plain
-    return str(value).replace(",", "+") if key in LIST_SETTINGS else str(value)
+    return raw.replace("+", ",") if f.metadata["comma_list"] else raw
 
 
 def settings(cfg) -> list[dict]:
-    """Every combination of the sweep's values, in order; --sweep-samples N keeps N at random (--seed)."""
+    """Every combination of the sweep's values, in order; --sweep-samples N keeps N at random (--seed).
+    Each is checked as train.py checks its settings (check_config), so a bad one is refused before
+    the first run starts."""
     grid = parse_sweep(cfg.sweep, cfg)
     combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     if 0 < cfg.sweep_samples < len(combos):
@@ -113,6 +95,8 @@ def settings(cfg) -> list[dict]:
     if len(set(names)) < len(names):
         raise SweepError(f"--sweep {cfg.sweep}: two settings would share the run directory "
                          f"{next(n for n in names if names.count(n) > 1)}")
+    for setting in combos:
+        check_config(replace(cfg, **setting))
     return combos
 
 
@@ -128,12 +112,12 @@ def run_name(setting: dict) -> str:
 def run_sweep(cfg) -> list[dict]:
     """Train every setting in turn (with --resume, finished runs are kept); write and print the table."""
     from rich.console import Console
+    combos = settings(cfg)  # every setting checked, before anything else
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SweepError("--sweep starts one train.py process per setting itself: run it with python, "
                          "not torchrun")
     console = Console(stderr=True)
     out = Path(cfg.output_dir)
-    combos = settings(cfg)
     if not cfg.resume and not cfg.overwrite:
         refuse_existing_sweep(out)
     out.mkdir(parents=True, exist_ok=True)
