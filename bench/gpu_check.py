@@ -90,6 +90,10 @@ ROWS = [
     Row("speed llama-3.2-1b", "check_speed", ("llama-3.2-1b",), 30, 30),
     Row("speed deepseek-llm-7b", "check_speed", ("deepseek-llm-7b",), 45, 30),
     Row("speed llama-3.1-8b-qlora", "check_speed", ("llama-3.1-8b-qlora",), 75, 40),
+    Row("speed llama-3.1-8b-qlora offloaded", "check_speed", ("llama-3.1-8b-qlora-offload", False), 40, 25),
+    Row("speed llama-3.1-8b-qlora MLP tiled", "check_speed", ("llama-3.1-8b-qlora-tiled", False), 40, 25),
+    Row("memory estimate llama-3.1-8b nf4 offloaded tiled", "check_memory_estimate",
+        ("llama-3.1-8b", "nf4", True, 8), 50, 15),
     Row("torchrun ddp fp32", "check_torchrun", ("ddp", "fp32"), 20, 30),
     Row("torchrun fsdp fp32", "check_torchrun", ("fsdp", "fp32"), 20, 30),
 ]

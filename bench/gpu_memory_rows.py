@@ -43,13 +43,14 @@ def check_load_memory(ctx, quantize: str | None):
     return Result(peak, bound, what + " (figure, bound in MiB)")
 
 
-def check_memory_estimate(ctx, shape: str, quantize: str | None):
+def check_memory_estimate(ctx, shape: str, quantize: str | None, offload: bool = False, tiles: int = 1):
     """train.py --estimate-memory's counted peak (fake tensors, no GPU) against max_memory_allocated
     of the same two steps run for real (real_step_memory), in train_speed's real shape, bf16,
     micro-batch 2 x 2048, checkpointing, LoRA r 8 on the seven projections (no dropout, as
     train_speed's GPU cases); its total (with the assumed context, workspaces, fragmentation)
     against max_memory_reserved + the context measured, reported. A dry run builds the same at the
-    random model's shape, 2 x 64, on the CPU: nothing to compare, CUDA's allocator is what is modelled."""
+    random model's shape, 2 x 64, on the CPU: nothing to compare, CUDA's allocator is what is modelled.
+    offload, tiles: with --offload-activations and --tile-mlp (the estimate's device peak)."""
     import training.estimate, training.phases, training.step
     import train_speed
     from model.config import LlamaConfig
@@ -63,10 +64,12 @@ def check_memory_estimate(ctx, shape: str, quantize: str | None):
     if ctx.device != "cuda":
         config, length = LlamaConfig(vocab_size=VOCAB, tie_word_embeddings=config.tie_word_embeddings, **ctx.shape), 64
     cfg = TrainConfig(micro_batch_size=2, max_seq_len=length, grad_accum=2, grad_checkpointing=True, lora_r=8,
-                      lora_alpha=16, lora_dropout=0.0, quantize=quantize, precision="bf16", device=ctx.device)
+                      lora_alpha=16, lora_dropout=0.0, quantize=quantize, precision="bf16", device=ctx.device,
+                      offload_activations=offload, tile_mlp=tiles)
     est = training.estimate.estimate_step(cfg, config, ctx.device, torch.bfloat16)
     real = real_step_memory(cfg, config, ctx.device, torch.bfloat16)
-    case = f"{shape}{' NF4' if quantize else ''} bf16, 2 x {length}, checkpointing"
+    flags = (", offloaded" if offload else "") + (f", MLP in {tiles} tiles" if tiles > 1 else "")
+    case = f"{shape}{' NF4' if quantize else ''} bf16, 2 x {length}, checkpointing{flags}"
     if ctx.device != "cuda":
         raise Skip(f"dry run, at the random model's shape: {case}: counted {est.peak_bytes / 2**20:.1f} MiB "
                    f"({est.phase}); the real step ran on the CPU, which has no max_memory_allocated to compare with")
@@ -101,7 +104,7 @@ def real_step_memory(cfg, config, device: str, dtype) -> dict | None:
     from model.runtime import reset_peak_memory
     torch.manual_seed(0)
     with torch.device("meta"):
-        model = Llama(config, grad_checkpointing=cfg.grad_checkpointing).to(dtype)
+        model = Llama(config, **training.phases.model_options(cfg)).to(dtype)
     replace_linear = None
     if cfg.quantize:
         from lora.quant import nf4_loader

@@ -362,9 +362,9 @@ def check_resume(ctx, log_name: str):
 
 # ----------------------------------------------------------------------------- speed rows
 
-def check_speed(ctx, case: str):
-    """bench/train_speed.py's case, nanolora against transformers+PEFT, each in its own process:
-    tokens/s, peak memory allocated and reserved. A dry run runs the case's code path at a tiny
+def check_speed(ctx, case: str, against_peft: bool = True):
+    """bench/train_speed.py's case, nanolora against transformers+PEFT (against_peft: False, ours
+    alone: a flag peft lacks), each in its own process: tokens/s, peak memory allocated and reserved. A dry run runs the case's code path at a tiny
     shape on the CPU (its figures mean nothing)."""
     sys.path.insert(0, str(ROOT / "bench"))
     import train_speed
@@ -376,8 +376,13 @@ def check_speed(ctx, case: str):
             raise Skip("bitsandbytes is not installed here (carry .gpu/: make gpu-bundle)") from None
     name = case if ctx.device == "cuda" else case + "-dry"
     steps, warmup = (5, 3) if ctx.device == "cuda" else (2, 1)
-    runs = train_speed.run_case(name, ["nanolora", "peft"], steps, warmup, rounds=1)
-    ours, peft = runs["nanolora"][0], runs["peft"][0]
+    runs = train_speed.run_case(name, ["nanolora", "peft"] if against_peft else ["nanolora"], steps, warmup, rounds=1)
+    ours = runs["nanolora"][0]
+    if not against_peft:
+        figures = {f"nanolora {k}": round(v, 3) for k, v in ours.items() if k in ("tokens_per_s", "peak_gib", "reserved_gib")}
+        return Measured(f"{name}: {ours['tokens_per_s']:.0f} tokens/s; peak {ours['peak_gib']:.2f} GiB allocated, "
+                        f"{ours['reserved_gib']:.2f} reserved", figures)
+    peft = runs["peft"][0]
     figures = {f"{impl} {k}": round(v, 3) for impl, r in (("nanolora", ours), ("peft", peft))
                for k, v in r.items() if k in ("tokens_per_s", "peak_gib", "reserved_gib")}
     what = (f"{name}: {ours['tokens_per_s']:.0f} vs {peft['tokens_per_s']:.0f} tokens/s "

@@ -53,9 +53,16 @@ SOURCES = {
     "torchtune README": "https://github.com/pytorch/torchtune#memory-and-training-speed",
     "unsloth requirements": "https://unsloth.ai/docs/get-started/fine-tuning-for-beginners/unsloth-requirements",
     "Answer.AI FSDP+QLoRA": "https://www.answer.ai/posts/2024-03-06-fsdp-qlora",
+    "unsloth context length": "https://unsloth.ai/blog/llama3-3",
 }
 TORCHTUNE_NOTE = "torchtune: measured on 1x RTX 4090, packed to 2048, torch.compile"
 UNSLOTH_NOTE = "unsloth: an 'absolute minimum', its settings not stated"
+UNSLOTH_CONTEXT = "unsloth context length"
+UNSLOTH_CONTEXT_NOTE = ("unsloth: Llama 3.1 8B QLoRA, rank 32 on all linear layers, batch 1, its offloaded "
+                        "checkpointing; HF+FA2 on the same GPU: {hf}")
+ALL_LINEAR = "all-linear"
+# The context cases lift the model's 131,072-position limit, as the peer's longest figure does.
+LONG_CONTEXT = 1 << 19
 # torchtune's Llama recipes: LoRA on q, v and output_proj and the whole MLP, rank 8, alpha 16.
 TORCHTUNE_TARGETS = "q_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 ALL_SEVEN = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -80,6 +87,9 @@ class Case:
     peers: list[Peer] = field(default_factory=list)
     note: str = ""  # about our own figure
     world: int = 1  # GPUs under torchrun --parallel fsdp: the figures are one rank's
+    offload: bool = False  # --offload-activations
+    tile_mlp: int = 1  # --tile-mlp
+    budget_gib: int | None = None  # the case is the longest --max-seq-len whose total fits this (seq: the cap)
 
 
 CASES = {
@@ -92,6 +102,18 @@ CASES = {
     "llama-3.1-8b-qlora": Case("meta-llama/Llama-3.1-8B", 2, 2048, TORCHTUNE_TARGETS, quantize="nf4",
                                peers=[Peer("7.4 GiB", "torchtune README", TORCHTUNE_NOTE),
                                       Peer("6 GB", "unsloth requirements", UNSLOTH_NOTE)]),
+    "llama-3.1-8b-qlora-offloaded": Case("meta-llama/Llama-3.1-8B", 2, 2048, TORCHTUNE_TARGETS, quantize="nf4",
+                                         offload=True, tile_mlp=8,
+                                         peers=[Peer("7.4 GiB", "torchtune README", TORCHTUNE_NOTE)]),
+    "llama-3.1-8b-qlora-r16-all": Case("meta-llama/Llama-3.1-8B", 2, 2048, ALL_LINEAR, r=16, alpha=32.0,
+                                       quantize="nf4"),
+    "llama-3.1-8b-qlora-r16-all-offloaded": Case("meta-llama/Llama-3.1-8B", 2, 2048, ALL_LINEAR, r=16, alpha=32.0,
+                                                 quantize="nf4", offload=True, tile_mlp=8),
+    **{f"llama-3.1-8b-qlora-context-{gib}gb": Case(
+        "meta-llama/Llama-3.1-8B", 1, LONG_CONTEXT, ALL_LINEAR, r=32, alpha=64.0, quantize="nf4", offload=True,
+        tile_mlp=16, budget_gib=gib,
+        peers=[Peer(f"{unsloth:,} tokens", UNSLOTH_CONTEXT, UNSLOTH_CONTEXT_NOTE.format(hf=hf))])
+       for gib, unsloth, hf in ((24, 78_475, "5,789"), (80, 342_733, "28,454"))},
     # The seeds' walkthrough run: no peer publishes a figure for it.
     "deepseek-llm-7b-lora": Case("deepseek-ai/deepseek-llm-7b-chat", 2, 1024, ALL_SEVEN, alpha=32.0),
     "llama-3.1-70b-qlora": Case(
@@ -114,20 +136,26 @@ def settings_text(case: Case, precision: str) -> str:
         t.removesuffix("_proj") for t in case.targets.split(","))
     nf4 = ", NF4 base" if case.quantize else ""
     fsdp = f", FSDP x {case.world}" if case.world > 1 else ""
-    return f"{case.batch} x {case.seq}, r {case.r} on {targets}, {precision}{nf4}, ckpt{fsdp}"
+    flags = (", --offload-activations" if case.offload else "") + (f", --tile-mlp {case.tile_mlp}" if case.tile_mlp > 1 else "")
+    seq = f"the longest that fits {case.budget_gib} GiB" if case.budget_gib else case.seq
+    return f"{case.batch} x {seq}, r {case.r} on {targets}, {precision}{nf4}, ckpt{fsdp}{flags}"
 
 
-def estimate(case: Case, precision: str):
-    """training.estimate.estimate_step for `case` on a modelled CUDA device: -> memory_estimate.Estimate."""
+def estimate(case: Case, precision: str, seq: int | None = None):
+    """training.estimate.estimate_step for `case` (at `seq` tokens, else its own) on a modelled CUDA
+    device: -> memory_estimate.Estimate."""
     import training.estimate
     from model import LlamaConfig
     from training.settings import TrainConfig
-    config = LlamaConfig.from_hf({"architectures": ["LlamaForCausalLM"], **MODELS[case.model]}, source=case.model)
+    limit = {"max_position_embeddings": LONG_CONTEXT} if case.budget_gib else {}
+    config = LlamaConfig.from_hf({"architectures": ["LlamaForCausalLM"], **MODELS[case.model], **limit},
+                                 source=case.model)
     # As the peers' recipes: no LoRA dropout (torchtune's and unsloth's default), one micro-batch a step.
-    cfg = TrainConfig(model=case.model, micro_batch_size=case.batch, max_seq_len=case.seq, grad_accum=1,
+    cfg = TrainConfig(model=case.model, micro_batch_size=case.batch, max_seq_len=seq or case.seq, grad_accum=1,
                       lora_r=case.r, lora_alpha=case.alpha, lora_dropout=0.0, lora_targets=case.targets,
                       quantize=case.quantize, grad_checkpointing=True, precision=precision, device="cuda",
-                      parallel="fsdp" if case.world > 1 else "ddp", estimate_world_size=case.world)
+                      parallel="fsdp" if case.world > 1 else "ddp", estimate_world_size=case.world,
+                      offload_activations=case.offload, tile_mlp=case.tile_mlp)
     return training.estimate.estimate_step(cfg, config, "cuda", DTYPES[precision])
 
 
@@ -136,14 +164,28 @@ def run_case(name: str, precision: str) -> dict:
     from training.memory_estimate import GIB
     case = CASES[name]
     t0 = time.perf_counter()
-    est = estimate(case, precision)
-    return {"case": name, "model": case.model, "settings": settings_text(case, precision),
+    seq = longest(case, precision) if case.budget_gib else None
+    est = estimate(case, precision, seq)
+    return {"case": name, "model": case.model, "settings": settings_text(case, precision), "seq": seq or case.seq,
+            "host_gib": round(est.host_peak_bytes / GIB, 2),
             "counted_bytes": est.peak_bytes, "total_bytes": est.total_bytes,
             "counted_gib": round(est.peak_bytes / GIB, 2), "total_gib": round(est.total_bytes / GIB, 2),
             "peak_phase": est.phase, "note": case.note,
             "peers": [{"figure": p.figure, "source": p.source, "url": SOURCES[p.source], "note": p.note}
                       for p in case.peers],
             "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def longest(case: Case, precision: str, step: int = 1024) -> int:
+    """The longest sequence, in multiples of `step` up to case.seq, whose total (counted and the
+    assumed CUDA lines) fits case.budget_gib: bisection, the total growing with the length."""
+    from training.memory_estimate import GIB
+    fits = lambda n: estimate(case, precision, n * step).total_bytes <= case.budget_gib * GIB
+    low, high = 0, case.seq // step + 1  # fits(low) (0: nothing), not fits(high)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low * step
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -154,7 +196,9 @@ def markdown_table(rows: list[dict]) -> str:
     for row in rows:
         peers = row["peers"] or [{"figure": "-", "source": "-", "note": ""}]
         for i, peer in enumerate(peers):
-            ours = (row["case"], row["settings"], f"{row['counted_gib']:.2f}", f"{row['total_gib']:.2f}") if i == 0 \
+            settings = row["settings"] + (f": {row['seq']:,} tokens" if "longest" in row["settings"] else "") + (
+                f"; host {row['host_gib']:.2f} GiB" if row["host_gib"] else "")
+            ours = (row["case"], settings, f"{row['counted_gib']:.2f}", f"{row['total_gib']:.2f}") if i == 0 \
                 else ("", "", "", "")
             note = "; ".join(n for n in (row["note"] if i == 0 else "", peer["note"]) if n)
             lines.append("| " + " | ".join((*ours, peer["figure"], peer["source"], note)) + " |")

@@ -65,6 +65,16 @@ CASES = {
     "llama-3.2-1b": dict(model="llama-3.2-1b", batch=4, seq=2048, dtype="bf16", quantize=None, ckpt=False, device="cuda"),
     "llama-3.1-8b-qlora": dict(model="llama-3.1-8b", batch=2, seq=2048, dtype="bf16", quantize="nf4", ckpt=True, device="cuda"),
     "deepseek-llm-7b": dict(model="deepseek-llm-7b", batch=2, seq=1024, dtype="bf16", quantize=None, ckpt=True, device="cuda"),
+    # What --offload-activations and --tile-mlp cost (nanolora only: peft has neither).
+    "llama-3.1-8b-qlora-offload": dict(model="llama-3.1-8b", batch=2, seq=2048, dtype="bf16", quantize="nf4", ckpt=True,
+                                       device="cuda", offload=True),
+    "llama-3.1-8b-qlora-tiled": dict(model="llama-3.1-8b", batch=2, seq=2048, dtype="bf16", quantize="nf4", ckpt=True,
+                                     device="cuda", tile_mlp=8),
+    "cpu-smollm2-ckpt": dict(model="demo", batch=4, seq=256, dtype="fp32", quantize=None, ckpt=True, device="cpu"),
+    "cpu-smollm2-offload": dict(model="demo", batch=4, seq=256, dtype="fp32", quantize=None, ckpt=True, device="cpu",
+                                offload=True),
+    "cpu-smollm2-tiled": dict(model="demo", batch=4, seq=256, dtype="fp32", quantize=None, ckpt=True, device="cpu",
+                              tile_mlp=4),
 }
 # Each GPU case's code path on the CPU at a tiny shape (bench/gpu_check.py --dry-run runs them).
 SHAPES["tiny"] = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -126,13 +136,15 @@ def nanolora_step_fn(case: dict, compile: bool = False):
     if case["quantize"]:  # as train.py: each linear quantized as it is read
         from lora.quant import nf4_loader
         replace_linear = nf4_loader(dtype)
+    options = dict(grad_checkpointing=case["ckpt"], offload_activations=case.get("offload", False),
+                   tile_mlp=case.get("tile_mlp", 1))
     if case["model"] == "demo":
         model = load_model(resolve_model_dir("demo"), dtype=dtype, device=device, replace_linear=replace_linear,
-                           grad_checkpointing=case["ckpt"])
+                           **options)
     else:  # built on the device in its dtype, from random weights (no checkpoint)
         config = case_config(case)
         with torch.device("meta"):
-            model = Llama(config, grad_checkpointing=case["ckpt"]).to(dtype)
+            model = Llama(config, **options).to(dtype)
         model = fill_model(model, random_weights(config, dtype, device), device, replace_linear)
     lora_cfg = lora.LoRAConfig(r=16, alpha=32, dropout=case.get("dropout", 0.0), targets="all-linear")
     lora.inject_lora(model, lora_cfg, quantize=case["quantize"], compute_dtype=dtype)

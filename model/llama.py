@@ -14,7 +14,7 @@ block-diagonal mask, the twin the other two are tested against.
 
 import inspect
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import NamedTuple
 
 import torch
@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from . import fused
+from . import fused, offload
 from .config import LlamaConfig
 
 # `enable_gqa` lets SDPA share each K/V head between its query heads without copying (torch >= 2.5).
@@ -308,7 +308,22 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)), x (B, T, hidden) -> (B, T, hidden).
+
+    With `tiles` = N > 1 (--tile-mlp), in training, the MLP runs over N tiles of the sequence
+    (torch.tensor_split along T, uneven T allowed, never more tiles than T), each under its own
+    non-reentrant checkpoint. Why: untiled, backward keeps gate(x), up(x) and their product, each
+    (B, T, intermediate), for every layer (or, with grad_checkpointing, for the layer being
+    recomputed), and intermediate is several times hidden. Tiled, each tile keeps only its input
+    (a view of x, which is kept anyway) and its (B, T/N, intermediate) activations exist for one
+    tile at a time, in forward, in the block's recompute and in backward. The cost: one more
+    forward of each tile's MLP in backward (with grad_checkpointing, besides the block's). Tiles
+    compute what the whole sequence does (a token's MLP reads that token only). LoRA dropout draws
+    its masks per call, so a tiled run draws other, equally distributed masks than an untiled one
+    (equal results need dropout 0); within a tile the recompute replays its masks (the checkpoint
+    restores the RNG state). The textbook path (fused.textbook_path), evaluation and generation
+    run untiled.
+    """
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -316,13 +331,23 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=bias)
         self.up_proj = nn.Linear(h, i, bias=bias)
         self.down_proj = nn.Linear(i, h, bias=bias)
+        self.tiles = 1  # sequence tiles in training (Llama sets it: --tile-mlp)
 
     def forward(self, x):
+        tiles = min(self.tiles, x.shape[1])
+        if tiles > 1 and self.training and torch.is_grad_enabled() and fused.enabled():
+            # Each tile (B, ~T/N, hidden) is recomputed in its own backward; cat's backward saves nothing.
+            return torch.cat([checkpoint(self.swiglu, t, use_reentrant=False)
+                              for t in x.tensor_split(tiles, dim=1)], dim=1)
+        return self.swiglu(x)
+
+    def swiglu(self, x):
+        """down(silu(gate(x)) * up(x)) of x (B, T, hidden), the whole sequence or one tile of it."""
         if fused.enabled() and isinstance(self.gate_proj, fused.SharedInputLinear):  # LoRA: lora/layer.py
             gate, up = self.gate_proj.forward_shared(x, (self.gate_proj, self.up_proj))
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(gate) * up)  # gate, up: (B, T, intermediate)
 
 
 class DecoderLayer(nn.Module):
@@ -339,9 +364,10 @@ class DecoderLayer(nn.Module):
 
 
 class Llama(nn.Module):
-    def __init__(self, config: LlamaConfig, *, grad_checkpointing: bool = False, neftune_alpha: float = 0.0):
-        """grad_checkpointing and neftune_alpha change training only (model.train()), and are off by
-        default: train.py passes its --grad-checkpointing and --neftune-alpha here, through
+    def __init__(self, config: LlamaConfig, *, grad_checkpointing: bool = False, neftune_alpha: float = 0.0,
+                 offload_activations: bool = False, tile_mlp: int = 1):
+        """The options change training only (model.train()), and are off by default: train.py passes
+        its --grad-checkpointing, --neftune-alpha, --offload-activations and --tile-mlp here, through
         load_model or meta_model."""
         super().__init__()
         self.config = config
@@ -357,6 +383,9 @@ class Llama(nn.Module):
         self.register_buffer("rope_inv_freq", rope_frequencies(config), persistent=False)
         self.grad_checkpointing = grad_checkpointing  # recompute each block in backward
         self.neftune_alpha = neftune_alpha  # NEFTune noise on the input embeddings (0: none)
+        self.offload_activations = offload_activations  # saved activations in host memory (model/offload.py)
+        for layer in self.model.layers:
+            layer.mlp.tiles = tile_mlp  # sequence tiles of each MLP in training (1: untiled)
 
     def tie_weights(self):
         """Make lm_head share embed_tokens' weight when the config says so (call after to_empty)."""
@@ -420,15 +449,26 @@ class Llama(nn.Module):
         else:  # "varlen" or "documents": no mask
             documents = documents if documents is not None else packed_documents(document_ids)
             mask = documents.to(x.device)._replace(kernel=kernel)
+        offloader = self.offloader(x, cos, sin, mask)
         for i, layer in enumerate(self.model.layers):
-            if self.grad_checkpointing and self.training:
-                # Non-reentrant: works although the embedding output does not require grad.
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, kv_cache, i)
+            with offloader.block(i) if offloader else nullcontext():  # saved tensors to the host
+                if self.grad_checkpointing and self.training:
+                    # Non-reentrant: works although the embedding output does not require grad.
+                    x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                else:
+                    x = layer(x, cos, sin, mask, kv_cache, i)
         if kv_cache is not None:
             kv_cache.length += T
         return self.model.norm(x)
+
+    def offloader(self, x, cos, sin, mask) -> offload.Offloader | None:
+        """--offload-activations, in a training forward that autograd records: the hooks that keep
+        each block's saved tensors in host memory (model/offload.py), leaving on the device what
+        every block shares (cos, sin, the mask) and the model's own tensors."""
+        if not (self.offload_activations and self.training and torch.is_grad_enabled()):
+            return None
+        shared = [cos, sin, mask.cu_seqlens if isinstance(mask, PackedDocuments) else mask]
+        return offload.Offloader(x.device, keep=shared, resident=[*self.parameters(), *self.buffers()])
 
     def forward(self, input_ids, position_ids=None, document_ids=None, kv_cache=None, documents=None):
         """input_ids (B, T) -> logits (B, T, vocab_size)."""

@@ -66,37 +66,37 @@ def refuse_adapter_or_run(path: Path):
                         "--eval-only to score it), or merge them first (merge.py)")
 
 
-def meta_model(path_or_id, dtype: torch.dtype = torch.float32, *, grad_checkpointing: bool = False,
-               neftune_alpha: float = 0.0) -> Llama:
+def meta_model(path_or_id, dtype: torch.dtype = torch.float32, **options) -> Llama:
     """The checkpoint's `Llama` on the meta device, in `dtype`: its structure, no memory, no weights.
 
     The checkpoint's keys and shapes are checked against it here, so a model that does not fit its
     files fails before anything is allocated. `load_model` fills one in; under FSDP each rank
     shards it first and reads only its own rows (`read_tensor`, via parallel.load_shards).
-    grad_checkpointing and neftune_alpha go to `Llama` (they change training only; off by default).
+    `options` go to `Llama` (grad_checkpointing, neftune_alpha, offload_activations, tile_mlp: they
+    change how it trains only; off by default).
     """
     model_dir = resolve_model_dir(path_or_id)
     config = LlamaConfig.from_file(model_dir / "config.json")
     files = safetensors_files(model_dir)
     with torch.device("meta"):
-        model = Llama(config, grad_checkpointing=grad_checkpointing, neftune_alpha=neftune_alpha)
+        model = Llama(config, **options)
     check_keys(files, expected_shapes(model))
     model = model.to(dtype)  # still on meta: no memory
     model.source_dir = model_dir  # where the weights, the tokenizer and chat template live
     return model
 
 
-def load_model(path_or_id, dtype: torch.dtype = torch.float32, device="cpu", replace_linear=None, *,
-               grad_checkpointing: bool = False, neftune_alpha: float = 0.0) -> Llama:
+def load_model(path_or_id, dtype: torch.dtype = torch.float32, device="cpu", replace_linear=None,
+               **options) -> Llama:
     """A `Llama` with the checkpoint's weights, in `dtype` on `device`, ready for `model(input_ids)`.
 
     replace_linear(name, linear) -> module, when given, is called for each nn.Linear as soon as its
     weights are read (a real nn.Linear in `dtype` on `device`), and what it returns takes the
     linear's place: QLoRA quantizes there, so the peak is the quantized model plus one layer, never
     the whole model in `dtype`. lm_head, when tied to the embeddings, is not passed to it.
-    grad_checkpointing and neftune_alpha as in meta_model.
+    `options` as in meta_model.
     """
-    model = meta_model(path_or_id, dtype, grad_checkpointing=grad_checkpointing, neftune_alpha=neftune_alpha)
+    model = meta_model(path_or_id, dtype, **options)
     tensors = ((key, read_tensor(f, key)) for key, f in checkpoint_tensors(model.source_dir))
     return fill_model(model, tensors, device, replace_linear)
 

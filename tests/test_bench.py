@@ -130,7 +130,8 @@ def test_gpu_check_dry_run(tmp_path):
     assert status == {**{name: "PASS" for name in status},
                       "packed varlen vs mask bf16": "SKIP", "nf4 device vs cpu": "SKIP",
                       "memory load bf16": "SKIP", "memory load nf4": "SKIP",
-                      "memory estimate llama-3.2-1b": "SKIP", "memory estimate llama-3.1-8b nf4": "SKIP"}, status
+                      "memory estimate llama-3.2-1b": "SKIP", "memory estimate llama-3.1-8b nf4": "SKIP",
+                      "memory estimate llama-3.1-8b nf4 offloaded tiled": "SKIP"}, status
     assert "CUDA" in rows["packed varlen vs mask bf16"]["what"]
     assert all("counted" in rows[name]["what"] for name in status if name.startswith("memory estimate"))
     bf16, fp16 = rows["precision bf16"], rows["precision fp16"]
@@ -218,7 +219,8 @@ def test_memory_bench_prints_ours_beside_the_peer(monkeypatch, capsys):
     assert len(rows) == len(lines) == 1 and json.loads(lines[0]) == rows[0]
     row = rows[0]
     assert set(row) == {"case", "model", "settings", "counted_bytes", "total_bytes", "counted_gib", "total_gib",
-                        "peak_phase", "note", "peers", "seconds"}
+                        "peak_phase", "note", "peers", "seconds", "seq", "host_gib"}
+    assert row["seq"] == 32 and row["host_gib"] == 0
     assert row["settings"] == "2 x 32, r 8 on all seven, fp16, NF4 base, ckpt"
     assert 0 < row["counted_bytes"] < row["total_bytes"] and row["total_bytes"] - row["counted_bytes"] > 2**29
     assert [p["figure"] for p in row["peers"]] == ["1.0 GiB", "2 GB"] and row["peers"][1]["url"].startswith("https://")

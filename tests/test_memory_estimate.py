@@ -14,14 +14,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from training import dpo
 import lora
-from training import memory_estimate
-import training.estimate, training.phases, training.settings
 import train
+import training.estimate
+import training.phases
+import training.settings
 from allocator import step_peak
-from model import Llama, LlamaConfig
+from model import Llama, LlamaConfig, offload
 from model.loss import LanguageModelLoss
+from training import dpo, memory_estimate
 from training.settings import TrainConfig
 
 TINY = dict(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
@@ -39,7 +40,7 @@ def allocator_peak(cfg: TrainConfig, config: LlamaConfig) -> int:
     steps of the run's own functions on random weights of the same shapes."""
     dtype = DTYPES[cfg.precision]
     torch.manual_seed(0)
-    model = Llama(config, grad_checkpointing=cfg.grad_checkpointing).to(dtype)
+    model = Llama(config, **training.phases.model_options(cfg)).to(dtype)
     model.rope_inv_freq = model.rope_inv_freq.float()
     lora.inject_lora(model, training.phases.lora_config(cfg), quantize=cfg.quantize, compute_dtype=dtype)
     for p in model.parameters():
@@ -69,6 +70,8 @@ CASES = {
     "PiSSA": dict(lora_init="pissa_niter_2", grad_accum=1),
     "DPO": dict(objective="dpo"),
     "DPO, reference precomputed": dict(objective="dpo", dpo_precompute_ref=True),
+    "MLP tiled": dict(tile_mlp=4, lora_dropout=0.0),
+    "MLP tiled, checkpointing": dict(tile_mlp=4, grad_checkpointing=True, lora_dropout=0.0),
 }
 
 
@@ -82,6 +85,31 @@ def test_the_estimate_is_the_allocators_peak(case):
     assert est.peak_bytes == pytest.approx(allocator_peak(cfg, config), rel=0.01)
     assert sum(est.categories.values()) == est.peak_bytes
     assert est.categories[memory_estimate.WEIGHTS] == sum(est.weights_by_kind.values())
+
+
+def untracked_empty(self, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """Host memory the CPU allocator's events do not see (numpy's), standing for the GPU run's
+    pinned host memory, which the device's count leaves out."""
+    import numpy as np
+    return torch.from_numpy(np.empty(n * torch.tensor([], dtype=dtype).element_size(), dtype=np.uint8)).view(dtype)
+
+
+@pytest.mark.parametrize("case", ["fp32, checkpointing", "bf16, checkpointing", "NF4 bf16, checkpointing",
+                                  "fp32, no dropout", "NF4 bf16"])
+def test_offloaded_activations_leave_the_device(case, monkeypatch):
+    """--offload-activations on a 4-layer model: the estimate's device peak is below the plain
+    step's by at most what went to the host (the host's peak is its own figure, never among the
+    device's categories), and it is the allocator's, within 1% as above, with the offloaded copies
+    made outside the allocator (as a GPU run makes them in host memory)."""
+    monkeypatch.setattr(offload, "MIN_BYTES", 0)  # the tiny model's saved tensors are all small
+    cfg, config = settings(**CASES[case], offload_activations=True), LlamaConfig(**{**TINY, "num_hidden_layers": 4})
+    plain = training.estimate.estimate_step(replace(cfg, offload_activations=False), config, "cpu",
+                                            DTYPES[cfg.precision])
+    est = training.estimate.estimate_step(cfg, config, "cpu", DTYPES[cfg.precision])
+    assert 0 < plain.peak_bytes - est.peak_bytes <= est.host_peak_bytes
+    assert memory_estimate.HOST not in est.categories and sum(est.categories.values()) == est.peak_bytes
+    monkeypatch.setattr(offload.Offloader, "host_empty", untracked_empty)
+    assert est.peak_bytes == pytest.approx(allocator_peak(cfg, config), rel=0.01)
 
 
 def test_one_ddp_rank_of_two(tmp_path):
@@ -177,6 +205,23 @@ def test_config_alone_and_the_json(tmp_path, capsys):
     assert total(micro_batch_size=b) <= 600 * 2**20 < total(micro_batch_size=b + 1)
     assert total(max_seq_len=t) <= 600 * 2**20 < total(max_seq_len=t + 1)
     assert cuda["fits"] == (cuda["total_bytes"] <= 600 * 2**20)
+
+
+def test_the_json_keeps_the_host_apart(tmp_path, capsys, monkeypatch):
+    """--offload-activations --tile-mlp: --json's peak_bytes is the device's, host_peak_bytes the
+    host's; the budget's longest --max-seq-len is found with the flags on."""
+    monkeypatch.setattr(offload, "MIN_BYTES", 0)
+    only = tmp_path / "config-only"
+    only.mkdir()
+    (only / "config.json").write_text(json.dumps({**TINY, "num_hidden_layers": 4, "architectures": ["LlamaForCausalLM"]}))
+    flags = ["--estimate-memory", "--model", str(only), "--micro-batch-size", "2", "--max-seq-len", "128",
+             "--precision", "fp32", "--device", "cpu", "--grad-checkpointing", "--json", "--memory-budget", "20MiB"]
+    train.main(flags)
+    plain = json.loads(capsys.readouterr().out)
+    train.main(flags + ["--offload-activations", "--tile-mlp", "4"])
+    both = json.loads(capsys.readouterr().out)
+    assert plain["host_peak_bytes"] == 0 < both["host_peak_bytes"]
+    assert both["peak_bytes"] < plain["peak_bytes"] and both["max_seq_len"] > plain["max_seq_len"]
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -12,13 +12,13 @@ import torch
 import data
 import lora
 from model import Llama, LlamaConfig, resolve_model_dir
-from model import llama as model_module
+from model import llama as model_module, offload
 from model.loss import LanguageModelLoss
 from model.runtime import choose_device, choose_dtype
 
 from . import dpo, memory_estimate, parallel
 from .batches import step_batch
-from .phases import Run, build_optimizer, check_model_limits, lora_config
+from .phases import Run, build_optimizer, check_model_limits, lora_config, model_options
 from .settings import TrainConfig, TrainError, memory_budget
 from .step import accumulate, update
 
@@ -76,7 +76,7 @@ def estimate_step(cfg: TrainConfig, config: LlamaConfig, device: str, dtype: tor
     t0 = time.perf_counter()
     mode = memory_estimate.LiveBytes(cuda=device == "cuda")
     with torch.device("meta"):  # built as build_model's load_model builds it
-        model = Llama(config, grad_checkpointing=cfg.grad_checkpointing, neftune_alpha=cfg.neftune_alpha)
+        model = Llama(config, **model_options(cfg))
     model = model.to(dtype)
     model.rope_inv_freq = model.rope_inv_freq.float()  # float32 always, as fill_model makes it
     if cfg.quantize:  # each linear but lm_head as the NF4 layer nf4_loader makes, its tensors fake
@@ -122,7 +122,7 @@ def estimate_run(cfg: TrainConfig, model, mode, device: str, dtype: torch.dtype,
     params = [p for p in model.parameters() if p.requires_grad]
     cuda = model_module.modelled_cuda() if device == "cuda" else nullcontext()
     batches = [memory_estimate.fake_batch(batch, mode) for _ in range(min(cfg.grad_accum, 2))]
-    with mode, cuda, mode.saved_for_backward():
+    with mode, cuda, mode.saved_for_backward(), offload.observed(mode):  # offloaded: counted apart
         if world > 1 and cfg.parallel == "ddp":  # DDP's Reducer: a flat copy of every gradient, in buckets
             buckets = torch.empty(sum(p.numel() for p in params), dtype=torch.float32)
             mode.mark(buckets, memory_estimate.BUCKETS)

@@ -37,6 +37,7 @@ CUDA_BLOCK = 512  # the CUDA caching allocator rounds every allocation up to a m
 WEIGHTS, LORA, GRADS, OPTIMIZER, BUCKETS, BATCH, SAVED, TRANSIENT, SCRATCH = (
     "frozen weights", "LoRA parameters", "LoRA gradients", "AdamW state", "DDP's gradient buckets", "batch",
     "activations saved for backward", "transient", "a kernel's own buffers")
+HOST = "host memory: offloaded activations"  # counted apart: not on the device
 
 
 class Entry:
@@ -57,7 +58,9 @@ class LiveBytes(FakeTensorMode):
         self.cuda = cuda  # count as the CUDA caching allocator would, and CUDA's kernels' scratch
         self.block = CUDA_BLOCK if cuda else 1  # allocation granularity
         self.live: dict[int, Entry] = {}  # id of the storage -> Entry, while the storage lives
-        self.now = self.peak = 0
+        self.now = self.peak = 0  # on the device
+        self.host_now = self.host_peak = 0  # in host memory (--offload-activations), counted apart
+        self.allocating_on_host = False
         self.peak_entries: list[tuple[Entry, int]] = []  # (entry, its bytes then)
         self.unrecorded = False  # the peak rose since the last snapshot: take one before anything frees
         self.depth = 0  # nesting of __torch_dispatch__: only the step's own ops (depth 0) allocate
@@ -87,7 +90,12 @@ class LiveBytes(FakeTensorMode):
         storage = tensor.untyped_storage()
         key = id(storage)
         entry = self.live.get(key)
-        if entry is None:
+        if entry is None and self.allocating_on_host:
+            entry = self.live[key] = Entry(storage.nbytes(), HOST)
+            self.host_now += entry.nbytes
+            self.host_peak = max(self.host_peak, self.host_now)
+            weakref.finalize(storage, self._gone, key, entry)
+        elif entry is None:
             entry = self.live[key] = Entry(self.size(storage), category)
             self.now += entry.nbytes
             weakref.finalize(storage, self._gone, key, entry)
@@ -140,7 +148,10 @@ class LiveBytes(FakeTensorMode):
             torch.UntypedStorage.resize_ = original
 
     def _gone(self, key: int, entry: Entry):
-        if self.live.get(key) is entry:
+        if self.live.get(key) is entry and entry.category == HOST:
+            del self.live[key]
+            self.host_now -= entry.nbytes
+        elif self.live.get(key) is entry:
             self.record()
             del self.live[key]
             self.now -= entry.nbytes
@@ -178,9 +189,11 @@ class LiveBytes(FakeTensorMode):
         shows, where they are large: bitsandbytes' NF4 matmul dequantizes the whole weight (in the
         activations' dtype) before it multiplies; and attention's backward.
         Modelled CUDA: FlashAttention-2's dq accumulator (fp32, B x round128(T) x H x
-        round32(head_dim)) and its softmax row sums (fp32, B x H x round128(T)). The CPU: the
-        contiguous copy of grad_out and each thread's blocks of scores and their gradients (fp32,
-        and again in bf16/fp16), as aten's cpu_flash_attention_backward allocates them."""
+        round32(head_dim)) and its softmax row sums (fp32, B x H x round128(T)). The CPU: a
+        contiguous copy of grad_out where its (B, T, H, D) view is not one (it is when the gradient
+        comes back through the attention output's transpose), and each thread's blocks of scores
+        and their gradients (fp32, and again in bf16/fp16), as aten's cpu_flash_attention_backward
+        allocates them."""
         if getattr(func, "name", lambda: "")() == "bitsandbytes::gemm_4bit":  # NF4 weight dequantized whole
             return math.prod(args[2]) * args[0].element_size()  # shapeB, in A's dtype
         if func is not torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default:
@@ -198,7 +211,9 @@ class LiveBytes(FakeTensorMode):
         kv_split = min(512, S)
         per_thread = 2 * q_split * kv_split
         threads = torch.get_num_threads()
-        return (grad_out.numel() * grad_out.element_size() + threads * per_thread * 4
+        # grad_out is read as (B, T, H, D) and copied only if that view is not contiguous already
+        copy = 0 if grad_out.transpose(1, 2).is_contiguous() else grad_out.numel() * grad_out.element_size()
+        return (copy + threads * per_thread * 4
                 + (threads * per_thread * query.element_size() if reduced else 0) + threads * q_split * 4)
 
     def at_peak(self) -> dict[str, int]:
@@ -206,7 +221,7 @@ class LiveBytes(FakeTensorMode):
         self.record()
         totals: dict[str, int] = {}
         for entry, nbytes in self.peak_entries:
-            if nbytes:
+            if nbytes and entry.category != HOST:
                 totals[entry.category] = totals.get(entry.category, 0) + nbytes
         return totals
 
@@ -220,7 +235,20 @@ class LiveBytes(FakeTensorMode):
         """The Estimate of what was counted, with CUDA's uncounted parts for a CUDA step."""
         categories = self.at_peak()
         extras = cuda_extras(self.peak) if device == "cuda" else {}
-        return Estimate(device, self.peak, self.peak_phase, categories, weights, extras, seconds)
+        return Estimate(device, self.peak, self.peak_phase, categories, weights, extras, seconds, self.host_peak)
+
+    # model/offload.py's observer: what offloading keeps on the device, and what it puts on the host
+    def kept(self, t: torch.Tensor):
+        self.mark(t, SAVED)
+
+    @contextmanager
+    def host(self):
+        """Storages made inside the block are host memory (offloaded activations): counted apart."""
+        self.allocating_on_host = True
+        try:
+            yield
+        finally:
+            self.allocating_on_host = False
 
     @contextmanager
     def saved_for_backward(self):
@@ -371,6 +399,7 @@ class Estimate:
     weights_by_kind: dict[str, int]  # frozen weights by dtype (NF4: its codes and scales)
     extras: dict[str, int] = field(default_factory=dict)  # CUDA: assumed, not counted
     seconds: float = 0.0
+    host_peak_bytes: int = 0  # --offload-activations: the host memory the offloaded activations peak at
 
     @property
     def total_bytes(self) -> int:
@@ -379,7 +408,7 @@ class Estimate:
     def as_dict(self) -> dict:
         return {"device": self.device, "peak_bytes": self.peak_bytes, "peak_phase": self.phase,
                 "categories": self.categories, "frozen_weights_by_kind": self.weights_by_kind,
-                "not_counted": self.extras, "total_bytes": self.total_bytes}
+                "not_counted": self.extras, "total_bytes": self.total_bytes, "host_peak_bytes": self.host_peak_bytes}
 
 
 def cuda_extras(peak_bytes: int) -> dict[str, int]:
@@ -416,4 +445,6 @@ def table(est: Estimate, title: str):
         t.add_row(f"+ {what}", gib(n))
     if est.extras:
         t.add_row("[bold]total, as nvidia-smi would show it[/bold]", f"[bold]{gib(est.total_bytes)}[/bold]")
+    if est.host_peak_bytes:
+        t.add_row(f"{HOST}, at their peak (not on the device)", gib(est.host_peak_bytes))
     return t

@@ -168,13 +168,20 @@ def lora_config(cfg: TrainConfig) -> lora.LoRAConfig:
                            rslora=cfg.rslora, dora=cfg.dora)
 
 
+def model_options(cfg: TrainConfig) -> dict:
+    """What the model is built with for training (Llama's keyword arguments): they change how it
+    trains, never what it computes."""
+    return dict(grad_checkpointing=cfg.grad_checkpointing, neftune_alpha=cfg.neftune_alpha,
+                offload_activations=cfg.offload_activations, tile_mlp=cfg.tile_mlp)
+
+
 def build_model(cfg: TrainConfig, run: Run, lora_cfg: lora.LoRAConfig, resuming: bool):
     """The frozen base in the compute dtype with LoRA's A and B (float32) injected, in train mode;
     its loss as a module (forward(batch) -> (sum of token losses, trained tokens)); and the module
     the training micro-steps call: the same one in one process, under torchrun parallel.wrap's
     (DDP: a replica per rank, LoRA gradients summed over ranks; FSDP2: the model sharded, each
     rank then reading only its shards from the files)."""
-    training = dict(grad_checkpointing=cfg.grad_checkpointing, neftune_alpha=cfg.neftune_alpha)
+    training = model_options(cfg)
     if parallel.shards_model(cfg.parallel):
         # weights come after sharding: each rank reads its own
         model = meta_model(run.model_dir, run.dtype, **training)

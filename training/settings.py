@@ -130,6 +130,13 @@ class TrainConfig:
     device: str = flag("auto", "cpu | cuda (auto: cuda when available)", choices=("auto", "cpu", "cuda"),
                        may_change=True)
     grad_checkpointing: bool = flag(False, "recompute each decoder block in backward to save memory", may_change=True)
+    offload_activations: bool = flag(False, "keep the activations saved for backward in host memory until backward "
+                                            "needs them, each block's brought back one block ahead (with "
+                                            "--grad-checkpointing: the blocks' inputs; without: every saved tensor "
+                                            "of 1 MiB or more)", may_change=True)
+    tile_mlp: int = flag(1, "run each MLP over N tiles of the sequence, each recomputed in its own backward, so "
+                            "the (tokens x intermediate) activations exist for one tile at a time (1: untiled)",
+                         within="[1, inf)", may_change=True)
     compile: bool = flag(False, "torch.compile each decoder block", may_change=True)
     textbook: bool = flag(False, "run the textbook twins of the fast pieces (model/fused.py): the same "
                                  "results, slower, every intermediate tensor hookable", may_change=True)
@@ -391,6 +398,8 @@ def check_config(cfg: TrainConfig):
         raise TrainError(f"--lora-init {cfg.lora_init} does not combine with --quantize, --dora or --parallel fsdp yet")
     if cfg.parallel == "fsdp" and cfg.dora:
         raise TrainError("--parallel fsdp does not support --dora yet; use --parallel ddp")
+    if cfg.parallel == "fsdp" and cfg.offload_activations:  # its blocks save the weights it gathers
+        raise TrainError("--offload-activations does not combine with --parallel fsdp yet; use --parallel ddp")
     if cfg.parallel == "fsdp" and cfg.precision == "fp16":
         # GradScaler's inf check would see only this rank's shard of the gradients
         raise TrainError("--parallel fsdp does not support --precision fp16; use bf16")
