@@ -87,7 +87,7 @@ class Case:
     peers: list[Peer] = field(default_factory=list)
     note: str = ""  # about our own figure
     world: int = 1  # GPUs under torchrun --parallel fsdp: the figures are one rank's
-    offload: bool = False  # --offload-activations
+    offload: bool = False  # --offload-activations and --offload-embeddings
     tile_mlp: int = 1  # --tile-mlp
     budget_gib: int | None = None  # the case is the longest --max-seq-len whose total fits this (seq: the cap)
 
@@ -136,7 +136,8 @@ def settings_text(case: Case, precision: str) -> str:
         t.removesuffix("_proj") for t in case.targets.split(","))
     nf4 = ", NF4 base" if case.quantize else ""
     fsdp = f", FSDP x {case.world}" if case.world > 1 else ""
-    flags = (", --offload-activations" if case.offload else "") + (f", --tile-mlp {case.tile_mlp}" if case.tile_mlp > 1 else "")
+    flags = (", --offload-activations --offload-embeddings" if case.offload else "") + (
+        f", --tile-mlp {case.tile_mlp}" if case.tile_mlp > 1 else "")
     seq = f"the longest that fits {case.budget_gib} GiB" if case.budget_gib else case.seq
     return f"{case.batch} x {seq}, r {case.r} on {targets}, {precision}{nf4}, ckpt{fsdp}{flags}"
 
@@ -155,7 +156,7 @@ def estimate(case: Case, precision: str, seq: int | None = None):
                       lora_r=case.r, lora_alpha=case.alpha, lora_dropout=0.0, lora_targets=case.targets,
                       quantize=case.quantize, grad_checkpointing=True, precision=precision, device="cuda",
                       parallel="fsdp" if case.world > 1 else "ddp", estimate_world_size=case.world,
-                      offload_activations=case.offload, tile_mlp=case.tile_mlp)
+                      offload_activations=case.offload, offload_embeddings=case.offload, tile_mlp=case.tile_mlp)
     return training.estimate.estimate_step(cfg, config, "cuda", DTYPES[precision])
 
 

@@ -392,6 +392,15 @@ class Llama(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def embed(self, input_ids):
+        """The embedding rows of input_ids (B, T) -> (B, T, hidden_size), on input_ids' device. With the
+        table in host memory (--offload-embeddings) the ids go there and the rows come back: a wait
+        each way, which only generation pays (training looks the rows up as its batches are made)."""
+        table = self.model.embed_tokens.weight
+        if table.device == input_ids.device:
+            return self.model.embed_tokens(input_ids)
+        return self.model.embed_tokens(input_ids.to(table.device)).to(input_ids.device)
+
     def rope(self, position_ids, dtype):
         """cos and sin for positions (B, T): each (B, 1, T, head_dim), in `dtype`."""
         freqs = position_ids[..., None].float() * self.rope_inv_freq.float()  # (B, T, D/2)
@@ -424,8 +433,12 @@ class Llama(nn.Module):
             mask = mask & same_doc[:, None]
         return mask
 
-    def hidden_states(self, input_ids, position_ids=None, document_ids=None, kv_cache=None, documents=None):
+    def hidden_states(self, input_ids, position_ids=None, document_ids=None, kv_cache=None, documents=None,
+                      inputs_embeds=None):
         """The final-normed hidden states (B, T, hidden_size): everything but lm_head.
+
+        inputs_embeds (B, T, hidden_size): the rows of the embedding table for input_ids, when the
+        caller looked them up already (training with the table in host memory: --offload-embeddings).
 
         Packed rows (document_ids) attend within their documents, by the kernel `packed_kernel`
         picks: FlashAttention's varlen kernel or one SDPA call per document, both reading
@@ -438,7 +451,7 @@ class Llama(nn.Module):
         start = kv_cache.length if kv_cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(start, start + T, device=input_ids.device)[None]
-        x = self.model.embed_tokens(input_ids)  # (B, T, hidden_size)
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, hidden_size)
         if self.neftune_alpha and self.training:
             x = neftune_noise(x, self.neftune_alpha)
         cos, sin = self.rope(position_ids, x.dtype)

@@ -28,15 +28,17 @@ def trained_positions(labels: torch.Tensor) -> torch.Tensor:
 
 
 def lm_loss_sum(model, input_ids, labels, position_ids=None, document_ids=None, trained_index=None,
-                documents=None):
+                documents=None, inputs_embeds=None):
     """Sum of the token losses of a batch (fp32 scalar), and the number of trained tokens.
 
     Returning the sum, not the mean, lets the caller divide by the trained tokens of a whole
     optimizer step, so gradient accumulation never changes the result. `trained_index` is
     trained_positions(labels), found here when not given; `documents`, packed_documents(document_ids)
-    for varlen attention (model.llama), likewise.
+    for varlen attention (model.llama), likewise; `inputs_embeds`, input_ids' embedding rows when
+    looked up already (Llama.hidden_states).
     """
-    hidden = model.hidden_states(input_ids, position_ids, document_ids, documents=documents)  # (B, T, C)
+    hidden = model.hidden_states(input_ids, position_ids, document_ids, documents=documents,
+                                 inputs_embeds=inputs_embeds)  # (B, T, C)
     if not fused.enabled():
         return textbook_loss_sum(model.lm_head(hidden), labels)
     if trained_index is None:
@@ -87,7 +89,8 @@ class LanguageModelLoss(nn.Module):
 
     def forward(self, batch: dict):
         return lm_loss_sum(self.model, batch["input_ids"], batch["labels"], batch.get("position_ids"),
-                           batch.get("document_ids"), batch.get("trained_index"), batch.get("documents"))
+                           batch.get("document_ids"), batch.get("trained_index"), batch.get("documents"),
+                           batch.get("inputs_embeds"))
 
 
 # -----------------------------------------------------------------------------

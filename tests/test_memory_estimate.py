@@ -207,6 +207,19 @@ def test_config_alone_and_the_json(tmp_path, capsys):
     assert cuda["fits"] == (cuda["total_bytes"] <= 600 * 2**20)
 
 
+def test_the_embedding_table_on_the_host_leaves_the_device():
+    """--offload-embeddings: the table is host memory (all of the host's peak here) and no longer a
+    frozen weight on the device; the device peak drops by it, less the rows each batch now brings
+    (two micro-batches' of them alive)."""
+    cfg, config = settings(grad_checkpointing=True, lora_dropout=0.0), LlamaConfig(**{**TINY, "tie_word_embeddings": False})
+    plain = training.estimate.estimate_step(cfg, config, "cpu", torch.float32)
+    est = training.estimate.estimate_step(replace(cfg, offload_embeddings=True), config, "cpu", torch.float32)
+    table, rows = config.vocab_size * config.hidden_size * 4, cfg.micro_batch_size * cfg.max_seq_len * config.hidden_size * 4
+    assert est.host_peak_bytes == table and plain.host_peak_bytes == 0
+    assert est.weights_by_kind["float32"] == plain.weights_by_kind["float32"] - table
+    assert table - 2 * rows <= plain.peak_bytes - est.peak_bytes <= table
+
+
 def test_the_json_keeps_the_host_apart(tmp_path, capsys, monkeypatch):
     """--offload-activations --tile-mlp: --json's peak_bytes is the device's, host_peak_bytes the
     host's; the budget's longest --max-seq-len is found with the flags on."""

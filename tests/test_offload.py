@@ -8,16 +8,18 @@ with it (and with --tile-mlp) trains what the default run trains.
 
 import contextlib
 import json
+import shutil
 
 import pytest
 import safetensors.torch
 import torch
 
 import lora
-from conftest import save_tiny_hf
+from conftest import ROOT, save_tiny_hf
 from model import load_model, offload
 from model.loss import lm_loss_sum
 from test_train import config
+from train import main as train_main
 from training.loop import train
 
 IDS = torch.randint(0, 128, (2, 33), generator=torch.Generator().manual_seed(3))
@@ -136,3 +138,44 @@ def test_a_run_with_offloading_and_tiles_trains_the_default_run(tiny_chat_dir, c
     # running RMS, so where a gradient is near zero a rounding difference moves the update itself:
     # the bound is 1e-3 of each tensor's scale, far below what one step moves it (lr 1e-3 per element).
     assert worst <= 1e-3
+
+
+@pytest.fixture(scope="module")
+def untied_chat_dir(smollm2_dir, tmp_path_factory):
+    """tiny_chat_dir's shape and tokenizer, with lm_head its own matrix: a table --offload-embeddings
+    can move."""
+    path = save_tiny_hf(tmp_path_factory.mktemp("untied") / "chat", vocab_size=49152, tie_word_embeddings=False,
+                        bos_token_id=1, eos_token_id=2, intermediate_size=128, initializer_range=0.2,
+                        max_position_embeddings=1024)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_dir / name, path / name)
+    return path
+
+
+def test_the_embedding_table_in_host_memory_trains_the_default_run(untied_chat_dir, chat_data, tmp_path):
+    """--offload-embeddings: each batch brings its rows of the table (looked up as the batch is
+    made, the validation batches too) and the model starts from them: the same losses, evaluation
+    and adapter, bit for bit, as the plain run; the table itself ends up on the host."""
+    runs = {}
+    for name, flags in {"plain": {}, "host": {"offload_embeddings": True}}.items():
+        out = tmp_path / name
+        runs[name] = train(config(untied_chat_dir, chat_data, out, max_steps=3, eval_every=3, **flags))
+        runs[name]["adapter"] = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert runs["host"]["losses"] == runs["plain"]["losses"] and runs["host"]["last_val"] == runs["plain"]["last_val"]
+    assert runs["host"]["adapter"] == runs["plain"]["adapter"]
+    assert runs["host"]["model"].model.embed_tokens.weight.device.type == "cpu"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--offload-embeddings"], "ties the embedding table to lm_head"),
+    (["--offload-embeddings", "--objective", "dpo", "--data", str(ROOT / "examples" / "preferences.jsonl")],
+     "--offload-embeddings is for --objective sft yet"),
+    (["--offload-activations", "--parallel", "fsdp"], "--offload-activations does not combine with --parallel fsdp"),
+])
+def test_flags_that_do_not_apply_are_one_line(flags, message, tiny_chat_dir, chat_data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        train_main(["--model", str(tiny_chat_dir), "--data", str(chat_data), "--output-dir", str(tmp_path / "r"),
+                    "--max-steps", "1", "--device", "cpu", *flags])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and not (tmp_path / "r" / "adapter").exists()

@@ -37,7 +37,7 @@ OLD_MAY_CHANGE = ("max_steps", "epochs", "log_every", "eval_every", "save_every"
                   "estimate_world_size")
 # Settings added since the lists were written out here, with what they say of themselves.
 ADDED_RANGES = {"tile_mlp": "[1, inf)"}
-ADDED_MAY_CHANGE = ("offload_activations", "tile_mlp")  # how the step holds memory, not what it computes
+ADDED_MAY_CHANGE = ("offload_activations", "offload_embeddings", "tile_mlp")  # where memory is held, not what is computed
 OLD_NOT_SWEPT = ("sweep", "sweep_samples", "output_dir", "resume", "overwrite")
 OLD_LIST_SETTINGS = ("lora_targets", "adam_betas")
 

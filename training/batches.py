@@ -27,6 +27,7 @@ class TrainData:
     pack: bool
     pairs: bool  # --objective dpo: the examples are preference pairs
     device: torch.device  # with its index (cuda:1), for the batches made on the prefetcher's thread
+    embed: object = None  # --offload-embeddings: the embedding module, in host memory
 
     @property
     def lengths(self) -> list[int]:
@@ -48,7 +49,16 @@ class TrainData:
         else:  # idx of the training set under --pack names rows of examples; of validation, examples
             # (one per row: packing would give the same per-example losses, and it only saves time)
             batch = data.make_batch(examples, idx, self.tok.pad_id, self.pack and examples is self.train)
+        if self.embed is not None:  # the rows looked up here, on the host, and copied with the batch
+            with torch.no_grad():
+                batch["inputs_embeds"] = self.embed(batch["input_ids"])  # (B, T, hidden_size)
         return step_batch(dpo.count_pairs(batch) if self.pairs else batch, self.device)
+
+    def look_up_embeddings(self, embed, micro_batch_size: int):
+        """--offload-embeddings: from now on each batch brings its rows of `embed` (in host memory),
+        the validation batches made again with theirs."""
+        self.embed = embed
+        self.make_val_batches(micro_batch_size)
 
     def make_val_batches(self, micro_batch_size: int):
         """The validation batches, once, on the device (again after DPO's reference log-probs)."""

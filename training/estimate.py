@@ -111,6 +111,8 @@ def estimate_run(cfg: TrainConfig, model, mode, device: str, dtype: torch.dtype,
     for m in model.modules():  # what the model holds, by kind
         for t in memory_estimate.module_tensors(m):
             mode.mark(t, memory_estimate.LORA if t.requires_grad else memory_estimate.WEIGHTS)
+    if cfg.offload_embeddings:  # the table in host memory, as build_model puts it
+        mode.to_host(model.model.embed_tokens.weight)
     weights = memory_estimate.weights_by_kind(model, mode)
     if model.grad_checkpointing:  # a checkpointed block keeps its input for the recomputation
         for layer in model.model.layers:
@@ -122,6 +124,10 @@ def estimate_run(cfg: TrainConfig, model, mode, device: str, dtype: torch.dtype,
     params = [p for p in model.parameters() if p.requires_grad]
     cuda = model_module.modelled_cuda() if device == "cuda" else nullcontext()
     batches = [memory_estimate.fake_batch(batch, mode) for _ in range(min(cfg.grad_accum, 2))]
+    for b in batches if cfg.offload_embeddings else ():  # each batch brings its embedding rows
+        with mode:
+            b["inputs_embeds"] = torch.empty(*b["input_ids"].shape, model.config.hidden_size, dtype=dtype)
+        mode.mark(b["inputs_embeds"], memory_estimate.BATCH)
     with mode, cuda, mode.saved_for_backward(), offload.observed(mode):  # offloaded: counted apart
         if world > 1 and cfg.parallel == "ddp":  # DDP's Reducer: a flat copy of every gradient, in buckets
             buckets = torch.empty(sum(p.numel() for p in params), dtype=torch.float32)

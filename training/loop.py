@@ -55,6 +55,8 @@ def run_training(cfg: TrainConfig) -> dict:
     adapter_files = adapter_side_files(run, ds, plan)
     lora_cfg = lora_config(cfg)
     model, loss_fn, train_loss_fn = build_model(cfg, run, lora_cfg, resuming=plan.checkpoint is not None)
+    if cfg.offload_embeddings:  # the batches bring their embedding rows, the validation ones too
+        ds.look_up_embeddings(model.model.embed_tokens, cfg.micro_batch_size)
     trainable = [p for p in model.parameters() if p.requires_grad]  # after FSDP2 swapped them for shards
     optimizer, scaler = build_optimizer(cfg, model, run.device, run.dtype)
     if cfg.dpo_precompute_ref:

@@ -37,7 +37,7 @@ CUDA_BLOCK = 512  # the CUDA caching allocator rounds every allocation up to a m
 WEIGHTS, LORA, GRADS, OPTIMIZER, BUCKETS, BATCH, SAVED, TRANSIENT, SCRATCH = (
     "frozen weights", "LoRA parameters", "LoRA gradients", "AdamW state", "DDP's gradient buckets", "batch",
     "activations saved for backward", "transient", "a kernel's own buffers")
-HOST = "host memory: offloaded activations"  # counted apart: not on the device
+HOST = "in host memory (offloaded)"  # counted apart: not on the device
 
 
 class Entry:
@@ -155,6 +155,16 @@ class LiveBytes(FakeTensorMode):
             self.record()
             del self.live[key]
             self.now -= entry.nbytes
+
+    def to_host(self, tensor: torch.Tensor):
+        """Count a tensor's storage as host memory from now on (--offload-embeddings' table)."""
+        entry = self.track(tensor)
+        if entry is not None and entry.category != HOST:
+            self.record()
+            self.now -= entry.nbytes
+            entry.category, entry.nbytes = HOST, tensor.untyped_storage().nbytes()
+            self.host_now += entry.nbytes
+            self.host_peak = max(self.host_peak, self.host_now)
 
     def mark(self, tensor: torch.Tensor, category: str, only_from: tuple = (TRANSIENT,)):
         """Say what a counted tensor is (if it is still taken for `only_from`)."""
@@ -319,7 +329,8 @@ def weights_by_kind(model: torch.nn.Module, mode: LiveBytes) -> dict[str, int]:
         nf4 = any(getattr(t, "quant_state", None) is not None for t in m._parameters.values())
         for t in module_tensors(m):
             storage = getattr(t, "_local_tensor", t).untyped_storage()
-            if t.requires_grad or id(storage) in seen:
+            entry = mode.live.get(id(storage))
+            if t.requires_grad or id(storage) in seen or entry is not None and entry.category == HOST:
                 continue
             seen.add(id(storage))
             nf4_part = nf4 and t is not m._parameters.get("bias")  # (an NF4 layer's bias stays as it was)
@@ -446,5 +457,5 @@ def table(est: Estimate, title: str):
     if est.extras:
         t.add_row("[bold]total, as nvidia-smi would show it[/bold]", f"[bold]{gib(est.total_bytes)}[/bold]")
     if est.host_peak_bytes:
-        t.add_row(f"{HOST}, at their peak (not on the device)", gib(est.host_peak_bytes))
+        t.add_row(f"{HOST}, at its peak, not on the device", gib(est.host_peak_bytes))
     return t

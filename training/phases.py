@@ -73,6 +73,9 @@ def check_model_limits(cfg: TrainConfig, run: Run):
     if cfg.max_seq_len > context:
         raise TrainError(f"--max-seq-len {cfg.max_seq_len}: more than the model's context (max_position_embeddings "
                          f"{context} in {run.model_dir / 'config.json'}); pass at most {context}")
+    if cfg.offload_embeddings and config.tie_word_embeddings:
+        raise TrainError(f"--offload-embeddings: {run.model_dir / 'config.json'} ties the embedding table to "
+                         "lm_head, which needs it on the device")
     if cfg.eval_only:  # the adapter scored brings its own rank
         return
     with torch.device("meta"):  # the structure only: no memory, no weights
@@ -194,6 +197,10 @@ def build_model(cfg: TrainConfig, run: Run, lora_cfg: lora.LoRAConfig, resuming:
         model = load_model(run.model_dir, dtype=run.dtype, device=run.device, replace_linear=replace_linear,
                            **training)
     lora.inject_lora(model, lora_cfg, quantize=cfg.quantize, compute_dtype=run.dtype)
+    if cfg.offload_embeddings:  # the table to host memory: training/batches.py looks the rows up there
+        if parallel.launched_by_torchrun():
+            raise TrainError("--offload-embeddings runs in one process yet (DDP keeps a module on one device)")
+        model.model.embed_tokens.to("cpu")
     if cfg.lora_init != "default" and not resuming:  # resumed: the checkpoint holds PiSSA's start
         lora.pissa_init_(lora.lora_modules(model), lora.pissa.niter_of(cfg.lora_init))
     for p in model.parameters():

@@ -134,6 +134,9 @@ class TrainConfig:
                                             "needs them, each block's brought back one block ahead (with "
                                             "--grad-checkpointing: the blocks' inputs; without: every saved tensor "
                                             "of 1 MiB or more)", may_change=True)
+    offload_embeddings: bool = flag(False, "keep the input embedding table (frozen, only looked up) in host memory: "
+                                           "each batch's rows are gathered there as the batch is made, and copied "
+                                           "with it (SFT, one process, untied embeddings)", may_change=True)
     tile_mlp: int = flag(1, "run each MLP over N tiles of the sequence, each recomputed in its own backward, so "
                             "the (tokens x intermediate) activations exist for one tile at a time (1: untiled)",
                          within="[1, inf)", may_change=True)
@@ -400,6 +403,8 @@ def check_config(cfg: TrainConfig):
         raise TrainError("--parallel fsdp does not support --dora yet; use --parallel ddp")
     if cfg.parallel == "fsdp" and cfg.offload_activations:  # its blocks save the weights it gathers
         raise TrainError("--offload-activations does not combine with --parallel fsdp yet; use --parallel ddp")
+    if cfg.offload_embeddings and cfg.objective != "sft":
+        raise TrainError("--offload-embeddings is for --objective sft yet")
     if cfg.parallel == "fsdp" and cfg.precision == "fp16":
         # GradScaler's inf check would see only this rank's shard of the gradients
         raise TrainError("--parallel fsdp does not support --precision fp16; use bf16")
