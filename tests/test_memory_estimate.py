@@ -222,19 +222,26 @@ def test_the_embedding_table_on_the_host_leaves_the_device():
 
 def test_the_json_keeps_the_host_apart(tmp_path, capsys, monkeypatch):
     """--offload-activations --tile-mlp: --json's peak_bytes is the device's, host_peak_bytes the
-    host's; the budget's longest --max-seq-len is found with the flags on."""
+    host's; the budget's longest --max-seq-len is found with the flags on: there the plain step
+    would not fit."""
     monkeypatch.setattr(offload, "MIN_BYTES", 0)
     only = tmp_path / "config-only"
     only.mkdir()
-    (only / "config.json").write_text(json.dumps({**TINY, "num_hidden_layers": 4, "architectures": ["LlamaForCausalLM"]}))
+    (only / "config.json").write_text(json.dumps({**TINY, "num_hidden_layers": 4, "max_position_embeddings": 512,
+                                                  "architectures": ["LlamaForCausalLM"]}))
     flags = ["--estimate-memory", "--model", str(only), "--micro-batch-size", "2", "--max-seq-len", "128",
-             "--precision", "fp32", "--device", "cpu", "--grad-checkpointing", "--json", "--memory-budget", "20MiB"]
+             "--precision", "fp32", "--device", "cpu", "--grad-checkpointing", "--json"]
     train.main(flags)
     plain = json.loads(capsys.readouterr().out)
-    train.main(flags + ["--offload-activations", "--tile-mlp", "4"])
+    train.main(flags + ["--offload-activations", "--tile-mlp", "4", "--memory-budget", str(plain["peak_bytes"])])
     both = json.loads(capsys.readouterr().out)
-    assert plain["host_peak_bytes"] == 0 < both["host_peak_bytes"]
-    assert both["peak_bytes"] < plain["peak_bytes"] and both["max_seq_len"] > plain["max_seq_len"]
+    assert plain["host_peak_bytes"] == 0 < both["host_peak_bytes"] and both["peak_bytes"] < plain["peak_bytes"]
+    cfg = training.settings.parse_config(flags)
+    longest = both["max_seq_len"]
+    assert longest > 128  # (the plain step fits 128 exactly: the budget is its peak)
+    config = LlamaConfig.from_file(only / "config.json")
+    plain_there = training.estimate.estimate_step(replace(cfg, max_seq_len=longest), config, "cpu", torch.float32)
+    assert plain_there.total_bytes > plain["peak_bytes"]
 
 
 @pytest.mark.parametrize("flags, message", [
