@@ -11,8 +11,9 @@ them (see training/memory_estimate.py). "ours, counted" is the step's counted pe
 torch.cuda.max_memory_allocated would show); "ours, total" adds the assumed CUDA lines (context,
 cuBLAS workspaces, fragmentation) that bench/gpu_check.py is to measure. The peers' figures are
 quoted as published, with their settings where they differ from ours: they are measurements on
-their GPUs (or, for unsloth, stated minimums), ours is a count. The default run (all five cases)
-takes about two and a half minutes on this project's 2-core CPU, each 70B case about 25 s.
+their GPUs (or, for unsloth, stated minimums), ours is a count. The default run takes about
+25 minutes on this project's 2-core CPU: each long-context case searches its length with about ten
+counts at up to half a million tokens (12 minutes each here, beside other work); the others take 3 to 30 s.
 """
 
 import argparse
@@ -171,7 +172,9 @@ def run_case(name: str, precision: str) -> dict:
             "host_gib": round(est.host_peak_bytes / GIB, 2),
             "counted_bytes": est.peak_bytes, "total_bytes": est.total_bytes,
             "counted_gib": round(est.peak_bytes / GIB, 2), "total_gib": round(est.total_bytes / GIB, 2),
-            "peak_phase": est.phase, "note": case.note,
+            "peak_phase": est.phase,
+            "note": case.note + (f"the search's cap: {case.seq:,} tokens fit, the longest may be longer"
+                                 if seq == case.seq else ""),
             "peers": [{"figure": p.figure, "source": p.source, "url": SOURCES[p.source], "note": p.note}
                       for p in case.peers],
             "seconds": round(time.perf_counter() - t0, 1)}
