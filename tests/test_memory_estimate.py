@@ -221,9 +221,8 @@ def test_the_embedding_table_on_the_host_leaves_the_device():
 
 
 def test_the_json_keeps_the_host_apart(tmp_path, capsys, monkeypatch):
-    """--offload-activations --tile-mlp: --json's peak_bytes is the device's, host_peak_bytes the
-    host's; the budget's longest --max-seq-len is found with the flags on: there the plain step
-    would not fit."""
+    """--offload-activations: --json's peak_bytes is the device's, host_peak_bytes the host's; the
+    budget's longest --max-seq-len is found with the flag on: there the plain step would not fit."""
     monkeypatch.setattr(offload, "MIN_BYTES", 0)
     only = tmp_path / "config-only"
     only.mkdir()
@@ -233,7 +232,7 @@ def test_the_json_keeps_the_host_apart(tmp_path, capsys, monkeypatch):
              "--precision", "fp32", "--device", "cpu", "--grad-checkpointing", "--json"]
     train.main(flags)
     plain = json.loads(capsys.readouterr().out)
-    train.main(flags + ["--offload-activations", "--tile-mlp", "4", "--memory-budget", str(plain["peak_bytes"])])
+    train.main(flags + ["--offload-activations", "--memory-budget", str(plain["peak_bytes"])])
     both = json.loads(capsys.readouterr().out)
     assert plain["host_peak_bytes"] == 0 < both["host_peak_bytes"] and both["peak_bytes"] < plain["peak_bytes"]
     cfg = training.settings.parse_config(flags)
