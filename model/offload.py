@@ -62,11 +62,12 @@ class Offloader:
 
     def __init__(self, device: torch.device, keep=(), resident=(), min_bytes: int | None = None):
         self.cuda = torch.device(device).type == "cuda"
-        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.stream = side_stream(torch.device(device)) if self.cuda else None
         self.min_bytes = MIN_BYTES if min_bytes is None else min_bytes
         # storages never moved: the model's parameters and buffers, and the tensors blocks share
         self.resident = {_storage(t) for t in (*resident, *keep) if isinstance(t, torch.Tensor)}
         self.blocks: dict[int, list[Offloaded]] = {}
+        self.prefetched: set[int] = set()  # blocks whose tensors were brought back ahead, once each
 
     @contextmanager
     def block(self, i: int):
@@ -104,8 +105,9 @@ class Offloader:
             return handle
         if handle.fetched is None:
             self.fetch(handle)
-        for ahead in self.blocks.get(handle.block - 1, ()):  # the next backward's, behind this one
-            if ahead.fetched is None:
+        if handle.block - 1 not in self.prefetched:  # the next backward's, behind this one
+            self.prefetched.add(handle.block - 1)
+            for ahead in self.blocks.get(handle.block - 1, ()):
                 self.fetch(ahead)
         t, handle.fetched = handle.fetched, None  # the device copy lives as long as autograd uses it
         if self.cuda:
@@ -124,6 +126,16 @@ class Offloader:
             handle.fetched = flat.as_strided(handle.shape, handle.stride)
             handle.ready = torch.cuda.Event()
             handle.ready.record(self.stream)
+
+
+_streams: dict[torch.device, object] = {}
+
+
+def side_stream(device: torch.device):
+    """The copies' CUDA stream on `device`: one for the process, not one per forward."""
+    if device not in _streams:
+        _streams[device] = torch.cuda.Stream(device)
+    return _streams[device]
 
 
 def _storage(t: torch.Tensor) -> int:
