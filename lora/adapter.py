@@ -31,7 +31,7 @@ from model.errors import key_mismatches, one_line
 from model.files import save_safetensors
 from model.fingerprint import model_fingerprint
 
-from . import pissa
+from . import chain, pissa
 from .config import LoRAConfig, LoRAError
 from .inject import inject_lora, is_target, lora_modules
 
@@ -73,12 +73,42 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
     return leaves if [n for n in linears if is_target(n, leaves)] == names else names
 
 
+def _as_plain_lora(modules: dict, cfg: LoRAConfig, tensors: dict, metadata: dict) -> tuple[int, float]:
+    """Rewrite `tensors` (PEFT key -> A, B) in place as the plain LoRA of the original base that the
+    layers compute where they started from PiSSA (rank 2r, lora/pissa.py) or carry a frozen init
+    adapter (rank R = r + r0, lora/chain.py), recording the trained r in `metadata`; return the r
+    and alpha to write (cfg's own for plain layers)."""
+    started = [m.pissa_A0 is not None for m in modules.values()]
+    chained = any(m.init_A is not None for m in modules.values())
+    if any(started) and chained:
+        raise LoRAError("some LoRA layers started from PiSSA and some carry an init adapter: cannot save one adapter")
+    if any(started):
+        if not all(started):
+            raise LoRAError("some LoRA layers started from PiSSA and some did not: cannot save one adapter")
+        convert = pissa.as_plain_lora
+        metadata[pissa.PISSA_KEY] = str(cfg.r)
+        r, alpha = 2 * cfg.r, pissa.plain_alpha(cfg.alpha, cfg.rslora)
+    elif chained:
+        r = cfg.r + chain.init_rank(modules)  # one rank for every layer: see lora/chain.py
+        convert = lambda m, A, B: chain.stacked(m, A, B, rank=r)
+        metadata[chain.INIT_KEY] = str(cfg.r)
+        alpha = chain.stacked_alpha(cfg.scaling, r, cfg.rslora)
+    else:
+        return cfg.r, cfg.alpha
+    for name, m in modules.items():
+        a, b = f"{PEFT_PREFIX}{name}.lora_A.weight", f"{PEFT_PREFIX}{name}.lora_B.weight"
+        tensors[a], tensors[b] = (t.contiguous() for t in convert(m, tensors[a], tensors[b]))
+    return r, alpha
+
+
 def save_adapter(model: nn.Module, cfg: LoRAConfig, out_dir, base_model_name_or_path: str | None = None,
                  files: dict[str, str] | None = None):
     """Write `model`'s A and B and `cfg` to `out_dir` in PEFT's format, atomically.
 
     files: more files to write beside them (name -> text): train.py's are the run's tokenizer
-    files and the chat template it trained with (data.tokenizer_files), as PEFT and TRL save them."""
+    files and the chat template it trained with (data.tokenizer_files), as PEFT and TRL save them.
+    Layers that started from PiSSA or carry an init adapter are written as the plain LoRA of the
+    original base they amount to (`_as_plain_lora`)."""
     modules = lora_modules(model)
     if not modules:
         raise LoRAError("the model has no LoRA layers to save")
@@ -86,16 +116,7 @@ def save_adapter(model: nn.Module, cfg: LoRAConfig, out_dir, base_model_name_or_
     metadata = {"format": "pt"}
     if any(m.is_quantized for m in modules.values()):
         metadata[QUANT_KEY] = "nf4"  # peft ignores metadata; merge.py reports it
-    r, alpha = cfg.r, cfg.alpha
-    started = [m.pissa_A0 is not None for m in modules.values()]
-    if any(started):  # PiSSA: saved as the rank-2r LoRA of the original base (lora/pissa.py)
-        if not all(started):
-            raise LoRAError("some LoRA layers started from PiSSA and some did not: cannot save one adapter")
-        for name, m in modules.items():
-            a, b = f"{PEFT_PREFIX}{name}.lora_A.weight", f"{PEFT_PREFIX}{name}.lora_B.weight"
-            tensors[a], tensors[b] = (t.contiguous() for t in pissa.as_plain_lora(m, tensors[a], tensors[b]))
-        metadata[pissa.PISSA_KEY] = str(cfg.r)
-        r, alpha = 2 * cfg.r, pissa.plain_alpha(cfg.alpha, cfg.rslora)
+    r, alpha = _as_plain_lora(modules, cfg, tensors, metadata)
     alpha = int(alpha) if float(alpha).is_integer() else alpha
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM",
@@ -206,14 +227,22 @@ def check_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], so
 def load_adapter(model: nn.Module, adapter_dir) -> LoRAConfig:
     """Load a PEFT LoRA adapter into `model`, injecting LoRA first if the model has none.
 
-    To use an adapter on an NF4 base, inject with quantize="nf4" first, then load.
+    To use an adapter on an NF4 base, inject with quantize="nf4" first, then load. LoRA layers that
+    carry an init adapter (lora/chain.py) take only a checkpoint saved stacked with it (--resume),
+    split back into their A and B; anywhere else such a checkpoint is the plain rank-R LoRA it is
+    on disk (merge.py, chat.py), except in layers of its trained r, which need the init adapter.
     """
     cfg = read_adapter_config(adapter_dir)
     tensors, metadata = read_adapter_tensors(adapter_dir)
     modules = lora_modules(model)
-    pissa_r = metadata.get(pissa.PISSA_KEY)
+    source = Path(adapter_dir) / WEIGHTS_FILE
+    pissa_r, init_r = metadata.get(pissa.PISSA_KEY), metadata.get(chain.INIT_KEY)
+    if any(m.init_A is not None for m in modules.values()):
+        return _load_init_checkpoint(modules, cfg, tensors, init_r, source)
     if pissa_r and modules and all(m.lora_A.out_features == int(pissa_r) for m in modules.values()):
-        return _load_pissa_checkpoint(model, modules, cfg, tensors, Path(adapter_dir) / WEIGHTS_FILE)
+        return _load_pissa_checkpoint(model, modules, cfg, tensors, source)
+    if init_r and modules and all(str(m.lora_A.out_features) == init_r for m in modules.values()):
+        raise LoRAError(f"{source}: a checkpoint trained on an --init-adapter; attach that init adapter first")
     if not modules:
         try:
             inject_lora(model, cfg)
@@ -222,7 +251,7 @@ def load_adapter(model: nn.Module, adapter_dir) -> LoRAConfig:
     elif any(abs(m.scaling - cfg.scaling) > 1e-12 * cfg.scaling for m in modules.values()):
         raise LoRAError(f"{adapter_dir}: adapter scaling {cfg.scaling:g} differs from the model's "
                         f"LoRA layers ({next(iter(modules.values())).scaling:g})")
-    check_adapter_tensors(model, tensors, Path(adapter_dir) / WEIGHTS_FILE)
+    check_adapter_tensors(model, tensors, source)
     with torch.no_grad():
         for key, p in adapter_state_dict(model).items():
             p.copy_(tensors[key])  # copy_ casts to the parameter's dtype and device
@@ -246,6 +275,57 @@ def _load_pissa_checkpoint(model, modules, cfg, tensors, source) -> LoRAConfig:
         raise LoRAError(f"{source}: adapter scaling {cfg.scaling:g} differs from the model's LoRA layers")
     for name, m in modules.items():
         pissa.split_(m, tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"], tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"])
+    return cfg
+
+
+def _load_init_checkpoint(modules, cfg, tensors, init_r: str | None, source) -> LoRAConfig:
+    """A checkpoint saved stacked with an init adapter (rank R = r + r0; init_r, its metadata, the
+    trained r) into rank-r layers that carry the same init adapter (--resume): the trained A and B
+    split back out (lora/chain.py)."""
+    r = next(iter(modules.values())).lora_A.out_features
+    r0 = chain.init_rank(modules)
+    if init_r != str(r):
+        saved = f"a trained r of {init_r}" if init_r else "no init adapter"
+        raise LoRAError(f"{source}: the model's LoRA layers (r {r}) carry an init adapter; this adapter was "
+                        f"saved with {saved}")
+    if cfg.r != r + r0:
+        raise LoRAError(f"{source}: checkpoint was trained from another --init-adapter (rank {cfg.r - r}, "
+                        f"the attached one has rank {r0})")
+    expected = {}
+    for name, m in modules.items():
+        expected[f"{PEFT_PREFIX}{name}.lora_A.weight"] = (cfg.r, m.in_features)
+        expected[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (m.out_features, cfg.r)
+    problems = key_mismatches(expected, {k: tuple(t.shape) for k, t in tensors.items()})
+    if problems:
+        raise LoRAError(f"{source}: adapter does not fit the model: " + "; ".join(problems))
+    if any(abs(m.scaling - cfg.scaling) > 1e-12 * cfg.scaling for m in modules.values()):
+        raise LoRAError(f"{source}: adapter scaling {cfg.scaling:g} differs from the model's LoRA layers")
+    for name, m in modules.items():
+        A2, B2 = tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"], tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"]
+        try:
+            chain.split_(m, A2, B2)
+        except LoRAError as e:
+            raise LoRAError(f"{source}: {name}: {e}") from None
+    return cfg
+
+
+def attach_init_adapter(model: nn.Module, adapter_dir) -> LoRAConfig:
+    """Attach the PEFT adapter in `adapter_dir` to `model`'s LoRA layers as their frozen init
+    adapter (lora/chain.py): the model then computes base + that adapter + the LoRA it trains.
+    Inject LoRA first, on at least the modules the adapter adapts; returns the adapter's config."""
+    cfg = read_adapter_config(adapter_dir)
+    if cfg.dora:  # its magnitudes rescale whole rows of W0: not a term that adds beside the trained LoRA
+        raise LoRAError(f"{adapter_dir}: a DoRA adapter cannot be an init adapter (merge it into the base instead)")
+    tensors, _ = read_adapter_tensors(adapter_dir)
+    source = Path(adapter_dir) / WEIGHTS_FILE
+    names = sorted({k.removeprefix(PEFT_PREFIX).rpartition(".lora_")[0] for k in tensors if ".lora_" in k})
+    expected = {f"{PEFT_PREFIX}{n}.lora_{ab}.weight": () for n in names for ab in "AB"}
+    problems = key_mismatches(expected, {k: () for k in tensors})  # keys only: chain checks the shapes
+    if problems or not names:
+        raise LoRAError(f"{source}: not a plain LoRA adapter: " + ("; ".join(problems) or "no LoRA weights"))
+    layers = {n: (tensors[f"{PEFT_PREFIX}{n}.lora_A.weight"], tensors[f"{PEFT_PREFIX}{n}.lora_B.weight"])
+              for n in names}
+    chain.attach_init_(model, cfg, layers, Path(adapter_dir))
     return cfg
 
 

@@ -8,6 +8,9 @@ gradient; tests/test_lora.py proves them equal in float64 and under bf16/fp16 au
                               LoRAGroup where it runs, else forward_ops, op by op
     LoRAGroup                 their forward and backward written out, in one compute dtype
     forward_ops, add_update   the op-by-op path (NF4 bases; a bf16 base outside autocast)
+
+A layer with a frozen init adapter (lora/chain.py) gets its term s0 B0 A0 x added to its output
+here, by autograd, on either path: LoRAGroup computes the trained LoRA alone.
 """
 
 import torch
@@ -31,6 +34,7 @@ def lora_forward(x, layers) -> list[torch.Tensor]:
         alphas = [m.scaling * gain for m, gain in zip(layers, gains)]
         weights = [t for m in layers for t in (m.weight, m.bias, m.lora_A.weight, m.lora_B.weight)]
         outs = LoRAGroup.apply(x2d, dtype, alphas, keeps, *weights)
+        outs = [out if m.init_A is None else m.add_init(x2d, out) for m, out in zip(layers, outs)]
     elif len(layers) > 1 and not any(m.draws_dropout for m in layers):
         A = torch.cat([m.lora_A.weight for m in layers])  # (sum of r, in)
         x_lora = x2d if torch.is_autocast_enabled(x2d.device.type) else x2d.to(A.dtype)
@@ -43,7 +47,8 @@ def lora_forward(x, layers) -> list[torch.Tensor]:
 
 def forward_ops(layer, x2d, down=None):
     """One LoRALinear op by op, on x2d (N, in), with autograd deriving the backward: base(x) +
-    scaling * B A dropout(x). `down` is x A^T when the caller has it already (no dropout)."""
+    scaling * B A dropout(x) (+ s0 B0 A0 x with an init adapter). `down` is x A^T when the caller
+    has it already (no dropout)."""
     gain = 1.0
     if down is None:
         keep, gain = layer.dropout_mask(x2d)
@@ -52,7 +57,11 @@ def forward_ops(layer, x2d, down=None):
         autocast = torch.is_autocast_enabled(x2d.device.type)
         x_lora = x2d if autocast else x2d.to(layer.lora_A.weight.dtype)
         down = layer.lora_A(x_lora if keep is None else x_lora * keep)  # (N, r)
-    return add_update(layer, layer.base_forward(x2d), down, gain)
+    base = layer.base_forward(x2d)  # (N, out)
+    if layer.init_A is None:
+        return add_update(layer, base, down, gain)
+    # The init term joins the sum in the LoRA's dtype, so the output is rounded to the base's once.
+    return add_update(layer, base.to(down.dtype) + layer.init_update(x2d), down, gain).to(base.dtype)
 
 
 def add_update(layer, result, down, gain: float = 1.0):

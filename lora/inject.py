@@ -106,9 +106,10 @@ def adapter_disabled(model: nn.Module):
 def merge_lora_(model: nn.Module) -> list[str]:
     """Fold each LoRALinear into a plain nn.Linear with W + scaling * B @ A, in place; return names.
 
-    The merged model computes what the adapted one did, with no LoRA overhead. Refused for an NF4
-    base: merging into 4-bit weights would lose the update in rounding (merge.py merges a QLoRA
-    adapter onto the full-precision checkpoint instead).
+    The merged model computes what the adapted one did, with no LoRA overhead. A layer with a frozen
+    init adapter (lora/chain.py) merges it too: W + s0 B0 A0 + s B A, formed in float32 and rounded
+    once. Refused for an NF4 base: merging into 4-bit weights would lose the update in rounding
+    (merge.py merges a QLoRA adapter onto the full-precision checkpoint instead).
     """
     modules = lora_modules(model)
     if any(m.is_quantized for m in modules.values()):
@@ -116,7 +117,8 @@ def merge_lora_(model: nn.Module) -> list[str]:
                         "full-precision checkpoint instead")
     for name, m in modules.items():
         magnitude = m.lora_magnitude_vector if m.use_dora else None
-        merged = merge_weight(m.weight, m.lora_A.weight, m.lora_B.weight, m.scaling, magnitude)  # float32
+        W = m.weight if m.init_A is None else merge_weight(m.weight, m.init_A, m.init_B, m.init_scaling)
+        merged = merge_weight(W, m.lora_A.weight, m.lora_B.weight, m.scaling, magnitude)  # float32
         linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
         linear.weight = nn.Parameter(merged.to(m.weight.dtype), requires_grad=False)
         linear.bias = m.bias

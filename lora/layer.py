@@ -13,6 +13,11 @@ DoRA (Liu et al. 2024, eq. 5) splits the adapted weight into a direction and a t
 (out,), one per output row, that starts at the row norms of W0:
 
     W' = m * (W0 + (alpha / r) B A) / ||W0 + (alpha / r) B A||_row
+
+An init adapter (lora/chain.py) is a second, frozen LoRA (A0, B0, scaling s0) that the layer
+computes beside the trained one: the model a run starts from is base + that adapter, unmerged.
+
+    h = W0 x + b + s0 B0 A0 x + (alpha / r) B A dropout(x)
 """
 
 import math
@@ -73,6 +78,8 @@ class LoRALinear(nn.Module, model_fused.SharedInputLinear):
     to the textbook in tests/test_lora.py. Being a model.fused.SharedInputLinear is how the model
     reaches that group: its Attention and MLP call `forward_shared` with q/k/v and gate/up. DoRA
     layers (dora=True) run `dora_forward`, op by op, on both paths: there is no fused DoRA yet.
+    A frozen init adapter (`init_A`, `init_B`, `init_scaling`; lora/chain.py attaches it) adds
+    `init_update` on every path; DoRA layers take none.
     """
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
@@ -101,6 +108,12 @@ class LoRALinear(nn.Module, model_fused.SharedInputLinear):
         # PiSSA (lora/pissa.py): the start (A0, B0), which saving converts the adapter against
         self.register_buffer("pissa_A0", None, persistent=False)
         self.register_buffer("pissa_B0", None, persistent=False)
+        # The frozen init adapter (lora/chain.py): A0 (r0, in), B0 (out, r0) and its own scaling s0.
+        # Buffers, not Parameters: never trained, never in the state dict (the adapter is saved
+        # stacked with A and B instead); they follow the model's .to(device).
+        self.register_buffer("init_A", None, persistent=False)
+        self.register_buffer("init_B", None, persistent=False)
+        self.init_scaling = 0.0
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self):
@@ -147,9 +160,12 @@ class LoRALinear(nn.Module, model_fused.SharedInputLinear):
 
         By default the same sum comes from lora/fused.py, which computes the LoRA layers of one
         input (q/k/v, gate/up) together with their backward written out; under
-        model.fused.textbook_path() (train.py --textbook) it is `textbook`, below."""
+        model.fused.textbook_path() (train.py --textbook) it is `textbook`, below. With an init
+        adapter its term s0 B0 A0 x is added on every path, disabled included: adapter_disabled
+        switches off the trained LoRA, not the model the run started from."""
         if not self.enabled:
-            return self.base_forward(x)
+            base = self.base_forward(x)
+            return base if self.init_A is None else self.add_init(x, base)
         if self.use_dora:
             return self.dora_forward(x)
         if model_fused.enabled():
@@ -162,8 +178,23 @@ class LoRALinear(nn.Module, model_fused.SharedInputLinear):
         rounded to the base's dtype once."""
         x_lora = x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.weight.dtype)
         update = self.lora_B(self.lora_A(self.lora_dropout(x_lora))) * self.scaling  # (..., out)
+        if self.init_A is not None:
+            update = update + self.init_update(x)  # + s0 B0 A0 x, before the one rounding
         base = self.base_forward(x)  # W0 x + b, (..., out)
         return (base.to(update.dtype) + update).to(base.dtype)
+
+    def init_update(self, x):
+        """s0 B0 A0 x (..., out): the frozen init adapter's term, without dropout (it is part of the
+        model the run starts from, not of what it trains). The LoRA update's dtypes: A0 and B0 are
+        float32; outside autocast x is cast to it, under autocast the matmuls run in its dtype.
+        x gets its gradient through this term too; A0 and B0 are buffers and get none."""
+        x_lora = x if torch.is_autocast_enabled(x.device.type) else x.to(self.init_A.dtype)
+        return F.linear(F.linear(x_lora, self.init_A), self.init_B) * self.init_scaling
+
+    def add_init(self, x, out):
+        """out + s0 B0 A0 x, summed in the init term's dtype and rounded once to out's dtype."""
+        update = self.init_update(x)
+        return (out.to(update.dtype) + update).to(out.dtype)
 
     def dora_forward(self, x):
         """DoRA (Liu et al. 2024, eq. 5), with the norm n = ||W0 + s B A||_row a constant in backward
@@ -200,7 +231,9 @@ class LoRALinear(nn.Module, model_fused.SharedInputLinear):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"r={self.lora_A.out_features}, scaling={self.scaling:g}"
-                + (", dora" if self.use_dora else "") + (", base=nf4" if self.is_quantized else ""))
+                + (", dora" if self.use_dora else "") + (", base=nf4" if self.is_quantized else "")
+                + ("" if self.init_A is None else
+                   f", init_adapter=(r={self.init_A.shape[0]}, scaling={self.init_scaling:g})"))
 
 
 def init_lora_weights(A: torch.Tensor, B: torch.Tensor):
