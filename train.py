@@ -21,7 +21,7 @@ from training import sweep
 from training.estimate import estimate_command
 from training.evaluate import evaluate_only
 from training.loop import train
-from training.settings import parse_config
+from training.flags import parse_config
 
 
 def run(argv=None):

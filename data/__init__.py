@@ -10,6 +10,8 @@
     Prefetcher(items)                    an iterator's items made on a background thread, ahead of use
     tokenize_pairs(path, tok, max_seq_len)        DPO's {"prompt", "chosen", "rejected"} -> PreferenceData
     make_pair_batch(pairs, idx, pad_id)           B pairs -> one (2B, T) batch, chosen rows first
+    tokenize_unpaired(path, tok, max_seq_len)     KTO's {"prompt", "completion", "label"} -> UnpairedData
+    make_unpaired_batch(examples, idx, pad_id)    B completions -> (B, T) batch + (B, T') KL rows, desirable
 
 `python -m data.inspect --model M --data F` shows which tokens are trained.
 """
@@ -22,9 +24,11 @@ from .preference import PreferenceData, is_preference_file, make_pair_batch, tok
 from .sample_style import SIGN_OFF, GREETING, shows_style
 from .templates import BUILTIN_TEMPLATES
 from .tokenizer import ChatTokenizer, load_tokenizer, tokenizer_files
+from .unpaired import UnpairedData, is_unpaired_file, make_unpaired_batch, tokenize_unpaired
 
 __all__ = ["BUILTIN_TEMPLATES", "ChatTokenizer", "DataError", "GREETING", "IGNORE_INDEX", "MASK_MODES",
            "PreferenceData", "Prefetcher", "SIGN_OFF", "TEXT_ROLE", "TokenizedData", "collate", "load_conversations", "load_tokenizer",
            "make_batch", "mask_labels", "micro_batches", "pack_rows", "shows_style", "split_validation",
            "tokenize_conversations", "tokenize_file", "trained_count", "is_preference_file", "make_pair_batch",
-           "tokenize_pairs", "tokenizer_files"]
+           "tokenize_pairs", "tokenizer_files", "UnpairedData", "is_unpaired_file", "make_unpaired_batch",
+           "tokenize_unpaired"]

@@ -11,6 +11,12 @@ in the text itself, between ⟦ and ⟧, since there is no colour to see. With -
 A preference file (DPO's {"prompt", "chosen", "rejected"} records) shows both sides of each pair,
 the chosen and the rejected reply highlighted (--json: chosen_ids, chosen_labels, rejected_ids,
 rejected_labels); --mask does not apply to it (only the replies ever count).
+
+An unpaired file (KTO's {"prompt", "completion", "label"} records) shows each record's completion,
+a desirable one in green and an undesirable one in red (plain: ⟦ ⟧ and the panel's title say
+which); the KL rows (each prompt with the previous record's completion) are counted in the summary,
+not shown. --json: completion_ids, completion_labels, label (true: desirable). --mask does not apply
+to it either (only the completions ever count).
 """
 
 import argparse
@@ -24,6 +30,7 @@ from .masking import IGNORE_INDEX, MASK_MODES
 from .preference import is_preference_file, tokenize_pairs
 from .templates import BUILTIN_TEMPLATES
 from .tokenizer import load_tokenizer
+from .unpaired import is_unpaired_file, tokenize_unpaired
 
 
 def parse_args(argv=None):
@@ -39,6 +46,7 @@ def parse_args(argv=None):
 
 
 OPEN, CLOSE = "⟦", "⟧"  # around trained spans when there is no colour
+GOOD, BAD = "bold black on green", "bold white on red"  # trained: chosen or desirable; rejected or undesirable
 
 
 def runs(ids: list[int], labels: list[int]):
@@ -54,7 +62,7 @@ def runs(ids: list[int], labels: list[int]):
     return out
 
 
-def panel(tok, ids, labels, title: str, style: str = "bold black on green", plain: bool = False):
+def panel(tok, ids, labels, title: str, style: str = GOOD, plain: bool = False):
     """The example's text, trained runs in `style` (plain: between ⟦ and ⟧), in a titled panel."""
     from rich.panel import Panel
     from rich.text import Text
@@ -65,26 +73,40 @@ def panel(tok, ids, labels, title: str, style: str = "bold black on green", plai
     return Panel(text, title=f"{title}: {len(ids)} tokens, {trained_count(labels)} trained", title_align="left")
 
 
-def show(data, tok, n: int, pairs: bool = False):
+LEGENDS = {  # kind -> (legend with colour, legend in plain text); SFT's names its mask
+    "pairs": ("[green]green[/green]: chosen reply, [red]red[/red]: rejected reply (the tokens DPO scores)",
+              f"{OPEN} {CLOSE}: the reply DPO scores, in the chosen and the rejected panel"),
+    "kto": ("[green]green[/green]: desirable completion, [red]red[/red]: undesirable completion (the tokens KTO "
+            "scores)", f"{OPEN} {CLOSE}: the completion KTO scores, desirable or undesirable as the panel says"),
+}
+
+
+def panels(tok, e: dict, kind: str, plain: bool) -> list:
+    """The panels of one example: its conversation, both sides of a pair, or its completion."""
+    cut = ", TRUNCATED" if e["truncated"] else ""
+    if kind == "pairs":
+        return [panel(tok, e["chosen_ids"], e["chosen_labels"], f"line {e['line']} chosen{cut}", GOOD, plain),
+                panel(tok, e["rejected_ids"], e["rejected_labels"], f"line {e['line']} rejected{cut}", BAD, plain)]
+    if kind == "kto":
+        label, style = ("desirable", GOOD) if e["desirable"] else ("undesirable", BAD)
+        return [panel(tok, e["completion_ids"], e["completion_labels"], f"line {e['line']} {label}{cut}", style,
+                      plain)]
+    return [panel(tok, e["input_ids"], e["labels"], f"line {e['line']}{cut}", plain=plain)]
+
+
+def show(data, tok, n: int, kind: str = "sft"):
+    """kind: "sft" (conversations), "pairs" (DPO) or "kto" (unpaired completions)."""
     from rich.console import Console
 
     console = Console()
     plain = not console.is_terminal or console.no_color  # no colour reaches the reader
     for e in data.examples[:n]:
-        cut = ", TRUNCATED" if e["truncated"] else ""
-        if pairs:
-            console.print(panel(tok, e["chosen_ids"], e["chosen_labels"], f"line {e['line']} chosen{cut}",
-                                plain=plain))
-            console.print(panel(tok, e["rejected_ids"], e["rejected_labels"], f"line {e['line']} rejected{cut}",
-                                "bold white on red", plain))
-        else:
-            console.print(panel(tok, e["input_ids"], e["labels"], f"line {e['line']}{cut}", plain=plain))
-    if plain:
-        what = (f"{OPEN} {CLOSE}: the reply DPO scores, in the chosen and the rejected panel" if pairs
-                else f"{OPEN} {CLOSE}: trained tokens (mask={data.mask})")
+        for p in panels(tok, e, kind, plain):
+            console.print(p)
+    if kind == "sft":
+        what = (f"{OPEN} {CLOSE}" if plain else "[green]green[/green]") + f": trained tokens (mask={data.mask})"
     else:
-        what = ("[green]green[/green]: chosen reply, [red]red[/red]: rejected reply (the tokens DPO scores)" if pairs
-                else f"[green]green[/green]: trained tokens (mask={data.mask})")
+        what = LEGENDS[kind][plain]
     console.print(f"{what}; template: "
                   f"{tok.template_name}; stop tokens: "
                   f"{', '.join(tok.tokenizer.id_to_token(i) for i in sorted(tok.stop_ids))}")
@@ -94,19 +116,21 @@ def show(data, tok, n: int, pairs: bool = False):
 def inspect(args):
     from model import resolve_model_dir
     tok = load_tokenizer(resolve_model_dir(args.model), args.template)
-    pairs = is_preference_file(args.data)
-    if pairs:
-        data = tokenize_pairs(args.data, tok, args.max_seq_len)
-        keys = ("chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels")
+    if is_preference_file(args.data):
+        kind, data = "pairs", tokenize_pairs(args.data, tok, args.max_seq_len)
+        keys = {k: k for k in ("chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels")}
+    elif is_unpaired_file(args.data):
+        kind, data = "kto", tokenize_unpaired(args.data, tok, args.max_seq_len)
+        keys = {"completion_ids": "completion_ids", "completion_labels": "completion_labels", "label": "desirable"}
     else:
-        data = tokenize_file(args.data, tok, args.max_seq_len, args.mask, use_cache=False)
-        keys = ("input_ids", "labels")
+        kind, data = "sft", tokenize_file(args.data, tok, args.max_seq_len, args.mask, use_cache=False)
+        keys = {"input_ids": "input_ids", "labels": "labels"}
     if args.json:
         for e in data.examples[:args.n]:
-            print(json.dumps({k: e[k] for k in keys}))
+            print(json.dumps({out: e[k] for out, k in keys.items()}))
         print(data.summary(), file=sys.stderr)
     else:
-        show(data, tok, 3 if args.n is None else args.n, pairs)
+        show(data, tok, 3 if args.n is None else args.n, kind)
 
 
 def main(argv=None) -> int:

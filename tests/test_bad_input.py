@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from training import checkpoint
 import train as train_module
 from training import loop as train_loop, phases as train_phases
-from training.settings import parse_config
+from training.flags import parse_config
 from test_train import config, metrics
 
 BASE = dict(val_fraction=0.0, max_steps=4, micro_batch_size=4, grad_accum=1, lr=1e-2, lora_r=4,

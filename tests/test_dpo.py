@@ -129,14 +129,15 @@ def test_bad_pairs_name_the_file_and_line(tiny_chat_dir, tmp_path, record, messa
 @pytest.mark.parametrize("args, message", [
     (["--objective", "dpo", "--data", str(ROOT / "examples" / "train.json")], "needs preference records"),
     (["--objective", "dpo", "--pack"], "does not pack rows"),
-    (["--objective", "dpo", "--mask", "all"], "only the chosen and rejected replies count"),
+    (["--objective", "dpo", "--mask", "all"], "only the replies count"),
     (["--objective", "dpo", "--dpo-loss", "ipo", "--dpo-label-smoothing", "0.1"], "IPO has none"),
     (["--objective", "dpo", "--dpo-beta", "0"], "--dpo-beta 0.0: must be in (0, inf)"),
     (["--objective", "ppo"], "--objective ppo: expected one of sft, dpo"),
     (["--dpo-precompute-ref"], "is for --objective dpo"),
 ])
 def test_settings_refuse_what_dpo_does_not_take(args, message):
-    from training.settings import TrainError, parse_config
+    from training.flags import parse_config
+    from training.settings import TrainError
     with pytest.raises(TrainError, match=re.escape(message)):
         parse_config(args)
 
@@ -150,7 +151,8 @@ def test_cli_error_is_one_line(tmp_path):
 
 
 def test_dpo_demo_defaults():
-    from training.settings import DEMO_PREFERENCES, parse_config
+    from training.flags import parse_config
+    from training.settings import DEMO_PREFERENCES
     cfg = parse_config(["--objective", "dpo"])
     assert cfg.data == str(DEMO_PREFERENCES) and cfg.output_dir == "runs/demo-dpo"
     cfg = parse_config(["--objective", "dpo", "--output-dir", "x", "--data", str(DEMO_PREFERENCES)])
@@ -357,7 +359,7 @@ def test_uneven_micro_batches_weigh_each_pair_once(tiny_chat_dir, pair_data):
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     results = []
     for batches in ([batch([0]), batch([5, 9, 13])], [batch([0, 5, 9, 13])]):
-        step = train_step(loss_fn, batches, optimizer, scaler, params, 0.0, contextlib.nullcontext(), loss_fn.STATS)
+        step = train_step(loss_fn, batches, optimizer, scaler, params, 0.0, contextlib.nullcontext(), loss_fn)
         results.append((step, torch.cat([p.grad.flatten() for p in params])))
     (split, g_split), (whole, g_whole) = results
     assert split.loss == pytest.approx(whole.loss, rel=1e-6)
@@ -390,7 +392,7 @@ def test_metrics_show_the_preference_learned(tiny_chat_dir, pair_data, tmp_path)
 @pytest.mark.parametrize("precompute", [False, True])
 def test_resume_is_exact(tiny_chat_dir, pair_data, tmp_path, precompute):
     kw = dict(max_steps=4, save_every=2, keep_checkpoints=5, lora_dropout=0.1, micro_batch_size=2, grad_accum=2,
-              dpo_precompute_ref=precompute)
+              precompute_ref=precompute)
     full, cut = tmp_path / "full", tmp_path / "cut"
     train(dpo_config(tiny_chat_dir, pair_data, full, **kw))
     assert (full / "ref_logps.safetensors").is_file() == precompute
@@ -410,7 +412,7 @@ def test_textbook_path_and_precomputed_reference_train_the_same_run(tiny_chat_di
     runs = {name: tmp_path / name for name in ("default", "textbook", "precomputed")}
     train(dpo_config(tiny_chat_dir, pair_data, runs["default"], **kw))
     train(dpo_config(tiny_chat_dir, pair_data, runs["textbook"], textbook=True, **kw))
-    train(dpo_config(tiny_chat_dir, pair_data, runs["precomputed"], dpo_precompute_ref=True, **kw))
+    train(dpo_config(tiny_chat_dir, pair_data, runs["precomputed"], precompute_ref=True, **kw))
     for name in ("textbook", "precomputed"):
         for m, n in zip(metrics(runs["default"]), metrics(runs[name]), strict=True):
             for k in ("loss", "reward_margin"):
@@ -436,7 +438,7 @@ def test_two_ranks_equal_one_process(tiny_chat_dir, pair_data, tmp_path, mode, p
     each epoch's end rank 1's slice is empty and it steps on a batch of no pairs. Under DDP the
     reference runs each step; under FSDP2 it is precomputed, every rank computing every pair."""
     from test_parallel import RUN, assert_same_adapter, run_ok
-    kw = dict(RUN, dpo_precompute_ref=precompute)
+    kw = dict(RUN, precompute_ref=precompute)
     single, ranks = tmp_path / "single", tmp_path / mode
     train(dpo_config(tiny_chat_dir, pair_data, single, micro_batch_size=4, **kw))
     run_ok(dpo_config(tiny_chat_dir, pair_data, ranks, micro_batch_size=2, parallel=mode, **kw))
@@ -468,12 +470,12 @@ def dpo_tolerance(row: dict) -> float:
 
 
 def test_sweeps_vary_dpo_settings():
-    from training import settings
+    from training import flags, settings
     from training import sweep
-    cfg = settings.parse_config(["--objective", "dpo", "--sweep", "dpo_beta=0.1,0.5", "dpo_loss=sigmoid,ipo"])
+    cfg = flags.parse_config(["--objective", "dpo", "--sweep", "dpo_beta=0.1,0.5", "dpo_loss=sigmoid,ipo"])
     assert len(sweep.settings(cfg)) == 4 and {"dpo_beta": 0.5, "dpo_loss": "ipo"} in sweep.settings(cfg)
     with pytest.raises(settings.TrainError, match="IPO has none"):
-        sweep.settings(settings.parse_config(["--objective", "dpo", "--dpo-label-smoothing", "0.1",
+        sweep.settings(flags.parse_config(["--objective", "dpo", "--dpo-label-smoothing", "0.1",
                                                  "--sweep", "dpo_loss=sigmoid,ipo"]))
 
 
@@ -485,7 +487,7 @@ def test_one_host_sync_per_step(tiny_chat_dir, pair_data, tmp_path, monkeypatch,
     from test_train import syncs_per_step
     run = lambda steps: train(dpo_config(tiny_chat_dir, pair_data, tmp_path / f"run{steps}", max_steps=steps,
                                          grad_accum=2, micro_batch_size=2, precision=precision,
-                                         dpo_precompute_ref=precompute))
+                                         precompute_ref=precompute))
     assert syncs_per_step(monkeypatch, run) == 1
 
 

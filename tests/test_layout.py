@@ -112,7 +112,7 @@ def test_the_graph_sees_imports():
     edges, outside = graph()
     assert "model.llama" in edges["model.load"] and "model.files" in edges["model.gguf"]
     assert "lora.fused" in edges["lora.layer"] and "model.fused" in edges["lora.layer"]
-    assert {"training.loop", "training.settings", "training.sweep"} <= edges["train"]
+    assert {"training.loop", "training.flags", "training.sweep"} <= edges["train"]
     assert {"model.gguf", "data.chat_template", "deploy.ollama"} <= edges["deploy.gguf"]
     assert {"training.parallel", "training.run_dir"} <= edges["training.loop"]  # relative imports
     assert "model.gguf" in edges["model.load"]  # a function-level import counts

@@ -18,6 +18,7 @@ import lora
 import train
 import training.estimate
 import training.phases
+import training.flags
 import training.settings
 from allocator import step_peak
 from model import Llama, LlamaConfig, offload
@@ -69,7 +70,7 @@ CASES = {
     "DoRA": dict(dora=True),
     "PiSSA": dict(lora_init="pissa_niter_2", grad_accum=1),
     "DPO": dict(objective="dpo"),
-    "DPO, reference precomputed": dict(objective="dpo", dpo_precompute_ref=True),
+    "DPO, reference precomputed": dict(objective="dpo", precompute_ref=True),
     "MLP tiled": dict(tile_mlp=4, lora_dropout=0.0),
     "MLP tiled, checkpointing": dict(tile_mlp=4, grad_checkpointing=True, lora_dropout=0.0),
 }
@@ -199,7 +200,7 @@ def test_config_alone_and_the_json(tmp_path, capsys):
     assert cuda["peak_bytes"] >= cpu["peak_bytes"] and cuda["not_counted"]
     assert cuda["total_bytes"] == cuda["peak_bytes"] + sum(cuda["not_counted"].values())
     config = LlamaConfig.from_file(only / "config.json")
-    cfg = training.settings.parse_config(flags + ["--device", "cuda"])
+    cfg = training.flags.parse_config(flags + ["--device", "cuda"])
     total = lambda **kw: training.estimate.estimate_step(replace(cfg, **kw), config, "cuda", torch.float32).total_bytes
     b, t = cuda["max_micro_batch_size"], cuda["max_seq_len"]
     assert total(micro_batch_size=b) <= 600 * 2**20 < total(micro_batch_size=b + 1)
@@ -235,7 +236,7 @@ def test_the_json_keeps_the_host_apart(tmp_path, capsys, monkeypatch):
     train.main(flags + ["--offload-activations", "--memory-budget", str(plain["peak_bytes"])])
     both = json.loads(capsys.readouterr().out)
     assert plain["host_peak_bytes"] == 0 < both["host_peak_bytes"] and both["peak_bytes"] < plain["peak_bytes"]
-    cfg = training.settings.parse_config(flags)
+    cfg = training.flags.parse_config(flags)
     longest = both["max_seq_len"]
     assert longest > 128  # (the plain step fits 128 exactly: the budget is its peak)
     config = LlamaConfig.from_file(only / "config.json")

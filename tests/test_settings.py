@@ -36,15 +36,18 @@ OLD_MAY_CHANGE = ("max_steps", "epochs", "log_every", "eval_every", "save_every"
                   "eval_only", "adapter", "allow_other_base", "estimate_memory", "memory_budget", "json",
                   "estimate_world_size")
 # Settings added since the lists were written out here, with what they say of themselves.
-ADDED_RANGES = {"tile_mlp": "[1, inf)"}
-ADDED_MAY_CHANGE = ("offload_activations", "offload_embeddings", "tile_mlp")  # where memory is held, not what is computed
+ADDED_RANGES = {"tile_mlp": "[1, inf)", "orpo_lambda": "(0, inf)", "simpo_beta": "(0, inf)", "simpo_gamma": "[0, inf)",
+                "kto_beta": "(0, inf)", "kto_desirable_weight": "(0, inf)", "kto_undesirable_weight": "(0, inf)"}
+ADDED_CHOICES = {"objective": ("sft", "dpo", "orpo", "simpo", "kto")}
+# where memory is held, not what is computed; init_adapter: its content is compared, as model's and data's
+ADDED_MAY_CHANGE = ("offload_activations", "offload_embeddings", "tile_mlp", "init_adapter")
 OLD_NOT_SWEPT = ("sweep", "sweep_samples", "output_dir", "resume", "overwrite")
 OLD_LIST_SETTINGS = ("lora_targets", "adam_betas")
 
 
 def test_the_derived_sets_are_the_old_lists():
     assert RANGES == {**OLD_RANGES, **UNBOUNDED, **ADDED_RANGES}
-    assert CHOICES == OLD_CHOICES
+    assert CHOICES == {**OLD_CHOICES, **ADDED_CHOICES}
     assert run_dir.may_change(TrainConfig()) == {*OLD_MAY_CHANGE, *ADDED_MAY_CHANGE}
     assert set(sweep.NOT_SWEPT) == set(OLD_NOT_SWEPT)
     assert set(LIST_SETTINGS) == set(OLD_LIST_SETTINGS)

@@ -14,7 +14,7 @@ import pytest
 
 from training import sweep
 import train as train_module
-from training.settings import parse_config
+from training.flags import parse_config
 from conftest import ROOT
 from test_train import config, metrics
 

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from training.settings import parse_config
+from training.flags import parse_config
 from training import batches as train_batches, phases as train_phases
 from conftest import ROOT, save_tiny_hf
 from training.checkpoint import CheckpointError
@@ -511,7 +511,8 @@ def test_samples_come_from_the_runs_own_validation_prompts(tiny_chat_dir, chat_d
     """Any data but the demo's: each eval answers the first user turns of the first 3 validation
     conversations (never the demo's English prompts); no validation data, no samples; the demo
     data keeps examples/prompts.txt; an explicit file, or '' for none, is honoured."""
-    from training.settings import DEMO_PROMPTS, parse_config
+    from training.flags import parse_config
+    from training.settings import DEMO_PROMPTS
     assert parse_config(["--data", str(chat_data)]).sample_prompts is None
     assert parse_config([]).sample_prompts == str(DEMO_PROMPTS)
     assert parse_config(["--data", str(ROOT / "examples" / "train.json")]).sample_prompts == str(DEMO_PROMPTS)
@@ -529,7 +530,7 @@ def test_samples_come_from_the_runs_own_validation_prompts(tiny_chat_dir, chat_d
 def test_resume_takes_the_device_of_this_machine(tiny_chat_dir, chat_data, tmp_path):
     """--resume with only --output-dir fills in the run's settings but not the device it resolved:
     a run made on a GPU machine (run_config.json says cuda) resumes here with --device auto."""
-    from training.settings import parse_config
+    from training.flags import parse_config
     out = tmp_path / "run"
     train(config(tiny_chat_dir, chat_data, out, max_steps=1))
     path = out / "run_config.json"

@@ -400,11 +400,11 @@ def test_pissa_resume_is_exact(tiny_chat_dir, chat_data, pissa_run, tmp_path):
 
 def test_sweeps_vary_the_variants():
     """A sweep grid over the variants' flags, every combination checked before the first run."""
-    from training import settings
+    from training import flags, settings
     from training import sweep
-    cfg = settings.parse_config(["--sweep", "dora=true,false", "neftune_alpha=0,5", "loraplus_lr_ratio=1,16",
+    cfg = flags.parse_config(["--sweep", "dora=true,false", "neftune_alpha=0,5", "loraplus_lr_ratio=1,16",
                                  "--max-steps", "2"])
     combos = sweep.settings(cfg)
     assert len(combos) == 8 and {"dora": True, "neftune_alpha": 5.0, "loraplus_lr_ratio": 16.0} in combos
     with pytest.raises(settings.TrainError, match="--lora-init pissa_niter_2 does not combine with"):
-        sweep.settings(settings.parse_config(["--sweep", "dora=true,false", "lora_init=default,pissa_niter_2"]))
+        sweep.settings(flags.parse_config(["--sweep", "dora=true,false", "lora_init=default,pissa_niter_2"]))

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from training import parallel
 import training.loop
-from training.settings import parse_config
+from training.flags import parse_config
 from test_train import DeviceSyncs
 
 torch.set_num_threads(1)  # test_train's conftest set more; torchrun gave each rank one thread

@@ -12,7 +12,7 @@ import data
 from model.llama import PackedDocuments, packed_documents
 from model.loss import trained_positions
 
-from . import dpo, parallel
+from . import dpo, kto, parallel
 from .settings import TrainConfig
 
 
@@ -25,15 +25,18 @@ class TrainData:
     val_file: str | None  # where val came from (None: held out of --data)
     val_batches: list[dict]  # on the device, this rank's share
     pack: bool
-    pairs: bool  # --objective dpo: the examples are preference pairs
+    kind: str  # "rows" (SFT), "pairs" (dpo, orpo, simpo: data/preference.py), "unpaired" (kto: data/unpaired.py)
     device: torch.device  # with its index (cuda:1), for the batches made on the prefetcher's thread
     embed: object = None  # --offload-embeddings: the embedding module, in host memory
 
     @property
     def lengths(self) -> list[int]:
-        """Tokens per example (of a pair, its longer side: what its rows are padded to)."""
-        if self.pairs:
+        """Tokens per example (of a pair, its longer side; of a KTO example, the longer of its completion
+        and KL rows: what its rows are padded to)."""
+        if self.kind == "pairs":
             return [max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in self.train]
+        if self.kind == "unpaired":
+            return [max(len(e["completion_ids"]), len(e["kl_ids"])) for e in self.train]
         return [len(e["input_ids"]) for e in self.train]
 
     def batch(self, idx: list[int], examples: list[dict] | None = None) -> dict:
@@ -41,18 +44,31 @@ class TrainData:
         rank whose slice of a micro-batch is empty still takes part, on a batch that trains nothing."""
         examples = self.train if examples is None else examples
         if not idx:
-            batch = parallel.empty_batch(self.tok.pad_id)
-            if self.pairs:  # no pairs; and no reference forward if the others run none (FSDP: all or none)
-                batch.update(pairs=0, **({"ref_logps": torch.zeros(1)} if "ref_chosen" in examples[0] else {}))
-        elif self.pairs:
+            batch = self.empty_batch(examples)
+        elif self.kind == "pairs":
             batch = data.make_pair_batch(examples, idx, self.tok.pad_id)
+        elif self.kind == "unpaired":
+            batch = data.make_unpaired_batch(examples, idx, self.tok.pad_id)
         else:  # idx of the training set under --pack names rows of examples; of validation, examples
             # (one per row: packing would give the same per-example losses, and it only saves time)
             batch = data.make_batch(examples, idx, self.tok.pad_id, self.pack and examples is self.train)
         if self.embed is not None:  # the rows looked up here, on the host, and copied with the batch
             with torch.no_grad():
                 batch["inputs_embeds"] = self.embed(batch["input_ids"])  # (B, T, hidden_size)
-        return step_batch(dpo.count_pairs(batch) if self.pairs else batch, self.device)
+        count = {"pairs": dpo.count_pairs, "unpaired": kto.count_unpaired}.get(self.kind, lambda b: b)
+        return step_batch(count(batch), self.device)
+
+    def empty_batch(self, examples: list[dict]) -> dict:
+        """A rank's micro-batch of no examples: one padding row that trains nothing; no reference
+        forward if the other ranks run none (FSDP: all or none)."""
+        batch = parallel.empty_batch(self.tok.pad_id)
+        precomputed = {"ref_logps": torch.zeros(2)} if "ref_chosen" in examples[0] or "ref_completion" in examples[0] else {}
+        if self.kind == "pairs":
+            batch.update(pairs=0, **precomputed)
+        elif self.kind == "unpaired":
+            batch.update(examples=0, kl_input_ids=batch["input_ids"], kl_labels=batch["labels"],
+                         desirable=torch.zeros(1, dtype=torch.bool), **precomputed)
+        return batch
 
     def look_up_embeddings(self, embed, micro_batch_size: int):
         """--offload-embeddings: from now on each batch brings its rows of `embed` (in host memory),

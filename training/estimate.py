@@ -13,13 +13,12 @@ import data
 import lora
 from model import Llama, LlamaConfig, resolve_model_dir
 from model import llama as model_module, offload
-from model.loss import LanguageModelLoss
 from model.runtime import choose_device, choose_dtype
 
-from . import dpo, memory_estimate, parallel
+from . import dpo, kto, memory_estimate, parallel
 from .batches import step_batch
-from .phases import Run, build_optimizer, check_model_limits, lora_config, model_options
-from .settings import TrainConfig, TrainError, memory_budget
+from .phases import Run, build_optimizer, check_model_limits, lora_config, model_options, objective_loss
+from .settings import PAIRED, TrainConfig, TrainError, memory_budget
 from .step import accumulate, update
 
 
@@ -43,7 +42,7 @@ def estimate_command(cfg: TrainConfig) -> dict:
     result = est.as_dict()
     what = (f"{cfg.model}: micro-batch {cfg.micro_batch_size} x {cfg.max_seq_len} tokens, "
             f"{str(dtype).removeprefix('torch.')}{', NF4 base' if cfg.quantize else ''}, LoRA r {cfg.lora_r}"
-            f"{', checkpointing' if cfg.grad_checkpointing else ''}{', DPO' if cfg.objective == 'dpo' else ''}, "
+            f"{', checkpointing' if cfg.grad_checkpointing else ''}{', ' + cfg.objective.upper() if cfg.objective != 'sft' else ''}, "
             f"on {device}{' (modelled)' if device == 'cuda' and not torch.cuda.is_available() else ''}")
     console.print(memory_estimate.table(est, what))
     console.print(f"every row full ({cfg.max_seq_len} tokens) and every token trained: the worst batch of these "
@@ -118,8 +117,7 @@ def estimate_run(cfg: TrainConfig, model, mode, device: str, dtype: torch.dtype,
         for layer in model.model.layers:
             layer.register_forward_pre_hook(lambda _, args: mode.mark(args[0], memory_estimate.SAVED))
     model.train()
-    loss_fn = (dpo.PreferenceLoss(model, cfg.dpo_beta, cfg.dpo_label_smoothing, cfg.dpo_loss, cfg.dpo_rpo_alpha)
-               if cfg.objective == "dpo" else LanguageModelLoss(model))
+    loss_fn = objective_loss(cfg, model)
     batch = worst_batch(cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     cuda = model_module.modelled_cuda() if device == "cuda" else nullcontext()
@@ -138,7 +136,10 @@ def estimate_run(cfg: TrainConfig, model, mode, device: str, dtype: torch.dtype,
         for _ in range(2):
             optimizer.zero_grad(set_to_none=True)
             mode.phase = "forward"  # (backward: while autograd's engine runs a node)
-            accumulate(loss_fn, batches, scaler, autocast, sum(b["n_loss"] for b in batches), loss_fn.STATS)
+            n_loss = sum(b["n_loss"] for b in batches)
+            if hasattr(loss_fn, "prepare_step"):  # KTO's z0: forwards without a gradient first
+                loss_fn.prepare_step(batches, autocast, n_loss)
+            accumulate(loss_fn, batches, scaler, autocast, n_loss, loss_fn.STATS)
             for p in params:
                 mode.mark(p.grad, memory_estimate.GRADS)
             mode.phase = "optimizer"
@@ -151,17 +152,24 @@ def estimate_run(cfg: TrainConfig, model, mode, device: str, dtype: torch.dtype,
 
 def worst_batch(cfg: TrainConfig) -> dict:
     """micro_batch_size rows of max_seq_len tokens, every one trained, made and counted by the run's
-    own collators (data.make_batch, data.make_pair_batch) and step_batch on the CPU."""
+    own collators (data.make_batch, data.make_pair_batch, data.make_unpaired_batch) and step_batch on
+    the CPU (pairs and KTO's examples: as many, each side or row that long)."""
     B, T = cfg.micro_batch_size, cfg.max_seq_len
     example = {"input_ids": [1] * T, "labels": [1] * T}
-    if cfg.objective == "dpo":
+    if cfg.objective in PAIRED:
         pair = {"chosen_ids": example["input_ids"], "chosen_labels": example["labels"],
                 "rejected_ids": example["input_ids"], "rejected_labels": example["labels"]}
-        if cfg.dpo_precompute_ref:
+        if cfg.precompute_ref:
             pair.update(ref_chosen=0.0, ref_rejected=0.0)
-        batch = data.make_pair_batch([pair] * B, list(range(B)), 0)
-    elif cfg.pack:
+        return step_batch(dpo.count_pairs(data.make_pair_batch([pair] * B, list(range(B)), 0)), "cpu")
+    if cfg.objective == "kto":
+        one = {"completion_ids": example["input_ids"], "completion_labels": example["labels"],
+               "kl_ids": example["input_ids"], "kl_labels": example["labels"], "desirable": True}
+        if cfg.precompute_ref:
+            one.update(ref_completion=0.0, ref_kl=0.0)
+        return step_batch(kto.count_unpaired(data.make_unpaired_batch([one] * B, list(range(B)), 0)), "cpu")
+    if cfg.pack:
         batch = data.make_batch([example] * B, [[i] for i in range(B)], 0, pack=True)
     else:
         batch = data.make_batch([example] * B, list(range(B)), 0)
-    return step_batch(dpo.count_pairs(batch) if cfg.objective == "dpo" else batch, "cpu")
+    return step_batch(batch, "cpu")

@@ -14,22 +14,26 @@ import data
 import lora
 from model import load_model, resolve_model_dir
 from model.generate import generate
-from model.loss import LanguageModelLoss
 from model.runtime import choose_device, choose_dtype, slow_precision_note
 
-from . import dpo, parallel
+from . import parallel
 from .batches import TrainData
-from .phases import Run, check_model_limits, load_data
+from .phases import Run, check_model_limits, load_data, objective_loss
 from .settings import TrainConfig, TrainError
 from .step import forward_loss, mean_stats, trained_tensors
+
+UNITS = {"rows": "examples", "pairs": "pairs", "unpaired": "completions"}  # what a TrainData's kind holds
 
 
 @torch.no_grad()
 def evaluate(loss_fn, batches, autocast) -> dict:
     """Validation loss (the mean over trained tokens, or DPO's over pairs, of all ranks' batches)
     and perplexity (SFT), or DPO's rewards, reward accuracy and margin."""
-    loss_fn.eval()
     names = loss_fn.STATS
+    if hasattr(loss_fn, "prepare_step"):  # KTO: z0 of the whole evaluation set
+        batches = list(batches)
+        loss_fn.prepare_step(batches, autocast, parallel.all_reduce_sum(sum(b["n_loss"] for b in batches))[0])
+    loss_fn.eval()
     total, n, stat_sums = 0.0, 0, [0.0] * len(names)
     for batch in batches:
         loss, extra = forward_loss(loss_fn, batch, autocast)
@@ -39,7 +43,7 @@ def evaluate(loss_fn, batches, autocast) -> dict:
     loss_fn.train()
     val_loss = total / max(n, 1)
     if names:
-        return {"val_loss": val_loss, **mean_stats(names, stat_sums, n, prefix="val_")}
+        return {"val_loss": val_loss, **mean_stats(loss_fn, stat_sums, n, prefix="val_")}
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
 
 
@@ -80,8 +84,10 @@ def sample_prompts(cfg: TrainConfig, ds: TrainData, n: int = 3) -> list[str]:
     if cfg.sample_prompts is not None:
         return load_prompts(cfg.sample_prompts)[:n]
     source = ds.val_file or cfg.data  # validation examples know their record's line in it
-    if ds.pairs:
+    if ds.kind == "pairs":
         records = {line: prompt for line, (prompt, _, _) in data.preference.load_pairs(source)}
+    elif ds.kind == "unpaired":
+        records = {line: prompt for line, (prompt, _, _) in data.unpaired.load_unpaired(source)}
     else:
         records = dict(data.formats.load_conversations_with_lines(source))
     prompts = []
@@ -124,23 +130,22 @@ def evaluate_only(cfg: TrainConfig) -> dict:
     if note := data.tokenizer.template_warning(ds.tok, cfg.template, cfg.adapter):
         console.print(note, style="yellow", markup=False)
     model = eval_model(cfg, run)
-    loss_fn = (dpo.PreferenceLoss(model, cfg.dpo_beta, cfg.dpo_label_smoothing, cfg.dpo_loss, cfg.dpo_rpo_alpha)
-               if cfg.objective == "dpo" else LanguageModelLoss(model))
+    loss_fn = objective_loss(cfg, model)
     source = ds.val_file or cfg.data
     if not ds.val_file and cfg.val_fraction < 1:
         source += (f": the {cfg.val_fraction:g} that training holds out (--val-seed {cfg.val_seed}; "
                    "--val-fraction 1 scores all of it, --val-data FILE another file)")
     console.print(f"scoring {cfg.model}" + (f" with the adapter {cfg.adapter}" if cfg.adapter else "") +
-                  f" on {len(ds.val)} {'pairs' if ds.pairs else 'examples'} of {source}", markup=False, soft_wrap=True)
+                  f" on {len(ds.val)} {UNITS[ds.kind]} of {source}", markup=False, soft_wrap=True)
     row = evaluate(loss_fn, track(ds.val_batches, description="scoring", console=console, transient=True), autocast)
     prompts = sample_prompts(cfg, ds)
     replies = dict(zip(prompts, sample_replies(model, ds.tok, prompts, cfg.sample_tokens, autocast)))
-    counted = sum(b["n_loss"] for b in ds.val_batches)  # trained tokens (DPO: pairs)
+    counted = sum(b["n_loss"] for b in ds.val_batches)  # trained tokens (pairs, completions)
     result = {"model": str(cfg.model), "model_dir": str(model_dir), "adapter": cfg.adapter,
               "data": str(ds.val_file or cfg.data), "examples": len(ds.val), "trained_tokens": counted,
               "dtype": str(dtype), **row, "replies": replies}
     figures = "  ".join(f"{k} {v:.4f}" for k, v in row.items())
-    console.print(f"{figures}  ({counted} trained {'pairs' if ds.pairs else 'tokens'})", markup=False)
+    console.print(f"{figures}  ({counted} {'trained tokens' if ds.kind == 'rows' else UNITS[ds.kind]})", markup=False)
     for prompt, text in replies.items():
         console.print(f"> {prompt}", style="bold", markup=False)
         console.print(text, markup=False)

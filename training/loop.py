@@ -59,7 +59,7 @@ def run_training(cfg: TrainConfig) -> dict:
         ds.look_up_embeddings(model.model.embed_tokens, cfg.micro_batch_size)
     trainable = [p for p in model.parameters() if p.requires_grad]  # after FSDP2 swapped them for shards
     optimizer, scaler = build_optimizer(cfg, model, run.device, run.dtype)
-    if cfg.dpo_precompute_ref:
+    if cfg.precompute_ref:
         reference_logps(loss_fn, ds, cfg, run, resuming=plan.checkpoint is not None)
     pos = resume(plan.checkpoint, model, optimizer, scaler, run) if plan.checkpoint else Position()
     logs = metrics.RunLog(run.out, run.console, plan.total_steps, cfg.log_every, pos.step if plan.checkpoint else None,
@@ -81,7 +81,7 @@ def run_training(cfg: TrainConfig) -> dict:
             pos.epoch, pos.index, batches = next(steps)  # this step's micro-batches; the position after them
             before = lora_weights(model) if cfg.debug_grads else None  # for |dA|/|A|, |dB|/|B|
             result = train_step(train_loss_fn, batches, optimizer, scaler, trainable, cfg.max_grad_norm,
-                                run.autocast, loss_fn.STATS)
+                                run.autocast, loss_fn)
             streak = streak + 1 if result.skipped else 0
             check_finite(result, streak, cfg, model, run, pos.step + 1)  # stops a diverged run, before saving
             pos.step += 1

@@ -16,9 +16,9 @@ from pathlib import Path
 from . import parallel, run_dir
 from model.runtime import peak_memory_gib, peak_reserved_gib
 
-# --objective dpo's per-step metrics (dpo.STAT_NAMES and the margin), drawn in TensorBoard
-DPO_METRICS = ("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy", "logps_chosen",
-               "logps_rejected")
+# the preference objectives' per-step metrics (their loss module's `metrics`), drawn in TensorBoard
+PREFERENCE_METRICS = ("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy", "logps_chosen",
+                      "logps_rejected", "log_odds_ratio", "log_odds_chosen", "nll_loss", "kl")
 
 
 class RunLog:
@@ -63,7 +63,7 @@ class RunLog:
     def step(self, row: dict):
         self.write(row)
         for k in ("loss", "lr", "grad_norm", "tokens_per_s", "max_memory_gib", "max_reserved_gib", "loss_scale",
-                  *DPO_METRICS):
+                  *PREFERENCE_METRICS):
             if k in row:
                 self.writer.add_scalar(f"train/{k}", row[k], row["step"])
         if self.log_every and row["step"] % self.log_every == 0 and not self.console.is_terminal:
@@ -85,7 +85,8 @@ class RunLog:
 
 
 def step_info(row: dict) -> str:
-    dpo = f"acc {row['reward_accuracy']:.2f}  margin {row['reward_margin']:.3f}  " if "reward_margin" in row else ""
+    shown = (("acc", "reward_accuracy", ".2f"), ("margin", "reward_margin", ".3f"), ("kl", "kl", ".3f"))
+    dpo = "".join(f"{name} {row[k]:{form}}  " for name, k, form in shown if k in row)
     return (f"loss {row['loss']:.4f}  {dpo}lr {row['lr']:.2e}  grad {row['grad_norm']:.3f}  "
             f"{row['tokens_per_s']:.0f} tok/s")
 

@@ -20,10 +20,10 @@ from model.loss import LanguageModelLoss
 from model.runtime import (choose_device, choose_dtype, indexed_device, keep_freed_memory, reset_peak_memory,
                            slow_precision_note)
 
-from . import dpo, parallel, run_dir
+from . import dpo, kto, parallel, reference_free, run_dir
 from .batches import TrainData
 from .checkpoint import list_checkpoints, load_checkpoint, read_trainer_state, remove_partial_checkpoints
-from .settings import DEMO_VALIDATION, TrainConfig, TrainError, betas
+from .settings import DEMO_VALIDATION, PAIRED, TrainConfig, TrainError, betas
 
 
 @dataclass
@@ -76,6 +76,8 @@ def check_model_limits(cfg: TrainConfig, run: Run):
     if cfg.offload_embeddings and config.tie_word_embeddings:
         raise TrainError(f"--offload-embeddings: {run.model_dir / 'config.json'} ties the embedding table to "
                          "lm_head, which needs it on the device")
+    if cfg.init_adapter:  # trained on this base, by content (or --allow-other-base, with a warning)
+        lora.adapter.check_base(init_adapter_dir(cfg), run.model_dir, cfg.allow_other_base)
     if cfg.eval_only:  # the adapter scored brings its own rank
         return
     with torch.device("meta"):  # the structure only: no memory, no weights
@@ -92,13 +94,21 @@ def check_model_limits(cfg: TrainConfig, run: Run):
                              "update; LoRA's point is a rank far below it (8 to 64 is typical)")
 
 
+def init_adapter_dir(cfg: TrainConfig) -> Path | None:
+    """--init-adapter as an adapter directory (a run directory: its final adapter), or None."""
+    return lora.adapter.resolve_adapter_dir(cfg.init_adapter) if cfg.init_adapter else None
+
+
 def load_data(cfg: TrainConfig, run: Run) -> TrainData:
-    """Tokenized (SFT: once, cached on disk next to the data), masked by --mask (DPO: each reply of
-    a pair, as --mask last masks it), split into train and validation; the validation batches are
+    """Tokenized (SFT: once, cached on disk next to the data), masked by --mask (preference objectives:
+    each reply, as --mask last masks it), split into train and validation; the validation batches are
     made once, on the device."""
-    tok = data.load_tokenizer(run.model_dir, cfg.template, cfg.adapter)  # --eval-only: the adapter's template
-    if cfg.objective == "dpo":
+    # --eval-only: the adapter's template; --init-adapter: the one the run it comes from trained with
+    tok = data.load_tokenizer(run.model_dir, cfg.template, cfg.adapter or init_adapter_dir(cfg))
+    if cfg.objective in PAIRED:
         tokenize = lambda path: data.tokenize_pairs(path, tok, cfg.max_seq_len)
+    elif cfg.objective == "kto":
+        tokenize = lambda path: data.tokenize_unpaired(path, tok, cfg.max_seq_len)
     else:
         tokenize = lambda path: data.tokenize_file(path, tok, cfg.max_seq_len, cfg.mask)
     val_file = cfg.val_data or DEMO_VALIDATION.get(Path(cfg.data).resolve())
@@ -115,8 +125,9 @@ def load_data(cfg: TrainConfig, run: Run) -> TrainData:
             train_examples, val_examples = data.split_validation(train_set.examples, cfg.val_fraction, cfg.val_seed)
     if not train_examples and not cfg.eval_only:
         raise TrainError(f"--data {cfg.data}: no training examples left")
+    kind = "pairs" if cfg.objective in PAIRED else "unpaired" if cfg.objective == "kto" else "rows"
     ds = TrainData(tok, train_examples, val_examples, val_file and str(val_file), [], cfg.pack,
-                   cfg.objective == "dpo", indexed_device(run.device))  # the batch prefetcher's thread copies there
+                   kind, indexed_device(run.device))  # the batch prefetcher's thread copies there
     ds.make_val_batches(cfg.micro_batch_size)
     return ds
 
@@ -211,19 +222,32 @@ def build_model(cfg: TrainConfig, run: Run, lora_cfg: lora.LoRAConfig, resuming:
         for layer in model.model.layers:
             layer.compile()
     model.train()
-    if cfg.objective == "dpo":  # the reference policy: this model with its adapter off
-        loss_fn = dpo.PreferenceLoss(model, cfg.dpo_beta, cfg.dpo_label_smoothing, cfg.dpo_loss, cfg.dpo_rpo_alpha)
-    else:
-        loss_fn = LanguageModelLoss(model)
+    loss_fn = objective_loss(cfg, model)
     train_loss_fn = parallel.wrap(loss_fn, cfg.parallel, run.device) if parallel.launched_by_torchrun() else loss_fn
+    if cfg.init_adapter:  # after FSDP's loading: the frozen adapter is not sharded, every rank holds it whole
+        lora.attach_init_adapter(model, init_adapter_dir(cfg))
     if run.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
     reset_peak_memory()  # max_memory_gib, max_reserved_gib and the summary's peaks: of training, not loading
     return model, loss_fn, train_loss_fn
 
 
-def reference_logps(loss_fn: dpo.PreferenceLoss, ds: TrainData, cfg: TrainConfig, run: Run, resuming: bool):
-    """--dpo-precompute-ref: every pair's reference log-probs, once, before the first step (a step
+def objective_loss(cfg: TrainConfig, model) -> torch.nn.Module:
+    """The model with --objective's loss as its forward (the reference policy, where there is one:
+    this model with its adapter off)."""
+    if cfg.objective == "dpo":
+        return dpo.PreferenceLoss(model, cfg.dpo_beta, cfg.dpo_label_smoothing, cfg.dpo_loss, cfg.dpo_rpo_alpha)
+    if cfg.objective == "orpo":
+        return reference_free.ORPOLoss(model, cfg.orpo_lambda)
+    if cfg.objective == "simpo":
+        return reference_free.SimPOLoss(model, cfg.simpo_beta, cfg.simpo_gamma)
+    if cfg.objective == "kto":
+        return kto.KTOLoss(model, cfg.kto_beta, cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
+    return LanguageModelLoss(model)
+
+
+def reference_logps(loss_fn, ds: TrainData, cfg: TrainConfig, run: Run, resuming: bool):
+    """--precompute-ref: every example's reference log-probs, once, before the first step (a step
     then runs one forward, not two), kept in the run directory for --resume (dpo.cached_reference)."""
     dpo.cached_reference(loss_fn, ds.train, ds.val, run.out / dpo.REFERENCE_FILE, resuming,
                          lambda examples, idx: ds.batch(idx, examples), cfg.micro_batch_size, run.autocast, run.console)

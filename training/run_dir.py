@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, fields
 from pathlib import Path
 
+import lora
 from model.errors import UserError
 from model.fingerprint import file_sha256, legacy_model_fingerprint, model_fingerprint
 
@@ -156,6 +157,10 @@ def defining_settings(cfg, model_dir: Path, val_data, dtype, world_size: int) ->
     settings.update(data_sha256=file_sha256(Path(cfg.data)),
                     val_data_sha256=file_sha256(Path(val_data)) if val_data else None,
                     dtype=str(dtype), global_micro_batch=cfg.micro_batch_size * world_size)
+    if cfg.init_adapter:  # the adapter the run starts from, by content (its weights and config)
+        adapter = lora.adapter.resolve_adapter_dir(cfg.init_adapter)
+        settings["init_adapter_sha256"] = [file_sha256(adapter / name) for name in
+                                           (lora.adapter.WEIGHTS_FILE, lora.adapter.CONFIG_FILE)]
     settings[MODEL_KEY] = model_fingerprint(model_dir)  # every byte, cached: a model is hashed once
     return settings
 

@@ -1,40 +1,44 @@
 """train.py's settings: the TrainConfig dataclass (one field per flag; beside it, in the field's
-metadata, its help, its range or choices, and whether a --resume may change it, a --sweep may vary
-it and its value is a comma list: run_dir.py and sweep.py read those there), how they are read
-(dataclass defaults < a --config TOML/JSON file < command-line flags), and their validation, for
-type and range, before any work starts: a bad value is one line naming the flag (or the file and
-setting) and exit 2. A --sweep's every setting is checked the same way by sweep.py, before its
+metadata, its help, its range or choices, which objectives it is for, and whether a --resume may
+change it, a --sweep may vary it and its value is a comma list: run_dir.py and sweep.py read those
+there), and their validation, for type and range, before any work starts: a bad value is one line
+naming the flag (or the file and setting) and exit 2. training/flags.py reads them (defaults < a
+--config file < flags); a --sweep's every setting is checked the same way by sweep.py, before its
 first run.
 """
 
 import argparse
-import json
 import math
 import re
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 
 import lora
 from . import parallel
-from . import run_dir
-from data import DataError, is_preference_file
+from data import DataError, is_preference_file, is_unpaired_file
 from data.formats import SUFFIXES
 from model import DEMO_MODEL
-from model.errors import Renamed, UserError, parse_size
+from model.errors import UserError, parse_size
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: examples/ is there
 DEMO_DATA = ROOT / "examples" / "train.json"
 DEMO_VAL_DATA = ROOT / "examples" / "val.json"
 DEMO_PROMPTS = ROOT / "examples" / "prompts.txt"
-DEMO_PREFERENCES = ROOT / "examples" / "preferences.jsonl"  # --objective dpo's demo data
+DEMO_PREFERENCES = ROOT / "examples" / "preferences.jsonl"  # the paired objectives' demo data
+DEMO_UNPAIRED = ROOT / "examples" / "kto.jsonl"  # --objective kto's
 DEMO_VALIDATION = {DEMO_DATA: DEMO_VAL_DATA, DEMO_PREFERENCES: ROOT / "examples" / "preferences_val.jsonl"}
-DEMO_OUTPUT = {"sft": "runs/demo", "dpo": "runs/demo-dpo"}
-RENAMED = {"reference": "textbook"}  # old setting name -> new, read from old config files and runs
+PAIRED = ("dpo", "orpo", "simpo")  # objectives on {prompt, chosen, rejected} pairs
+WITH_REFERENCE = ("dpo", "kto")  # objectives that score the policy against a reference policy
+OBJECTIVES = ("sft", *PAIRED, "kto")
+DEMO_OUTPUT = {"sft": "runs/demo", **{o: f"runs/demo-{o}" for o in OBJECTIVES[1:]}}
+# old setting name -> new, read from old config files and runs
+RENAMED = {"reference": "textbook", "dpo_precompute_ref": "precompute_ref"}
 
 
-def flag(default, help, *, within=None, choices=None, may_change=False, swept=True, comma_list=False):
+def flag(default, help, *, within=None, choices=None, may_change=False, swept=True, comma_list=False,
+         objectives=None):
     """A setting: its default and its help, and what the rest of training/ reads about it (field metadata).
 
     within      its range, as an interval: "[" includes its end, "(" excludes it; floats must also be
@@ -43,25 +47,34 @@ def flag(default, help, *, within=None, choices=None, may_change=False, swept=Tr
     may_change  --resume may continue the run with another value (how long, how often, on what
                 hardware): recorded in run_history.jsonl; every other setting defines the run. Of those,
                 micro_batch_size may change only with the number of ranks (the global batch is
-                compared), model and data only in where they live (their content is compared) and
+                compared), model, data and init_adapter only in where they live (their content is
+                compared) and
                 precision only in name ("auto" on the same device: the resolved dtype is compared).
     swept       a --sweep may vary it (False: the settings of the sweep itself)
     comma_list  its value is a comma list (in --sweep, its parts are joined by +)
+    objectives  the --objective values it is for: set to anything but its default with another, refused
     """
     return field(default=default, metadata={"help": help, "within": within, "choices": choices,
-                                            "may_change": may_change, "swept": swept, "comma_list": comma_list})
+                                            "may_change": may_change, "swept": swept, "comma_list": comma_list,
+                                            "objectives": objectives})
 
 
 @dataclass
 class TrainConfig:
     # what to train on, and how
-    objective: str = flag("sft", "sft (supervised fine-tuning) | dpo (preference tuning, Rafailov et al. 2023, on "
-                                 "{prompt, chosen, rejected} records; the reference policy is the base: the "
-                                 "adapter switched off)", choices=("sft", "dpo"))
+    objective: str = flag("sft", "sft (supervised fine-tuning) | dpo (Rafailov et al. 2023) | orpo (Hong et al. "
+                                 "2024) | simpo (Meng et al. 2024), on {prompt, chosen, rejected} records | kto "
+                                 "(Ethayarajh et al. 2024) on {prompt, completion, label} records. dpo and kto "
+                                 "score against a reference policy: the model with the adapter switched off; "
+                                 "orpo and simpo need none", choices=OBJECTIVES)
+    init_adapter: str | None = flag(None, "start from this adapter (an SFT run's, or its directory): frozen, it is "
+                                          "part of the policy and of the reference policy, and the adapter saved is "
+                                          "one adapter of the original base, both stacked (no merge needed)",
+                                    may_change=True)
     model: str = flag(DEMO_MODEL, "model directory or hub id ('demo': the offline SmolLM2-135M-Instruct)",
                       may_change=True)
-    data: str = flag(str(DEMO_DATA), "training data (.json, .jsonl, .csv; --objective dpo: preference pairs, "
-                                     "default examples/preferences.jsonl)", may_change=True)
+    data: str = flag(str(DEMO_DATA), "training data (.json, .jsonl, .csv; dpo, orpo, simpo: preference pairs, "
+                                     "default examples/preferences.jsonl; kto: examples/kto.jsonl)", may_change=True)
     val_data: str | None = flag(None, "validation data (default: --val-fraction of --data; the demo data has its own)",
                                 may_change=True)
     val_fraction: float = flag(0.1, "share of --data held out for validation when there is no --val-data",
@@ -69,7 +82,7 @@ class TrainConfig:
     val_seed: int = flag(0, "which examples --val-fraction holds out; not --seed, so that runs of different "
                             "seeds are compared on the same held-out set", within="(-inf, inf)")
     output_dir: str = flag(DEMO_OUTPUT["sft"], "where metrics, TensorBoard logs, checkpoints and the adapter go "
-                                              "(--objective dpo: default runs/demo-dpo)", may_change=True, swept=False)
+                                              "(--objective dpo: default runs/demo-dpo, and so on)", may_change=True, swept=False)
     max_seq_len: int = flag(512, "longer examples are truncated", within="[2, inf)")
     mask: str = flag("assistant", "which tokens train: assistant | last | all", choices=("assistant", "last", "all"))
     template: str | None = flag(None, "built-in chat template instead of the model's own")
@@ -114,16 +127,31 @@ class TrainConfig:
     quantize: str | None = flag(None, "nf4: QLoRA, the frozen base in 4-bit NF4", choices=(None, "nf4"))
     # DPO (--objective dpo)
     dpo_beta: float = flag(0.1, "DPO's beta: how far the policy may move from the reference (IPO: its tau)",
-                           within="(0, inf)")
+                           within="(0, inf)", objectives=("dpo",))
     dpo_loss: str = flag("sigmoid", "sigmoid (DPO, eq. 7) | ipo (Azar et al. 2023, on per-token mean log-probs)",
-                         choices=("sigmoid", "ipo"))
+                         choices=("sigmoid", "ipo"), objectives=("dpo",))
     dpo_label_smoothing: float = flag(0.0, "cDPO: the share of preference labels assumed flipped, in [0, 0.5)",
-                                      within="[0, 0.5)")
+                                      within="[0, 0.5)", objectives=("dpo",))
     dpo_rpo_alpha: float = flag(0.0, "RPO (Pang et al. 2024, TRL's rpo_alpha): add alpha x the chosen reply's per-token "
                                      "NLL, which keeps DPO from lowering the chosen reply with the rejected one",
-                                within="[0, inf)")
-    dpo_precompute_ref: bool = flag(False, "compute the reference log-probs once per pair before training "
-                                           "(kept in --output-dir): a step is then one forward, not two")
+                                within="[0, inf)", objectives=("dpo",))
+    precompute_ref: bool = flag(False, "compute the reference log-probs once per example before training "
+                                       "(kept in --output-dir): a step is then one forward, not two",
+                                objectives=WITH_REFERENCE)
+    # ORPO, SimPO, KTO (--objective orpo, simpo, kto)
+    orpo_lambda: float = flag(0.1, "ORPO's lambda (eq. 6; TRL's beta): the weight of the odds-ratio term beside the "
+                                   "chosen reply's NLL", within="(0, inf)", objectives=("orpo",))
+    simpo_beta: float = flag(2.0, "SimPO's beta (eq. 6): the scale of its reward, beta x the mean log-prob per "
+                                  "token (the paper uses 2 to 10)", within="(0, inf)", objectives=("simpo",))
+    simpo_gamma: float = flag(1.0, "SimPO's gamma (eq. 6): the target reward margin (the paper: gamma / beta "
+                                   "0.3 to 0.8)", within="[0, inf)", objectives=("simpo",))
+    kto_beta: float = flag(0.1, "KTO's beta: how far the policy may move from the reference", within="(0, inf)",
+                           objectives=("kto",))
+    kto_desirable_weight: float = flag(1.0, "KTO's lambda_D: the weight of a desirable completion's loss",
+                                       within="(0, inf)", objectives=("kto",))
+    kto_undesirable_weight: float = flag(1.0, "KTO's lambda_U: the weight of an undesirable completion's loss (the "
+                                              "paper: lambda_D n_D / (lambda_U n_U) in [1, 4/3])",
+                                         within="(0, inf)", objectives=("kto",))
     # hardware
     precision: str = flag("auto", "bf16 | fp16 | fp32 (auto: bf16 on CUDA when supported, else fp32)",
                           choices=("auto", "bf16", "fp16", "fp32"), may_change=True)
@@ -173,8 +201,9 @@ class TrainConfig:
                                   "one JSON object on stdout, nothing written", may_change=True)
     adapter: str | None = flag(None, "--eval-only: the LoRA adapter to score (a run directory: its final adapter); "
                                      "--model then defaults to the base it records", may_change=True)
-    allow_other_base: bool = flag(False, "--eval-only: apply --adapter to a base other than the one it was trained "
-                                         "on (its nanolora_base.json), with a warning", may_change=True)
+    allow_other_base: bool = flag(False, "--eval-only, --init-adapter: apply the adapter to a base other than the "
+                                         "one it was trained on (its nanolora_base.json), with a warning",
+                                  may_change=True)
     # memory, before the run (memory_estimate.py)
     estimate_memory: bool = flag(False, "train nothing: count the memory this run's training step holds (the real "
                                         "step on fake tensors: no weight or data is read, config.json is enough), "
@@ -198,166 +227,12 @@ class TrainConfig:
 RANGES = {f.name: f.metadata["within"] for f in fields(TrainConfig) if f.metadata["within"]}
 CHOICES = {f.name: f.metadata["choices"] for f in fields(TrainConfig) if f.metadata["choices"]}
 LIST_SETTINGS = tuple(f.name for f in fields(TrainConfig) if f.metadata["comma_list"])
+FOR_OBJECTIVES = {f.name: f.metadata["objectives"] for f in fields(TrainConfig) if f.metadata["objectives"]}
 
 
 class TrainError(UserError):
     """A problem with the run's settings or files: printed as one line, exit code 2."""
 
-
-
-def parse_config(argv=None) -> TrainConfig:
-    parser = argparse.ArgumentParser(description="LoRA / QLoRA fine-tuning of a Llama-family model. Settings "
-                                     "come from the defaults shown, then a --config file, then these flags "
-                                     "(flags win); each is checked for type and range before any work.",
-                                     argument_default=argparse.SUPPRESS)
-    parser.add_argument("--config", help="TOML or JSON file of settings (flags win)")
-    parser.add_argument("--reference", action=Renamed, nargs=0, dest="textbook", help=argparse.SUPPRESS)
-    for f in fields(TrainConfig):
-        name = "--" + f.name.replace("_", "-")
-        text = f.metadata["help"]  # with the default, unless it says it (SUPPRESS hides argparse's own)
-        text += "" if "default" in text else f" (default: {f.default})".replace("%", "%%")
-        if f.type is bool:
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, help=text)
-        elif f.name == "sweep":  # --sweep lr=2e-4,1e-3 lora_r=8,64: several items, kept as one string
-            parser.add_argument(name, nargs="+", help=text)
-        else:
-            kind = {int: int, float: float}.get(f.type, str)
-            parser.add_argument(name, type=kind, help=text)
-    flags = vars(parser.parse_args(argv))
-    if "sweep" in flags:
-        flags["sweep"] = " ".join(flags["sweep"])
-    from_file = read_config_file(flags.pop("config")) if "config" in flags else {}
-    given = {**from_file, **flags}
-    if given.get("resume"):  # the run's own settings fill in every one not given (those given are checked)
-        path = Path(given.get("output_dir") or DEMO_OUTPUT[given.get("objective", "sft")]) / run_dir.CONFIG_FILE
-        given = {**(read_run_settings(path, f"--resume: {path}") if path.is_file() else {}), **given}
-    cfg = demo_defaults(TrainConfig(**given), given)
-    check_config(cfg)
-    return cfg
-
-
-def demo_defaults(cfg: TrainConfig, given: dict) -> TrainConfig:
-    """--objective dpo with no --data or --output-dir given: the DPO demo's, not the SFT demo's.
-    The demo data with no --sample-prompts: the demo's own prompts (examples/prompts.txt), which
-    its held-out conversations do not repeat; any other data samples its own validation prompts."""
-    if cfg.objective == "dpo":
-        if "data" not in given:
-            cfg = replace(cfg, data=str(DEMO_PREFERENCES))
-        if "output_dir" not in given:
-            cfg = replace(cfg, output_dir=DEMO_OUTPUT["dpo"])
-    if "sample_prompts" not in given and Path(cfg.data).resolve() in (DEMO_DATA, DEMO_PREFERENCES):
-        cfg = replace(cfg, sample_prompts=str(DEMO_PROMPTS))
-    if cfg.eval_only and cfg.adapter:  # a run directory names its adapter; no --model: the adapter's base
-        adapter = lora.adapter.resolve_adapter_dir(cfg.adapter)
-        base = lora.adapter.adapter_base(adapter) if "model" not in given else None
-        cfg = replace(cfg, adapter=str(adapter), model=base or cfg.model)
-    return cfg
-
-
-def read_config_file(path: str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise TrainError(f"--config {path}: no such file")
-    try:
-        text = p.read_text()
-        if p.suffix == ".toml":
-            import tomllib
-            values = tomllib.loads(text)
-        else:
-            values = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as e:  # tomllib's and json's errors give line and column
-        raise TrainError(f"--config {path}: {e}") from None
-    if not isinstance(values, dict):
-        raise TrainError(f"--config {path}: expected a table of settings, got {type(values).__name__}")
-    if isinstance(values.get("defining"), dict):  # a run's own run_config.json: the settings it ran with
-        return read_run_settings(p, f"--config {path}")
-    values = {RENAMED.get(k.replace("-", "_"), k.replace("-", "_")): v for k, v in values.items()}
-    kinds = {f.name: f.type for f in fields(TrainConfig)}
-    unknown = sorted(set(values) - set(kinds))
-    if unknown:
-        raise TrainError(f"--config {path}: unknown settings {', '.join(unknown)}")
-    if isinstance(values.get("sweep"), dict):  # a [sweep] table: lr = [2e-4, 1e-3]
-        values["sweep"] = spec_from_table(values["sweep"])
-    return typed(values, f"--config {path}")
-
-
-def spec_from_table(table: dict) -> str:
-    """A [sweep] table of a TOML config (lr = [2e-4, 1e-3]) as --sweep text (lr=2e-4,1e-3)."""
-    items = []
-    for key, values in table.items():
-        values = values if isinstance(values, list) else [values]
-        items.append(f"{key}=" + ",".join(value_text(key.replace("-", "_"), v) for v in values))
-    return " ".join(items)
-
-
-def value_text(key: str, value) -> str:
-    """A value as written in --sweep and in run names: 2e-4 not 0.0002, q_proj+k_proj for lists."""
-    if isinstance(value, bool) or value is None:
-        return str(value).lower()
-    if isinstance(value, float):
-        plain = f"{value:g}"
-        mantissa, exponent = f"{value:e}".split("e")
-        scientific = f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
-        return scientific if len(scientific) < len(plain) else plain
-    return str(value).replace(",", "+") if key in LIST_SETTINGS else str(value)
-
-
-def typed(values: dict, where: str) -> dict:
-    """Settings read from a file, each checked against its field's type (a float's integer made float)."""
-    kinds = {f.name: f.type for f in fields(TrainConfig)}
-    for name, value in values.items():
-        expected = type_error(value, kinds[name])
-        if expected:
-            raise TrainError(f"{where}: {name} = {json.dumps(value)}: expected {expected}")
-    return {k: float(v) if kinds[k] is float else v for k, v in values.items()}
-
-
-def read_run_settings(path: Path, where: str) -> dict:
-    """The settings of the run whose run_config.json is `path`, as its resumes left them (the
-    changes in run_history.jsonl beside it): `--resume` fills in with them every setting not given,
-    and `--config` takes a run's run_config.json as a config file. `where` names the file in errors."""
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise TrainError(f"{where}: not valid JSON ({e})") from None
-    history = path.parent / run_dir.HISTORY_FILE
-    try:
-        values = run_settings(saved, run_dir.read_history(path.parent) if path.name == run_dir.CONFIG_FILE else [])
-    except (ValueError, AttributeError, KeyError, TypeError) as e:  # not a table, or a torn history
-        raise TrainError(f"{where}: its settings (or {history}) do not read ({type(e).__name__}: {e})") from None
-    return typed(values, where)
-
-
-def run_settings(saved: dict, history: list[dict]) -> dict:
-    """The settings a run_config.json records, as flags: those that define the run as given (its
-    "defining" table: warmup_steps there is the flag, at the top level the resolved count), the rest
-    as the last resume changed them; not what was recorded about them (fingerprints, counts, the
-    resolved dtype), nor --resume and --overwrite, which say what to do with the run, nor --eval-only's
-    (a run's settings given to --eval-only score it as it trained), nor the device it resolved: a
-    run made on a GPU machine continues on the one it is resumed on ("auto" picks; a different
-    dtype there is refused by name, as any defining difference)."""
-    names = {f.name for f in fields(TrainConfig)} - {"resume", "overwrite", "eval_only", "adapter", "allow_other_base",
-                                                      "estimate_memory", "memory_budget", "json",
-                                                      "estimate_world_size", "device"}
-    changed = {k: now for entry in history for k, (_, now) in entry["changed"].items()}
-    values = {**saved, **changed, **saved.get("defining", {})}
-    values = {RENAMED.get(k, k): v for k, v in values.items()}
-    return {k: v for k, v in values.items() if k in names}
-
-
-def type_error(value, kind) -> str | None:
-    """What a config file's value should have been, or None if it is of the setting's type.
-
-    Strict: "false" is not a boolean (any non-empty string would be true), true is not a number."""
-    optional = kind == (str | None)
-    if value is None and optional:
-        return None
-    checks = {bool: (lambda v: isinstance(v, bool), "true or false"),
-              int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
-              float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
-              str: (lambda v: isinstance(v, str), "a string")}
-    ok, text = checks[str if optional else kind]
-    return None if ok(value) else text + (" (or leave it out)" if optional else "")
 
 
 def in_range(value, interval: str) -> bool:
@@ -389,10 +264,14 @@ def check_config(cfg: TrainConfig):
                          "(pass '' for no samples)")
     check_eval_only(cfg)
     check_estimate(cfg)
-    if cfg.objective == "dpo":
-        check_dpo(cfg)
-    elif cfg.dpo_precompute_ref:
-        raise TrainError("--dpo-precompute-ref is for --objective dpo")
+    for name, objectives in FOR_OBJECTIVES.items():
+        default = TrainConfig.__dataclass_fields__[name].default
+        if cfg.objective not in objectives and getattr(cfg, name) != default:
+            raise TrainError(f"--{name.replace('_', '-')} is for --objective {' or '.join(objectives)}, "
+                             f"not {cfg.objective}")
+    if cfg.objective != "sft":
+        check_preference(cfg)
+    check_init_adapter(cfg)
     if cfg.parallel == "fsdp" and cfg.quantize:
         raise TrainError("--parallel fsdp cannot shard NF4 weights; train QLoRA with --parallel ddp")
     if not re.fullmatch(r"default|pissa|pissa_niter_[0-9]+", cfg.lora_init):
@@ -423,9 +302,11 @@ def not_a_file(path: str) -> str:
 def check_eval_only(cfg: TrainConfig):
     """--eval-only and its flags, and what they do not combine with."""
     if not cfg.eval_only:
-        for name in ("adapter", "allow_other_base"):
-            if getattr(cfg, name):
-                raise TrainError(f"--{name.replace('_', '-')} is for --eval-only (training starts a new adapter)")
+        if cfg.adapter:
+            raise TrainError("--adapter is for --eval-only (training starts a new adapter; to start from one, "
+                             "--init-adapter)")
+        if cfg.allow_other_base and not cfg.init_adapter:
+            raise TrainError("--allow-other-base is for --eval-only and --init-adapter")
         return
     for name in ("resume", "overwrite", "sweep"):
         if getattr(cfg, name):
@@ -434,8 +315,8 @@ def check_eval_only(cfg: TrainConfig):
         raise TrainError("--allow-other-base goes with --adapter")
     if cfg.adapter:  # an adapter, readable, before any weight is: LoRAError names the file
         lora.read_adapter_config(cfg.adapter)
-    if cfg.objective == "dpo" and not cfg.adapter:
-        raise TrainError("--objective dpo --eval-only scores an adapter against its base (the reference): "
+    if cfg.objective in WITH_REFERENCE and not cfg.adapter:
+        raise TrainError(f"--objective {cfg.objective} --eval-only scores an adapter against its base (the reference): "
                          "pass --adapter")
     if not cfg.val_data and cfg.val_fraction == 0 and Path(cfg.data).resolve() not in DEMO_VALIDATION:
         raise TrainError(f"--eval-only: --val-fraction 0 holds nothing of --data {cfg.data} out to score; "
@@ -466,23 +347,42 @@ def memory_budget(cfg: TrainConfig) -> int:
         raise TrainError(f"--memory-budget {cfg.memory_budget}: {e}") from None
 
 
-def check_dpo(cfg: TrainConfig):
-    """What --objective dpo does not combine with, refused before any work."""
+def check_preference(cfg: TrainConfig):
+    """What the preference objectives do not combine with, and their data's kind, refused before
+    any work."""
+    what = "a pair's two replies" if cfg.objective in PAIRED else "a completion and its KL row"
     if cfg.pack:
-        raise TrainError("--objective dpo does not pack rows (a pair's two replies share a micro-batch); drop --pack")
+        raise TrainError(f"--objective {cfg.objective} does not pack rows ({what} share a micro-batch); drop --pack")
     if cfg.mask != "assistant":
-        raise TrainError(f"--mask {cfg.mask}: with --objective dpo only the chosen and rejected replies count, "
-                         "always; drop --mask")
+        raise TrainError(f"--mask {cfg.mask}: with --objective {cfg.objective} only the replies count, always; "
+                         "drop --mask")
     if cfg.dpo_loss == "ipo" and cfg.dpo_label_smoothing:
         raise TrainError("--dpo-label-smoothing is cDPO's, for --dpo-loss sigmoid; IPO has none")
+    paired = cfg.objective in PAIRED
     for name in ("data", "val_data"):
         path = getattr(cfg, name)
         try:
-            if path and Path(path).is_file() and not is_preference_file(path):
-                raise TrainError(f"--{name.replace('_', '-')} {path}: --objective dpo needs preference records "
-                                 '{"prompt", "chosen", "rejected"}; its first record has other fields')
+            if path and Path(path).is_file() and not (is_preference_file(path) if paired else is_unpaired_file(path)):
+                wanted = ('preference records {"prompt", "chosen", "rejected"}' if paired
+                          else 'unpaired records {"prompt", "completion", "label"}')
+                raise TrainError(f"--{name.replace('_', '-')} {path}: --objective {cfg.objective} needs {wanted}; "
+                                 "its first record has other fields")
         except DataError as e:
             raise TrainError(str(e)) from None
+
+
+def check_init_adapter(cfg: TrainConfig):
+    """--init-adapter: a readable adapter (LoRAError names its file), for a plain LoRA run."""
+    if not cfg.init_adapter:
+        return
+    if cfg.eval_only:
+        raise TrainError("--init-adapter is for training; --eval-only scores --adapter (a chained run's adapter "
+                         "already holds the one it started from)")
+    if cfg.dora or cfg.lora_init != "default":
+        raise TrainError(f"--init-adapter does not combine with {'--dora' if cfg.dora else '--lora-init'} yet")
+    config = lora.read_adapter_config(lora.adapter.resolve_adapter_dir(cfg.init_adapter))
+    if config.dora:
+        raise TrainError(f"--init-adapter {cfg.init_adapter}: a DoRA adapter cannot be stacked with another")
 
 
 def betas(cfg) -> tuple[float, ...]:

@@ -12,7 +12,7 @@ import torch
 import lora
 from model.runtime import peak_memory_gib, peak_reserved_gib
 
-from . import dpo, metrics, parallel
+from . import metrics, parallel
 from .phases import Run
 from .settings import TrainConfig
 
@@ -23,10 +23,10 @@ class Step:
     loss: float  # sum of token losses / trained tokens, over the whole step and all ranks
     grad_norm: float  # the global norm of the LoRA gradients, before clipping
     tokens: int  # tokens in the step (padding excluded), all ranks
-    trained_tokens: int  # of which trained (SFT: the loss's denominator; DPO: the replies' tokens, over pairs)
+    trained_tokens: int  # of which trained (SFT: the loss's denominator; preference: the replies' tokens)
     loss_scale: float | None  # fp16: the scale GradScaler used this step
     skipped: bool  # fp16: GradScaler skipped the update, a gradient having overflowed
-    stats: dict  # DPO: rewards, reward accuracy and margin, log-probs (means over the step's pairs)
+    stats: dict  # preference objectives: rewards, their margin (and accuracy), log-probs, ... (objective.metrics)
 
     def row(self, step: int, lr: float, seconds: float, run: Run, epoch: int) -> dict:
         """The step's line of metrics.jsonl."""
@@ -42,23 +42,28 @@ class Step:
 
 
 def train_step(loss_fn, batches, optimizer, scaler, params, max_grad_norm: float, autocast,
-               stat_names: tuple = ()) -> Step:
+               objective=None) -> Step:
     """One optimizer step: forward and backward of each micro-batch, the gradients accumulating;
     then unscaled (fp16), clipped, and applied. The gradients stay until the next step's zero_grad,
     so the caller can read them (--debug-grads, and the module named when one is not finite).
 
     The loss is a mean over the whole step (all micro-batches, all ranks) of what each batch's
-    n_loss counts: trained tokens (SFT) or preference pairs (DPO). A loss module with stat_names
-    (DPO's) returns their sums beside the loss; the step reports their means."""
+    n_loss counts: trained tokens (SFT), preference pairs or completions. `objective` is the loss
+    module unwrapped (loss_fn may be its DDP): one with STATS (the preference objectives') returns
+    their sums beside the loss, and the step reports its `metrics` of them; one with prepare_step
+    (KTO's) sees the step's batches first."""
     optimizer.zero_grad(set_to_none=True)
     # Counts were taken on the CPU (to_device) and are summed over ranks there (gloo): the step
     # waits for the device once, below.
     n_loss, trained_tokens, tokens = parallel.all_reduce_sum(*(sum(b[k] for b in batches)
                                                                for k in ("n_loss", "n_trained", "n_tokens")))
+    stat_names = getattr(objective, "STATS", ())
+    if hasattr(objective, "prepare_step"):
+        objective.prepare_step(batches, autocast, n_loss)
     sums = accumulate(loss_fn, batches, scaler, autocast, n_loss, stat_names)
     grad_norm, loss_scale = update(optimizer, scaler, params, max_grad_norm)
     loss_sum, *stat_sums, grad_norm = torch.cat([sums, grad_norm.float()[None]]).tolist()  # the step's one sync
-    stats = mean_stats(stat_names, stat_sums, n_loss)
+    stats = mean_stats(objective, stat_sums, n_loss)
     return Step(loss_sum / n_loss, grad_norm, tokens, trained_tokens, loss_scale,
                 skipped=scaler.is_enabled() and not math.isfinite(grad_norm), stats=stats)
 
@@ -100,11 +105,9 @@ def forward_loss(loss_fn, batch, autocast):
         return loss_fn(batch)
 
 
-def mean_stats(names, sums, n: int, prefix: str = "") -> dict:
-    """DPO's metrics: the sums over n pairs as means, and the reward margin."""
-    if not names:
-        return {}
-    return dpo.derived_metrics({f"{prefix}{k}": v / max(n, 1) for k, v in zip(names, sums)}, prefix)
+def mean_stats(objective, sums, n: int, prefix: str = "") -> dict:
+    """A preference objective's metrics of its STATS sums over n pairs or completions (none for SFT)."""
+    return objective.metrics(sums, n, prefix) if getattr(objective, "STATS", ()) else {}
 
 
 @torch.no_grad()

@@ -31,7 +31,8 @@ from pathlib import Path
 
 from . import run_dir as run_files
 from .checkpoint import list_checkpoints
-from .settings import TrainConfig, check_config, value_text
+from .flags import value_text
+from .settings import TrainConfig, check_config
 from model.errors import UserError
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
