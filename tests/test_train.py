@@ -392,8 +392,8 @@ def test_config_file_and_flags_win(tmp_path):
 
 
 def test_default_run_completes(tmp_path):
-    """`python train.py` with no arguments, shortened to 2 steps for CI."""
-    result = run_cli("--max-steps", "2", "--output-dir", str(tmp_path / "demo"))
+    """`python train.py` with no arguments, shortened for CI to 2 steps and sample replies of 8 tokens."""
+    result = run_cli("--max-steps", "2", "--sample-tokens", "8", "--output-dir", str(tmp_path / "demo"))
     assert result.returncode == 0, result.stderr[-2000:]
     rows = metrics(tmp_path / "demo")
     assert rows[-1]["step"] == 2 and "val_loss" in rows[0] and "val_loss" in rows[-1]

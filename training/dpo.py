@@ -22,10 +22,12 @@ r_w > r_l. Two variants, a line each:
           averaged over pairs like the rest of the loss (TRL averages over the batch's tokens).
 
 With LoRA the reference policy is free: it is the same model with its adapter off
-(lora.adapter_disabled), W0 x exactly, so no second model sits in memory. A step runs the
+(lora.adapter_disabled), W0 x exactly (with --init-adapter, W0 x plus that adapter's term: the
+model the run started from), so no second model sits in memory. A step runs the
 reference forward (no gradient) and then the policy forward over the 2B rows of B pairs, chosen
-rows first (data/preference.py); with --dpo-precompute-ref the reference log-probs are computed once
-per pair before training and a step is one forward.
+rows first (data/preference.py); with --precompute-ref the reference log-probs are computed once
+per pair before training and a step is one forward. PairLoss is the frame the paired objectives
+share; ORPO and SimPO (training/reference_free.py) fill in its pair_losses without a reference.
 """
 
 from pathlib import Path
@@ -42,7 +44,7 @@ from model.files import save_safetensors
 from model.loss import IGNORE_INDEX, sequence_logps, trained_positions
 
 LOSS_TYPES = ("sigmoid", "ipo")
-REFERENCE_FILE = "ref_logps.safetensors"  # --dpo-precompute-ref's numbers, in the run directory
+REFERENCE_FILE = "ref_logps.safetensors"  # --precompute-ref's numbers, in the run directory
 # The sums over a batch's pairs that PreferenceLoss returns beside the loss; divided by the pairs
 # they are the step's (and the evaluation's) metrics.
 STAT_NAMES = ("rewards_chosen", "rewards_rejected", "reward_accuracy", "logps_chosen", "logps_rejected")

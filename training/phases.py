@@ -225,11 +225,21 @@ def build_model(cfg: TrainConfig, run: Run, lora_cfg: lora.LoRAConfig, resuming:
     loss_fn = objective_loss(cfg, model)
     train_loss_fn = parallel.wrap(loss_fn, cfg.parallel, run.device) if parallel.launched_by_torchrun() else loss_fn
     if cfg.init_adapter:  # after FSDP's loading: the frozen adapter is not sharded, every rank holds it whole
-        lora.attach_init_adapter(model, init_adapter_dir(cfg))
+        attach_init_adapter(cfg, model, run)
     if run.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
     reset_peak_memory()  # max_memory_gib, max_reserved_gib and the summary's peaks: of training, not loading
     return model, loss_fn, train_loss_fn
+
+
+def attach_init_adapter(cfg: TrainConfig, model, run: Run):
+    """--init-adapter: the adapter attached, frozen, to the LoRA layers (lora/chain.py), and said."""
+    init = lora.attach_init_adapter(model, init_adapter_dir(cfg))
+    layers = [m for m in lora.lora_modules(model).values() if m.init_A is not None]
+    frozen = sum(m.init_A.numel() + m.init_B.numel() for m in layers)
+    run.console.print(f"--init-adapter {init_adapter_dir(cfg)}: rank {init.r} on {len(layers)} layers "
+                      f"({frozen:,} parameters), frozen, in the policy and the reference; the adapter "
+                      f"saved holds both (rank {init.r} + {cfg.lora_r})", markup=False, soft_wrap=True)
 
 
 def objective_loss(cfg: TrainConfig, model) -> torch.nn.Module:

@@ -28,7 +28,8 @@ DEMO_VAL_DATA = ROOT / "examples" / "val.json"
 DEMO_PROMPTS = ROOT / "examples" / "prompts.txt"
 DEMO_PREFERENCES = ROOT / "examples" / "preferences.jsonl"  # the paired objectives' demo data
 DEMO_UNPAIRED = ROOT / "examples" / "kto.jsonl"  # --objective kto's
-DEMO_VALIDATION = {DEMO_DATA: DEMO_VAL_DATA, DEMO_PREFERENCES: ROOT / "examples" / "preferences_val.jsonl"}
+DEMO_VALIDATION = {DEMO_DATA: DEMO_VAL_DATA, DEMO_PREFERENCES: ROOT / "examples" / "preferences_val.jsonl",
+                   DEMO_UNPAIRED: ROOT / "examples" / "kto_val.jsonl"}
 PAIRED = ("dpo", "orpo", "simpo")  # objectives on {prompt, chosen, rejected} pairs
 WITH_REFERENCE = ("dpo", "kto")  # objectives that score the policy against a reference policy
 OBJECTIVES = ("sft", *PAIRED, "kto")
