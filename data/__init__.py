@@ -12,6 +12,7 @@
     make_pair_batch(pairs, idx, pad_id)           B pairs -> one (2B, T) batch, chosen rows first
     tokenize_unpaired(path, tok, max_seq_len)     KTO's {"prompt", "completion", "label"} -> UnpairedData
     make_unpaired_batch(examples, idx, pad_id)    B completions -> (B, T) batch + (B, T') KL rows, desirable
+    tokenize_prompts(path, tok, max_prompt_len)   GRPO's {"prompt", ...fields} -> PromptData
 
 `python -m data.inspect --model M --data F` shows which tokens are trained.
 """
@@ -21,6 +22,7 @@ from .dataset import TokenizedData, split_validation, tokenize_file, trained_cou
 from .formats import TEXT_ROLE, DataError, load_conversations
 from .masking import IGNORE_INDEX, MASK_MODES, mask_labels, tokenize_conversations
 from .preference import PreferenceData, is_preference_file, make_pair_batch, tokenize_pairs
+from .prompts import PromptData, is_prompt_file, load_prompts, tokenize_prompts
 from .sample_style import SIGN_OFF, GREETING, shows_style
 from .templates import BUILTIN_TEMPLATES
 from .tokenizer import ChatTokenizer, load_tokenizer, tokenizer_files
@@ -31,4 +33,4 @@ __all__ = ["BUILTIN_TEMPLATES", "ChatTokenizer", "DataError", "GREETING", "IGNOR
            "make_batch", "mask_labels", "micro_batches", "pack_rows", "shows_style", "split_validation",
            "tokenize_conversations", "tokenize_file", "trained_count", "is_preference_file", "make_pair_batch",
            "tokenize_pairs", "tokenizer_files", "UnpairedData", "is_unpaired_file", "make_unpaired_batch",
-           "tokenize_unpaired"]
+           "tokenize_unpaired", "PromptData", "is_prompt_file", "load_prompts", "tokenize_prompts"]

@@ -410,9 +410,11 @@ class Llama(nn.Module):
     def attention_mask(self, T, start, document_ids):
         """Boolean (B|1, 1, T, start + T) mask, True where attention is allowed; None for plain causal.
 
-        document_ids (B, T) marks packed examples (and left padding): a token sees only earlier
-        tokens of its own document. Right padding needs no mask: causal attention already keeps
-        real tokens from seeing the pads after them, and pad positions carry no loss.
+        document_ids marks packed examples (and left padding): a token sees only earlier tokens of
+        its own document. It covers every key: (B, T), or (B, start + T) with a filled KV cache (the
+        cached positions' documents too: batched generation's left pads, model/generate.py). Right
+        padding needs no mask: causal attention already keeps real tokens from seeing the pads
+        after them, and pad positions carry no loss.
         """
         S = start + T
         window = self.config.sliding_window
@@ -427,9 +429,9 @@ class Llama(nn.Module):
             mask = mask & (k_pos > q_pos - window)
         mask = mask[None, None]  # (1, 1, T, S)
         if document_ids is not None:
-            if start:
-                raise ValueError("document_ids cannot be combined with a filled KV cache")
-            same_doc = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
+            if document_ids.shape[1] != S:
+                raise ValueError(f"document_ids cover {document_ids.shape[1]} positions, the keys {S}")
+            same_doc = document_ids[:, start:, None] == document_ids[:, None, :]  # (B, T, S)
             mask = mask & same_doc[:, None]
         return mask
 

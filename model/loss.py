@@ -103,25 +103,48 @@ def sequence_logps(model, input_ids, labels, trained_index=None, trained_rows=No
     `trained_index` is trained_positions(labels) and `trained_rows` its row of each position
     (trained_index // T), both found here when not given (the training loop finds them on the CPU).
     """
-    hidden = model.hidden_states(input_ids)  # (R, T, C)
     if not fused.enabled():
-        return textbook_sequence_logps(model.lm_head(hidden), labels)
+        return textbook_sequence_logps(model.lm_head(model.hidden_states(input_ids)), labels)
     if trained_index is None:
         trained_index = trained_positions(labels)
     if trained_rows is None:
         trained_rows = trained_index // labels.shape[1]
+    logps = token_logps(model, input_ids, labels, trained_index)  # (N,)
+    return logps.new_zeros(labels.shape[0]).index_add(0, trained_rows, logps)
+
+
+def token_logps(model, input_ids, labels, trained_index=None, temperature: float = 1.0):
+    """log softmax(z_t / temperature)[labels[t + 1]] at each trained position (N,), fp32, in
+    trained_positions' order (row by row): GRPO's per-token log-probabilities (temperature: the
+    sampler's, so the policy is the distribution it sampled from). Only the trained positions reach
+    lm_head, through fused.LinearTokenCrossEntropy (no logits kept); z / T is (h / T) W^T, lm_head
+    having no bias."""
+    hidden = model.hidden_states(input_ids)  # (R, T, C)
+    if not fused.enabled():
+        return textbook_token_logps(model.lm_head(hidden), labels, temperature)
+    if trained_index is None:
+        trained_index = trained_positions(labels)
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, trained_index)  # (N, C)
+    if temperature != 1.0:
+        hidden = hidden / temperature
     targets = labels.reshape(-1).index_select(0, trained_index + 1)  # (N,)
     if head_is_plain(model) and not model.lm_head.weight.requires_grad:
         weight = model.lm_head.weight
         rows = max(1, fused.CHUNK_ELEMENTS // weight.shape[0])
-        token_loss = fused.LinearTokenCrossEntropy.apply(hidden, weight, targets, rows)  # (N,)
-    else:
-        logits = model.lm_head(hidden)
-        token_loss = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets,
-                                     reduction="none")
-    sums = token_loss.new_zeros(labels.shape[0]).index_add(0, trained_rows, token_loss)
-    return -sums
+        return -fused.LinearTokenCrossEntropy.apply(hidden, weight, targets, rows)  # (N,)
+    logits = model.lm_head(hidden)
+    return -F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="none")
+
+
+def textbook_token_logps(logits, labels, temperature: float = 1.0):
+    """The textbook twin of token_logps' fast path: logits (R, T, vocab) at position t predict
+    labels[t + 1]; log_softmax of logits / temperature over the vocabulary, the label's entry
+    picked at each position whose label is not -100, row by row (N,). In float32 (or wider)."""
+    wide = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
+    logp = torch.log_softmax(wide / temperature, dim=-1)
+    targets = labels[:, 1:]  # (R, T - 1)
+    trained = targets != IGNORE_INDEX
+    return logp.gather(-1, torch.where(trained, targets, 0)[..., None]).squeeze(-1)[trained]
 
 
 def textbook_sequence_logps(logits, labels):
