@@ -268,14 +268,19 @@ def _load_pissa_checkpoint(model, modules, cfg, tensors, source) -> LoRAConfig:
     for k, p in adapter_state_dict(model).items():
         shape = tuple(p.shape)
         expected[k] = (2 * shape[0], shape[1]) if ".lora_A." in k else (shape[0], 2 * shape[1])
-    problems = key_mismatches(expected, {k: tuple(t.shape) for k, t in tensors.items()})
-    if problems:
-        raise LoRAError(f"{source}: PiSSA adapter does not fit the model: " + "; ".join(problems))
-    if any(abs(m.scaling - cfg.scaling) > 1e-12 * cfg.scaling for m in modules.values()):
-        raise LoRAError(f"{source}: adapter scaling {cfg.scaling:g} differs from the model's LoRA layers")
+    _check_stacked(expected, tensors, modules, cfg, source, "PiSSA adapter")
     for name, m in modules.items():
         pissa.split_(m, tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"], tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"])
     return cfg
+
+
+def _check_stacked(expected: dict, tensors: dict, modules: dict, cfg: LoRAConfig, source, what: str):
+    """A saved adapter's shapes against those a split needs, and its scaling against the layers'."""
+    problems = key_mismatches(expected, {k: tuple(t.shape) for k, t in tensors.items()})
+    if problems:
+        raise LoRAError(f"{source}: {what} does not fit the model: " + "; ".join(problems))
+    if any(abs(m.scaling - cfg.scaling) > 1e-12 * cfg.scaling for m in modules.values()):
+        raise LoRAError(f"{source}: adapter scaling {cfg.scaling:g} differs from the model's LoRA layers")
 
 
 def _load_init_checkpoint(modules, cfg, tensors, init_r: str | None, source) -> LoRAConfig:
@@ -295,11 +300,7 @@ def _load_init_checkpoint(modules, cfg, tensors, init_r: str | None, source) -> 
     for name, m in modules.items():
         expected[f"{PEFT_PREFIX}{name}.lora_A.weight"] = (cfg.r, m.in_features)
         expected[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (m.out_features, cfg.r)
-    problems = key_mismatches(expected, {k: tuple(t.shape) for k, t in tensors.items()})
-    if problems:
-        raise LoRAError(f"{source}: adapter does not fit the model: " + "; ".join(problems))
-    if any(abs(m.scaling - cfg.scaling) > 1e-12 * cfg.scaling for m in modules.values()):
-        raise LoRAError(f"{source}: adapter scaling {cfg.scaling:g} differs from the model's LoRA layers")
+    _check_stacked(expected, tensors, modules, cfg, source, "adapter")
     for name, m in modules.items():
         A2, B2 = tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"], tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"]
         try:
