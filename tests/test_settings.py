@@ -37,12 +37,16 @@ OLD_MAY_CHANGE = ("max_steps", "epochs", "log_every", "eval_every", "save_every"
                   "estimate_world_size")
 # Settings added since the lists were written out here, with what they say of themselves.
 ADDED_RANGES = {"tile_mlp": "[1, inf)", "orpo_lambda": "(0, inf)", "simpo_beta": "(0, inf)", "simpo_gamma": "[0, inf)",
-                "kto_beta": "(0, inf)", "kto_desirable_weight": "(0, inf)", "kto_undesirable_weight": "(0, inf)"}
-ADDED_CHOICES = {"objective": ("sft", "dpo", "orpo", "simpo", "kto")}
+                "kto_beta": "(0, inf)", "kto_desirable_weight": "(0, inf)", "kto_undesirable_weight": "(0, inf)",
+                "grpo_group_size": "[2, inf)", "grpo_beta": "[0, inf)", "grpo_epsilon": "(0, 1)",
+                "grpo_iterations": "[1, inf)", "max_new_tokens": "[1, inf)", "temperature": "(0, inf)",
+                "top_p": "(0, 1]"}
+ADDED_CHOICES = {"objective": ("sft", "dpo", "orpo", "simpo", "kto", "grpo"), "grpo_norm": ("sequence", "token")}
 # where memory is held, not what is computed; init_adapter: its content is compared, as model's and data's
 ADDED_MAY_CHANGE = ("offload_activations", "offload_embeddings", "tile_mlp", "init_adapter")
 OLD_NOT_SWEPT = ("sweep", "sweep_samples", "output_dir", "resume", "overwrite")
 OLD_LIST_SETTINGS = ("lora_targets", "adam_betas")
+ADDED_LIST_SETTINGS = ("reward", "reward_weights")  # GRPO's: module:function,... and their weights
 
 
 def test_the_derived_sets_are_the_old_lists():
@@ -50,7 +54,7 @@ def test_the_derived_sets_are_the_old_lists():
     assert CHOICES == {**OLD_CHOICES, **ADDED_CHOICES}
     assert run_dir.may_change(TrainConfig()) == {*OLD_MAY_CHANGE, *ADDED_MAY_CHANGE}
     assert set(sweep.NOT_SWEPT) == set(OLD_NOT_SWEPT)
-    assert set(LIST_SETTINGS) == set(OLD_LIST_SETTINGS)
+    assert set(LIST_SETTINGS) == {*OLD_LIST_SETTINGS, *ADDED_LIST_SETTINGS}
 
 
 def test_every_field_has_help_and_every_number_a_range():

@@ -25,7 +25,9 @@ class TrainData:
     val_file: str | None  # where val came from (None: held out of --data)
     val_batches: list[dict]  # on the device, this rank's share
     pack: bool
-    kind: str  # "rows" (SFT), "pairs" (dpo, orpo, simpo: data/preference.py), "unpaired" (kto: data/unpaired.py)
+    kind: str  # "rows" (SFT), "pairs" (dpo, orpo, simpo: data/preference.py), "unpaired" (kto: data/unpaired.py),
+    # "prompts" (grpo: data/prompts.py; a micro-batch is micro_batch_size prompts, which training/grpo_loop.py
+    # turns into micro_batch_size x grpo_group_size completion rows)
     device: torch.device  # with its index (cuda:1), for the batches made on the prefetcher's thread
     embed: object = None  # --offload-embeddings: the embedding module, in host memory
 
@@ -37,12 +39,16 @@ class TrainData:
             return [max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in self.train]
         if self.kind == "unpaired":
             return [max(len(e["completion_ids"]), len(e["kl_ids"])) for e in self.train]
+        if self.kind == "prompts":
+            return [len(e["prompt_ids"]) for e in self.train]
         return [len(e["input_ids"]) for e in self.train]
 
     def batch(self, idx: list[int], examples: list[dict] | None = None) -> dict:
         """Micro-batch of examples idx (of the training set, or of `examples`), on the device. A
         rank whose slice of a micro-batch is empty still takes part, on a batch that trains nothing."""
         examples = self.train if examples is None else examples
+        if self.kind == "prompts":  # GRPO: the prompts themselves; grpo_loop samples their completions
+            return {"prompts": [examples[i] for i in idx]}
         if not idx:
             batch = self.empty_batch(examples)
         elif self.kind == "pairs":
@@ -78,6 +84,9 @@ class TrainData:
 
     def make_val_batches(self, micro_batch_size: int):
         """The validation batches, once, on the device (again after DPO's reference log-probs)."""
+        if self.kind == "prompts":  # GRPO has no validation loss: evaluate.py answers the prompts and scores them
+            self.val_batches = []
+            return
         step = micro_batch_size * parallel.world_size()  # under torchrun each rank takes a slice
         parts = [parallel.rank_share(list(range(len(self.val)))[i:i + step], micro_batch_size)
                  for i in range(0, len(self.val), step)]

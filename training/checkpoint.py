@@ -5,6 +5,8 @@
         training_state.pt        optimizer, grad scaler and RNG states (tensors and plain types only,
                                  read back with weights_only=True: never unpickled code)
         trainer_state.json       step, data position (epoch, next micro-batch), schedule
+        grpo_generation.safetensors   GRPO: the sampling generator's state, and mid-generation the
+                                 generation's completions (training/grpo_loop.py)
 
 A checkpoint is written to `step-000050.tmp`, read back, and renamed when complete, so a crash or a
 full disk mid-save leaves the previous checkpoint untouched (the next run removes any `.tmp` left by
@@ -24,6 +26,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 import lora
 from . import parallel
@@ -81,9 +84,11 @@ def restore_rng(state: dict):
 
 
 def save_checkpoint(output_dir, step: int, model, lora_config, base_model: str, optimizer, scaler,
-                    trainer_state: dict, keep: int, files: dict[str, str] | None = None) -> Path:
+                    trainer_state: dict, keep: int, files: dict[str, str] | None = None,
+                    extra: dict[str, dict] | None = None) -> Path:
     """Write the checkpoint of `step` atomically and delete all but the newest `keep`; `files` go
-    beside its adapter (lora.save_adapter: the run's tokenizer files and chat template).
+    beside its adapter (lora.save_adapter: the run's tokenizer files and chat template), `extra`
+    ({file name: tensors}, GRPO's sampling state: training/grpo_loop.py) beside its other files.
 
     Under torchrun every rank must call this; rank 0 writes."""
     final = checkpoint_dir(output_dir, step)
@@ -101,6 +106,8 @@ def save_checkpoint(output_dir, step: int, model, lora_config, base_model: str, 
                 torch.save({"optimizer": optimizer_state, "scaler": scaler.state_dict(), "rng": rng[0],
                             **({"rng_ranks": rng} if len(rng) > 1 else {})}, f)
             (tmp / TRAINER_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=2))
+            for name, tensors in (extra or {}).items():
+                save_file(tensors, str(tmp / name))
             lora.read_adapter_tensors(tmp / "adapter")  # reads back whole, or names what is wrong
     except (OSError, UserError) as e:
         if parallel.is_main():

@@ -1,5 +1,6 @@
-"""Evaluation: the validation loss (DPO: rewards) and sample replies a run logs, and --eval-only,
-a run's closing evaluation of any model or adapter, training nothing.
+"""Evaluation: the validation loss (DPO: rewards) and sample replies a run logs (GRPO: the validation
+prompts answered greedily and their rewards), and --eval-only, a run's closing evaluation of any
+model or adapter, training nothing.
 """
 
 import json
@@ -13,16 +14,19 @@ import torch
 import data
 import lora
 from model import load_model, resolve_model_dir
-from model.generate import generate
+from model.generate import generate, sample_completions
 from model.runtime import choose_device, choose_dtype, slow_precision_note
 
 from . import parallel
 from .batches import TrainData
+from .grpo_loop import completion_text, reward_keys
 from .phases import Run, check_model_limits, load_data, objective_loss
+from .rewards import load_rewards, score
 from .settings import TrainConfig, TrainError
 from .step import forward_loss, mean_stats, trained_tensors
 
-UNITS = {"rows": "examples", "pairs": "pairs", "unpaired": "completions"}  # what a TrainData's kind holds
+# what a TrainData's kind holds
+UNITS = {"rows": "examples", "pairs": "pairs", "unpaired": "completions", "prompts": "prompts"}
 
 
 @torch.no_grad()
@@ -66,8 +70,36 @@ def sample_replies(model, tok, prompts, max_new_tokens, autocast) -> list[str]:
     return replies
 
 
+@torch.no_grad()
+def evaluate_prompts(model, ds: TrainData, cfg: TrainConfig, autocast, n: int = 3) -> tuple[dict, dict]:
+    """GRPO's evaluation: each validation prompt answered greedily (one completion, batches of
+    micro_batch_size x grpo_group_size rows, as a step samples), the answers scored by the rewards ->
+    ({val_reward: the mean weighted total, val_reward_<function>: each function's mean}, the first n
+    {prompt: answer}). GRPO has no validation loss: its loss needs sampled groups and their advantages."""
+    rewards = load_rewards(cfg.reward, cfg.reward_weights)
+    answered = []
+    rows = cfg.micro_batch_size * cfg.grpo_group_size
+    for i in range(0, len(ds.val), rows):
+        part = ds.val[i:i + rows]
+        with autocast:
+            got = sample_completions(model, [e["prompt_ids"] for e in part], 1, cfg.max_new_tokens, ds.tok.stop_ids,
+                                     temperature=0.0)
+        answered += [(part[c.prompt_index], completion_text(ds.tok, c)) for c in got]
+    if not answered:
+        return {}, {}
+    examples, texts = [e for e, _ in answered], [t for _, t in answered]
+    fields = {k: [e["fields"][k] for e in examples] for k in examples[0]["fields"]}
+    total, per_function = score(rewards, [e["prompt_text"] for e in examples], texts, fields)
+    row = {"val_reward": total.mean().item(),
+           **{f"val_{k}": per_function[i].mean().item() for i, k in enumerate(reward_keys(rewards))}}
+    return row, {e["prompt_text"]: t for e, t in answered[:n]}
+
+
 def evaluate_and_sample(loss_fn, model, ds: TrainData, prompts, cfg: TrainConfig, autocast):
-    """The validation loss (and perplexity), and greedy replies to the sample prompts."""
+    """The validation loss (and perplexity), and greedy replies to the sample prompts (GRPO:
+    evaluate_prompts, the validation prompts' rewards and answers)."""
+    if ds.kind == "prompts":
+        return evaluate_prompts(model, ds, cfg, autocast)
     row = evaluate(loss_fn, ds.val_batches, autocast) if ds.val_batches else {}
     return row, dict(zip(prompts, sample_replies(model, ds.tok, prompts, cfg.sample_tokens, autocast)))
 
@@ -83,6 +115,8 @@ def sample_prompts(cfg: TrainConfig, ds: TrainData, n: int = 3) -> list[str]:
     samples show the run's own kind of question (no validation data: no samples)."""
     if cfg.sample_prompts is not None:
         return load_prompts(cfg.sample_prompts)[:n]
+    if ds.kind == "prompts":  # GRPO: its validation prompts are answered and scored (evaluate_prompts)
+        return []
     source = ds.val_file or cfg.data  # validation examples know their record's line in it
     if ds.kind == "pairs":
         records = {line: prompt for line, (prompt, _, _) in data.preference.load_pairs(source)}

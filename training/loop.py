@@ -12,7 +12,8 @@ output directory), `check_model_limits` (what the model's config bounds), `load_
 `build_model` (the frozen base, LoRA injected), `build_optimizer`. Then the loop: per optimizer
 step, `train_step` (training/step.py: micro-batches, backward, clip, update), logging, `evaluate`,
 `save_checkpoint`; the steps' micro-batches are collated a step or two ahead, on a thread of their
-own (`step_batches`).
+own (`step_batches`). GRPO's steps train on completions sampled from those micro-batches of prompts
+(training/grpo_loop.py: every --grpo-iterations steps a generation).
 """
 
 import os
@@ -20,12 +21,13 @@ import signal
 import sys
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import data
 from model.fused import textbook_path
 
-from . import metrics, parallel, run_dir
+from . import grpo_loop, metrics, parallel, run_dir
 from .checkpoint import save_checkpoint
 from .evaluate import evaluate_and_sample, sample_prompts
 from .batches import step_batches
@@ -55,19 +57,16 @@ def run_training(cfg: TrainConfig) -> dict:
     adapter_files = adapter_side_files(run, ds, plan)
     lora_cfg = lora_config(cfg)
     model, loss_fn, train_loss_fn = build_model(cfg, run, lora_cfg, resuming=plan.checkpoint is not None)
-    if cfg.offload_embeddings:  # the batches bring their embedding rows, the validation ones too
-        ds.look_up_embeddings(model.model.embed_tokens, cfg.micro_batch_size)
+    ready_data(cfg, ds, model, loss_fn, run, resuming=plan.checkpoint is not None)
     trainable = [p for p in model.parameters() if p.requires_grad]  # after FSDP2 swapped them for shards
     optimizer, scaler = build_optimizer(cfg, model, run.device, run.dtype)
-    if cfg.precompute_ref:
-        reference_logps(loss_fn, ds, cfg, run, resuming=plan.checkpoint is not None)
     pos = resume(plan.checkpoint, model, optimizer, scaler, run) if plan.checkpoint else Position()
     logs = metrics.RunLog(run.out, run.console, plan.total_steps, cfg.log_every, pos.step if plan.checkpoint else None,
                           plan.settings, plan.defining, plan.changed)
-    prompts = sample_prompts(cfg, ds)
-    evaluation = lambda: evaluate_and_sample(loss_fn, model, ds, prompts, cfg, run.autocast)
+    gen = grpo_loop.start(cfg, ds, run, model, logs, plan.checkpoint, pos.step)  # GRPO's sampling, else None
+    evaluation = partial(evaluate_and_sample, loss_fn, model, ds, sample_prompts(cfg, ds), cfg, run.autocast)
     first_val = {} if plan.checkpoint else logs.first_eval(pos.step, *evaluation())
-    losses, row, streak = [], first_val, 0  # streak: fp16 steps skipped in a row
+    losses, row, streak, batches = [], first_val, 0, None  # streak: fp16 steps skipped in a row
 
     # --- the loop: one iteration is one optimizer step of grad_accum micro-batches
     stop, bar = StopRequest(), ProgressBar(run.console, plan.total_steps, pos.step)
@@ -78,7 +77,9 @@ def run_training(cfg: TrainConfig) -> dict:
             lr = lr_at(pos.step, cfg, plan.total_steps, plan.warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_ratio", 1.0)  # LoRA+: B's groups at ratio x lr
-            pos.epoch, pos.index, batches = next(steps)  # this step's micro-batches; the position after them
+            if gen is None or gen.due(pos.step):  # GRPO: the step's prompts, every grpo_iterations steps
+                pos.epoch, pos.index, batches = next(steps)  # this step's micro-batches; the position after them
+            batches = gen.step_batches(batches, pos.step) if gen else batches  # GRPO: completions of the prompts
             before = lora_weights(model) if cfg.debug_grads else None  # for |dA|/|A|, |dB|/|B|
             result = train_step(train_loss_fn, batches, optimizer, scaler, trainable, cfg.max_grad_norm,
                                 run.autocast, loss_fn)
@@ -89,7 +90,7 @@ def run_training(cfg: TrainConfig) -> dict:
                 logs.grads(pos.step, grad_report(model, before))
 
             # --- log, evaluate, checkpoint
-            row = result.row(pos.step, lr, time.perf_counter() - t0, run, pos.epoch)
+            row = result.row(pos.step, lr, time.perf_counter() - t0, run, pos.epoch) | (gen.figures if gen else {})
             if cfg.eval_every and pos.step % cfg.eval_every == 0 or pos.step == plan.total_steps:
                 row.update(logs.eval(pos.step, *evaluation()))
             logs.step(row)
@@ -98,12 +99,22 @@ def run_training(cfg: TrainConfig) -> dict:
             stopping = parallel.any_rank(stop.signal is not None)  # every rank stops after the same step
             if cfg.save_every and pos.step % cfg.save_every == 0 or pos.step == plan.total_steps or stopping:
                 save_checkpoint(run.out, pos.step, model, lora_cfg, str(cfg.model), optimizer, scaler,
-                                {"epoch": pos.epoch, "index": pos.index}, cfg.keep_checkpoints, adapter_files)
+                                {"epoch": pos.epoch, "index": pos.index}, cfg.keep_checkpoints, adapter_files,
+                                gen.checkpoint_files(pos.step) if gen else None)
             if stopping:
                 stop.exit(bar, run, pos.step)
     bar.stop()
     parallel.save_adapter(model, lora_cfg, run.out / "adapter", str(cfg.model), adapter_files)  # gathered, rank 0 writes
     return finish(run, logs, pos.step, losses, row, first_val) | {"model": model}
+
+
+def ready_data(cfg: TrainConfig, ds, model, loss_fn, run: Run, resuming: bool):
+    """What the data needs of the model before the first step: --offload-embeddings, the batches
+    bring their embedding rows (the validation ones too); --precompute-ref, the reference log-probs."""
+    if cfg.offload_embeddings:
+        ds.look_up_embeddings(model.model.embed_tokens, cfg.micro_batch_size)
+    if cfg.precompute_ref:
+        reference_logps(loss_fn, ds, cfg, run, resuming)
 
 
 def finish(run: Run, logs: metrics.RunLog, steps: int, losses: list, row: dict, first_val: dict) -> dict:

@@ -19,6 +19,10 @@ from model.runtime import peak_memory_gib, peak_reserved_gib
 # the preference objectives' per-step metrics (their loss module's `metrics`), drawn in TensorBoard
 PREFERENCE_METRICS = ("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy", "logps_chosen",
                       "logps_rejected", "log_odds_ratio", "log_odds_chosen", "nll_loss", "kl")
+# GRPO's (training/grpo_loop.py), and each reward function's mean, reward_<function>
+GRPO_METRICS = ("reward", "reward_std", "completion_length", "completion_length_max", "stopped_share",
+                "clip_fraction", "clip_low", "clip_high")
+COMPLETIONS_FILE = "completions.jsonl"  # GRPO: a few sampled completions of each generation, as text
 
 
 class RunLog:
@@ -28,7 +32,7 @@ class RunLog:
 
     def __init__(self, out: Path, console, total_steps: int, log_every: int, resumed: int | None,
                  settings: dict, defining: dict, changed: dict):
-        self.console, self.total_steps, self.log_every = console, total_steps, log_every
+        self.console, self.total_steps, self.log_every, self.out = console, total_steps, log_every, out
         self.replies = {}  # prompt -> the newest sample reply; the final ones go into summary.json
         self.metrics = self.writer = parallel.Silent()
         if parallel.is_main():
@@ -36,6 +40,7 @@ class RunLog:
             if resumed is not None:
                 run_dir.record_resume(out, resumed, changed)
                 cut_metrics(out / run_dir.METRICS_FILE, resumed)  # no step logged twice
+                cut_metrics(out / COMPLETIONS_FILE, resumed)
             else:
                 run_dir.record_fresh(out, settings, defining)
             self.metrics = (out / run_dir.METRICS_FILE).open("a" if resumed is not None else "w")
@@ -62,13 +67,24 @@ class RunLog:
 
     def step(self, row: dict):
         self.write(row)
-        for k in ("loss", "lr", "grad_norm", "tokens_per_s", "max_memory_gib", "max_reserved_gib", "loss_scale",
-                  *PREFERENCE_METRICS):
-            if k in row:
+        shown = ("loss", "lr", "grad_norm", "tokens_per_s", "max_memory_gib", "max_reserved_gib", "loss_scale",
+                 *PREFERENCE_METRICS, *GRPO_METRICS)
+        for k in row:
+            if k in shown or k.startswith("reward_"):
                 self.writer.add_scalar(f"train/{k}", row[k], row["step"])
         if self.log_every and row["step"] % self.log_every == 0 and not self.console.is_terminal:
             self.console.print(f"step {row['step']}/{self.total_steps}  {step_info(row)}" +
-                               (f"  {val_info(row)}" if "val_loss" in row else ""))
+                               (f"  {val_info(row)}" if "val_loss" in row or "val_reward" in row else ""))
+
+    def completions(self, rows: list[dict]):
+        """GRPO: sampled completions ({step, prompt, completion, reward}) into completions.jsonl and TensorBoard."""
+        if not parallel.is_main() or not rows:
+            return
+        with (self.out / COMPLETIONS_FILE).open("a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)  # as cut_metrics writes it back
+        for row in rows:
+            self.writer.add_text("completions", f"**{row['prompt']}**\n\n{row['completion']}\n\nreward "
+                                 f"{row['reward']:.3f}", row["step"])
 
     def grads(self, step: int, rows: list[tuple[str, dict]]):
         print_grad_table(self.console, step, rows)
@@ -85,13 +101,16 @@ class RunLog:
 
 
 def step_info(row: dict) -> str:
-    shown = (("acc", "reward_accuracy", ".2f"), ("margin", "reward_margin", ".3f"), ("kl", "kl", ".3f"))
+    shown = (("reward", "reward", ".3f"), ("acc", "reward_accuracy", ".2f"), ("margin", "reward_margin", ".3f"),
+             ("kl", "kl", ".3f"))
     dpo = "".join(f"{name} {row[k]:{form}}  " for name, k, form in shown if k in row)
     return (f"loss {row['loss']:.4f}  {dpo}lr {row['lr']:.2e}  grad {row['grad_norm']:.3f}  "
             f"{row['tokens_per_s']:.0f} tok/s")
 
 
 def val_info(row: dict) -> str:
+    if "val_loss" not in row:  # GRPO: the validation prompts' rewards
+        return "  ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith("val_reward"))
     dpo = f"  val_reward_accuracy {row['val_reward_accuracy']:.2f}" if "val_reward_accuracy" in row else ""
     return f"val_loss {row['val_loss']:.4f}{dpo}"
 

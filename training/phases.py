@@ -20,7 +20,7 @@ from model.loss import LanguageModelLoss
 from model.runtime import (choose_device, choose_dtype, indexed_device, keep_freed_memory, reset_peak_memory,
                            slow_precision_note)
 
-from . import dpo, kto, parallel, reference_free, run_dir
+from . import dpo, grpo, kto, parallel, reference_free, run_dir
 from .batches import TrainData
 from .checkpoint import list_checkpoints, load_checkpoint, read_trainer_state, remove_partial_checkpoints
 from .settings import DEMO_VALIDATION, PAIRED, TrainConfig, TrainError, betas
@@ -109,6 +109,10 @@ def load_data(cfg: TrainConfig, run: Run) -> TrainData:
         tokenize = lambda path: data.tokenize_pairs(path, tok, cfg.max_seq_len)
     elif cfg.objective == "kto":
         tokenize = lambda path: data.tokenize_unpaired(path, tok, cfg.max_seq_len)
+    elif cfg.objective == "grpo":  # a prompt and its completion fit in a row of max_seq_len
+        if parallel.launched_by_torchrun():
+            raise TrainError("--objective grpo runs in one process yet: start it with python, not torchrun")
+        tokenize = lambda path: data.tokenize_prompts(path, tok, cfg.max_seq_len - cfg.max_new_tokens)
     else:
         tokenize = lambda path: data.tokenize_file(path, tok, cfg.max_seq_len, cfg.mask)
     val_file = cfg.val_data or DEMO_VALIDATION.get(Path(cfg.data).resolve())
@@ -125,7 +129,7 @@ def load_data(cfg: TrainConfig, run: Run) -> TrainData:
             train_examples, val_examples = data.split_validation(train_set.examples, cfg.val_fraction, cfg.val_seed)
     if not train_examples and not cfg.eval_only:
         raise TrainError(f"--data {cfg.data}: no training examples left")
-    kind = "pairs" if cfg.objective in PAIRED else "unpaired" if cfg.objective == "kto" else "rows"
+    kind = {"kto": "unpaired", "grpo": "prompts"}.get(cfg.objective, "pairs" if cfg.objective in PAIRED else "rows")
     ds = TrainData(tok, train_examples, val_examples, val_file and str(val_file), [], cfg.pack,
                    kind, indexed_device(run.device))  # the batch prefetcher's thread copies there
     ds.make_val_batches(cfg.micro_batch_size)
@@ -149,7 +153,9 @@ def plan_steps(cfg: TrainConfig, run: Run, ds: TrainData) -> Plan:
     world = parallel.world_size()
     n_micro = len(data.micro_batches(ds.lengths, cfg.micro_batch_size * world, cfg.seed, 0,
                                      cfg.group_by_length, cfg.pack, cfg.max_seq_len))  # global micro-batches
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * n_micro / cfg.grad_accum))
+    # GRPO: each step's prompts are sampled once and trained on for grpo_iterations steps
+    per_batch = cfg.grpo_iterations if cfg.objective == "grpo" else 1
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * n_micro / cfg.grad_accum) * per_batch)
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
     settings = {**asdict(cfg), "model_dir": str(run.model_dir), "device": run.device, "dtype": str(run.dtype),
                 "world_size": world, "total_steps": total_steps, "warmup_steps": warmup,
@@ -253,6 +259,8 @@ def objective_loss(cfg: TrainConfig, model) -> torch.nn.Module:
         return reference_free.SimPOLoss(model, cfg.simpo_beta, cfg.simpo_gamma)
     if cfg.objective == "kto":
         return kto.KTOLoss(model, cfg.kto_beta, cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
+    if cfg.objective == "grpo":
+        return grpo.GRPOLoss(model, cfg.grpo_epsilon, cfg.grpo_beta, cfg.grpo_norm, cfg.temperature)
     return LanguageModelLoss(model)
 
 

@@ -17,7 +17,8 @@ import torch
 
 import lora
 from . import parallel
-from data import DataError, is_preference_file, is_unpaired_file
+from .rewards import check_rewards, load_rewards
+from data import DataError, is_preference_file, is_prompt_file, is_unpaired_file, load_prompts
 from data.formats import SUFFIXES
 from model import DEMO_MODEL
 from model.errors import UserError, parse_size
@@ -28,11 +29,14 @@ DEMO_VAL_DATA = ROOT / "examples" / "val.json"
 DEMO_PROMPTS = ROOT / "examples" / "prompts.txt"
 DEMO_PREFERENCES = ROOT / "examples" / "preferences.jsonl"  # the paired objectives' demo data
 DEMO_UNPAIRED = ROOT / "examples" / "kto.jsonl"  # --objective kto's
+DEMO_PROMPTS_DATA = ROOT / "examples" / "arithmetic.jsonl"  # --objective grpo's
+DEMO_REWARD = "training.rewards:exact_match"  # its reward, when --reward is not given
 DEMO_VALIDATION = {DEMO_DATA: DEMO_VAL_DATA, DEMO_PREFERENCES: ROOT / "examples" / "preferences_val.jsonl",
-                   DEMO_UNPAIRED: ROOT / "examples" / "kto_val.jsonl"}
+                   DEMO_UNPAIRED: ROOT / "examples" / "kto_val.jsonl",
+                   DEMO_PROMPTS_DATA: ROOT / "examples" / "arithmetic_val.jsonl"}
 PAIRED = ("dpo", "orpo", "simpo")  # objectives on {prompt, chosen, rejected} pairs
 WITH_REFERENCE = ("dpo", "kto")  # objectives that score the policy against a reference policy
-OBJECTIVES = ("sft", *PAIRED, "kto")
+OBJECTIVES = ("sft", *PAIRED, "kto", "grpo")
 DEMO_OUTPUT = {"sft": "runs/demo", **{o: f"runs/demo-{o}" for o in OBJECTIVES[1:]}}
 # old setting name -> new, read from old config files and runs
 RENAMED = {"reference": "textbook", "dpo_precompute_ref": "precompute_ref"}
@@ -65,7 +69,8 @@ class TrainConfig:
     # what to train on, and how
     objective: str = flag("sft", "sft (supervised fine-tuning) | dpo (Rafailov et al. 2023) | orpo (Hong et al. "
                                  "2024) | simpo (Meng et al. 2024), on {prompt, chosen, rejected} records | kto "
-                                 "(Ethayarajh et al. 2024) on {prompt, completion, label} records. dpo and kto "
+                                 "(Ethayarajh et al. 2024) on {prompt, completion, label} records | grpo (Shao et "
+                                 "al. 2024) on {prompt, ...} records, rewarded by --reward. dpo, kto and grpo "
                                  "score against a reference policy: the model with the adapter switched off; "
                                  "orpo and simpo need none", choices=OBJECTIVES)
     init_adapter: str | None = flag(None, "start from this adapter (an SFT run's, or its directory): frozen, it is "
@@ -75,7 +80,8 @@ class TrainConfig:
     model: str = flag(DEMO_MODEL, "model directory or hub id ('demo': the offline SmolLM2-135M-Instruct)",
                       may_change=True)
     data: str = flag(str(DEMO_DATA), "training data (.json, .jsonl, .csv; dpo, orpo, simpo: preference pairs, "
-                                     "default examples/preferences.jsonl; kto: examples/kto.jsonl)", may_change=True)
+                                     "default examples/preferences.jsonl; kto: examples/kto.jsonl; grpo: prompts, "
+                                     "examples/arithmetic.jsonl)", may_change=True)
     val_data: str | None = flag(None, "validation data (default: --val-fraction of --data; the demo data has its own)",
                                 may_change=True)
     val_fraction: float = flag(0.1, "share of --data held out for validation when there is no --val-data",
@@ -93,7 +99,8 @@ class TrainConfig:
     max_steps: int = flag(0, "optimizer steps (0: from --epochs)", within="[0, inf)", may_change=True)
     epochs: float = flag(3.0, "passes over the training data when --max-steps is 0", within="(0, inf)",
                          may_change=True)
-    micro_batch_size: int = flag(4, "examples per forward/backward", within="[1, inf)", may_change=True)
+    micro_batch_size: int = flag(4, "examples per forward/backward (grpo: prompts, each --grpo-group-size completion "
+                                    "rows)", within="[1, inf)", may_change=True)
     grad_accum: int = flag(2, "micro-batches per optimizer step", within="[1, inf)")
     # optimizer and schedule
     lr: float = flag(1e-3, "peak learning rate", within="(0, inf)")
@@ -153,6 +160,29 @@ class TrainConfig:
     kto_undesirable_weight: float = flag(1.0, "KTO's lambda_U: the weight of an undesirable completion's loss (the "
                                               "paper: lambda_D n_D / (lambda_U n_U) in [1, 4/3])",
                                          within="(0, inf)", objectives=("kto",))
+    # GRPO (--objective grpo)
+    reward: str | None = flag(None, "GRPO's reward functions, module:function[,module:function] (training/rewards.py; "
+                                    "the demo data: training.rewards:exact_match)", comma_list=True,
+                              objectives=("grpo",))
+    reward_weights: str | None = flag(None, "GRPO: one weight per --reward function, e.g. 1,0.5 (default: 1 each)",
+                                      comma_list=True, objectives=("grpo",))
+    grpo_group_size: int = flag(8, "GRPO's G: completions sampled per prompt, rewarded relative to each other",
+                                within="[2, inf)", objectives=("grpo",))
+    grpo_beta: float = flag(0.04, "GRPO's beta: the weight of the KL penalty to the reference (0: no reference "
+                                  "forward at all)", within="[0, inf)", objectives=("grpo",))
+    grpo_epsilon: float = flag(0.2, "GRPO's epsilon: the clip of the ratio pi / pi_old", within="(0, 1)",
+                               objectives=("grpo",))
+    grpo_iterations: int = flag(1, "GRPO: optimizer steps per generation (the same completions; each after the "
+                                   "first clipped against pi_old)", within="[1, inf)", objectives=("grpo",))
+    grpo_norm: str = flag("sequence", "GRPO: sequence (each completion's mean token loss, then their mean; the "
+                                      "paper's eq. 3) | token (the mean over all tokens: Dr. GRPO, DAPO)",
+                          choices=("sequence", "token"), objectives=("grpo",))
+    max_new_tokens: int = flag(128, "GRPO: the longest completion sampled, in tokens (prompts longer than "
+                                    "--max-seq-len minus this are dropped)", within="[1, inf)", objectives=("grpo",))
+    temperature: float = flag(1.0, "GRPO: the sampling temperature (the loss's log-probs are of logits / it too)",
+                              within="(0, inf)", objectives=("grpo",))
+    top_p: float = flag(1.0, "GRPO: nucleus sampling's p (1: the whole distribution)", within="(0, 1]",
+                        objectives=("grpo",))
     # hardware
     precision: str = flag("auto", "bf16 | fp16 | fp32 (auto: bf16 on CUDA when supported, else fp32)",
                           choices=("auto", "bf16", "fp16", "fp32"), may_change=True)
@@ -270,7 +300,9 @@ def check_config(cfg: TrainConfig):
         if cfg.objective not in objectives and getattr(cfg, name) != default:
             raise TrainError(f"--{name.replace('_', '-')} is for --objective {' or '.join(objectives)}, "
                              f"not {cfg.objective}")
-    if cfg.objective != "sft":
+    if cfg.objective == "grpo":
+        check_grpo(cfg)
+    elif cfg.objective != "sft":
         check_preference(cfg)
     check_init_adapter(cfg)
     if cfg.parallel == "fsdp" and cfg.quantize:
@@ -370,6 +402,33 @@ def check_preference(cfg: TrainConfig):
                                  "its first record has other fields")
         except DataError as e:
             raise TrainError(str(e)) from None
+
+
+def check_grpo(cfg: TrainConfig):
+    """GRPO's settings, its data (a prompt file) and its reward functions, loaded and run on the data's
+    first prompts with made-up completions (rewards.check_rewards), all before any model loads."""
+    for name in ("pack", "eval_only", "estimate_memory"):  # (the estimate would count no sampling, no G rows)
+        if getattr(cfg, name):
+            raise TrainError(f"--objective grpo does not take --{name.replace('_', '-')} (yet); drop it")
+    if cfg.mask != "assistant":
+        raise TrainError(f"--mask {cfg.mask}: with --objective grpo the sampled completions train, always; drop --mask")
+    if cfg.max_new_tokens >= cfg.max_seq_len:
+        raise TrainError(f"--max-new-tokens {cfg.max_new_tokens}: must be less than --max-seq-len {cfg.max_seq_len} "
+                         "(a row is the prompt and its completion)")
+    if not cfg.reward:
+        raise TrainError("--objective grpo needs --reward module:function[,...] (e.g. training.rewards:exact_match)")
+    try:
+        for name in ("data", "val_data"):
+            path = getattr(cfg, name)
+            if path and Path(path).is_file() and not is_prompt_file(path):
+                raise TrainError(f"--{name.replace('_', '-')} {path}: --objective grpo needs prompt records "
+                                 '{"prompt", ...fields}; its first record has other fields')
+        records = load_prompts(cfg.data)[:2]
+    except DataError as e:
+        raise TrainError(str(e)) from None
+    names = list(dict.fromkeys(k for _, _, fields in records for k in fields))
+    check_rewards(load_rewards(cfg.reward, cfg.reward_weights), [prompt[-1]["content"] for _, prompt, _ in records],
+                  {k: [fields.get(k) for _, _, fields in records] for k in names})
 
 
 def check_init_adapter(cfg: TrainConfig):
