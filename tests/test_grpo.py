@@ -20,8 +20,9 @@ import lora
 from model import load_model
 from model.fused import textbook_path
 from model.loss import IGNORE_INDEX
-from test_dpo import float64_rmsnorm, pairs_file, tokenizer  # noqa: F401 (a fixture)
-from test_lora import peft_twin, randomize_lora
+from test_dpo import assert_grads_match, pairs_file, tokenizer  # noqa: F401 (a fixture)
+from test_preference_objectives import float64_pair
+from test_lora import randomize_lora
 from training import grpo
 from training.batches import step_batch
 
@@ -52,16 +53,6 @@ def make_batch(examples, norm, old_logps, advantages):
     batch = data.collate(examples, 0)
     batch.update(old_logps=old_logps, advantages=advantages)
     return step_batch(grpo.count_completions(batch, norm), "cpu")
-
-
-def float64_pair(tiny_chat_dir, monkeypatch):
-    float64_rmsnorm(monkeypatch)
-    torch.manual_seed(0)
-    ours = load_model(tiny_chat_dir, dtype=torch.float64)
-    lora.inject_lora(ours, lora.LoRAConfig(r=4, alpha=8, dropout=0.0, targets=TARGETS))
-    randomize_lora(ours, std=0.2)
-    ours.double().eval()
-    return ours, peft_twin(tiny_chat_dir, ours, TARGETS, rslora=False).double()
 
 
 def hf_token_logps(model, batch, temperature):
@@ -126,14 +117,7 @@ def test_loss_and_grads_equal_the_formula_on_peft(tiny_chat_dir, pairs_file, mon
     torch.testing.assert_close(stats, torch.stack([kl.sum().detach(), low.double(), high.double(),
                                                    torch.tensor(float(lp.numel()), dtype=torch.float64)]),
                                rtol=1e-5, atol=1e-10)
-    checked = 0
-    for name, m in lora.lora_modules(ours).items():
-        theirs = twin.base_model.model.get_submodule(name)
-        for ab in "AB":
-            g, h = getattr(m, f"lora_{ab}").weight.grad, getattr(theirs, f"lora_{ab}")["default"].weight.grad
-            assert (g - h).norm() <= 1e-5 * h.norm(), (name, ab, ((g - h).norm() / h.norm()).item())
-            checked += 1
-    assert checked == 2 * 7 * 2
+    assert_grads_match(ours, twin)
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.1])
