@@ -100,7 +100,7 @@ class GRPOLoss(nn.Module):
         if self.norm == "sequence":
             losses = losses / batch["completion_tokens"].to(losses.dtype)[rows]  # each completion's mean
         stats = torch.stack([kl.sum(), low.sum().to(kl.dtype), high.sum().to(kl.dtype),
-                             torch.tensor(float(logps.numel()), dtype=kl.dtype, device=kl.device)])
+                             kl.new_full((), logps.numel())])  # a fill on the device: no host-to-device copy
         return losses.sum(), stats
 
     def metrics(self, sums: list, n: int, prefix: str = "") -> dict:

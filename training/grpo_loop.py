@@ -89,6 +89,7 @@ class Generations:
         self.keys = reward_keys(self.rewards)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.batches, self.figures = [], {}
+        self.on_device = None  # the generation's batches counted and on the device, once for all its steps
 
     def due(self, step: int) -> bool:
         """Whether optimizer step `step` (0-based) starts a generation."""
@@ -99,7 +100,11 @@ class Generations:
         step's prompts) when the step starts a generation, else the generation's again."""
         if self.due(step):
             self.generate([b["prompts"] for b in prompt_batches], step + 1)
-        return [step_batch(count_completions(b, self.cfg.grpo_norm), self.run.device) for b in self.batches]
+            self.on_device = None
+        if self.on_device is None:  # (after --resume mid-generation too)
+            self.on_device = [step_batch(count_completions(b, self.cfg.grpo_norm), self.run.device)
+                              for b in self.batches]
+        return self.on_device
 
     @torch.no_grad()
     def generate(self, prompt_batches: list[list[dict]], step: int):
