@@ -8,6 +8,7 @@
    loss before and after, and count how many answers show the sample data's reply style.
 """
 
+import argparse
 import shutil
 import subprocess
 import sys
@@ -86,4 +87,7 @@ def main():
 
 
 if __name__ == "__main__":
+    # no options: --help says what it does (and any other argument is refused) instead of running it
+    argparse.ArgumentParser(prog="demo.py", description=__doc__.split("\n\n")[0],
+                            epilog="It takes no options; python train.py runs the demo's training alone.").parse_args()
     main()

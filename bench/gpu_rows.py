@@ -10,6 +10,7 @@ nothing is downloaded. Shapes: "cuda" (4 layers, 512 wide) for the GPU and for `
 runs every row on the CPU at the same shape; "tiny" (2 layers, 64 wide) for the test suite.
 """
 
+import importlib.util
 import json
 import math
 import shutil
@@ -234,9 +235,9 @@ def varlen_missing(device: str, dtype) -> str:
     import model.llama as llama
     if device != "cuda":
         return "FlashAttention's varlen kernel runs on CUDA only"
-    if llama.varlen_attn is None:
+    if importlib.util.find_spec("torch.nn.attention.varlen") is None:
         return f"torch {torch.__version__} has no torch.nn.attention.varlen"
-    if not llama._VARLEN:
+    if llama.varlen_kernel() is None:
         return (f"torch {torch.__version__}'s varlen_attn lacks window_size/enable_gqa (torch >= 2.12): "
                 "packed rows take the per-document path here")
     return f"varlen does not run for {dtype} on this device (compute capability < 8.0?)"

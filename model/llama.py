@@ -12,6 +12,7 @@ variable-length kernel, one SDPA call per document (`document_attention`), or SD
 block-diagonal mask, the twin the other two are tested against.
 """
 
+import functools
 import inspect
 import math
 from contextlib import contextmanager, nullcontext
@@ -28,11 +29,16 @@ from .config import LlamaConfig
 # `enable_gqa` lets SDPA share each K/V head between its query heads without copying (torch >= 2.5).
 _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
-try:  # FlashAttention over packed documents (CUDA), in the form with windows and GQA (torch 2.12 has it)
-    from torch.nn.attention.varlen import varlen_attn
-    _VARLEN = {"window_size", "enable_gqa"} <= set(inspect.signature(varlen_attn).parameters)
-except ImportError:
-    varlen_attn, _VARLEN = None, False
+
+@functools.cache
+def varlen_kernel():
+    """torch's FlashAttention over packed documents (CUDA) in the form with windows and GQA (torch
+    2.12 has it), or None; imported on first use, as it imports torch's compiler stack."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # (an older torch)
+        return None
+    return varlen_attn if {"window_size", "enable_gqa"} <= set(inspect.signature(varlen_attn).parameters) else None
 
 
 class RMSNorm(nn.Module):
@@ -163,10 +169,9 @@ def packed_documents(document_ids: torch.Tensor) -> PackedDocuments:
 
 
 def varlen_runs(x: torch.Tensor, config: LlamaConfig) -> bool:
-    """Whether packed rows take FlashAttention's variable-length kernel for activations like x: a
-    CUDA device of compute capability 8.0 or more, bf16 or fp16 (under autocast, its dtype), a head
-    size FlashAttention takes, and a torch that has the kernel."""
-    if not (_VARLEN and x.is_cuda and config.head_dim % 8 == 0 and config.head_dim <= 256):
+    """Whether packed rows take the varlen kernel for activations like x: CUDA of compute capability
+    8.0 or more, bf16/fp16 (under autocast, its dtype), a head size it takes, a torch that has it."""
+    if not (x.is_cuda and config.head_dim % 8 == 0 and config.head_dim <= 256 and varlen_kernel() is not None):
         return False
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
     return dtype in (torch.bfloat16, torch.float16) and torch.cuda.get_device_capability(x.device) >= (8, 0)
@@ -177,16 +182,15 @@ _MODELLED_CUDA = False  # modelled_cuda(): fake CPU tensors standing for a CUDA 
 
 @contextmanager
 def modelled_cuda():
-    """Inside, packed rows take the path a CUDA device would, whatever the activations' device:
-    train.py --estimate-memory runs the step on fake CPU tensors (a CPU-only torch cannot run
-    autograd on CUDA ones, fake or not) and counts the memory of a CUDA run. It models FlashAttention's
-    variable-length kernel by the per-document path: both keep one output and one log-sum-exp
-    per token and head, and neither a mask nor the scores."""
+    """Inside, packed rows take a CUDA device's path on any device: --estimate-memory counts a CUDA
+    step on fake CPU tensors (a CPU-only torch has no autograd on CUDA ones, fake or not), the
+    varlen kernel modelled by the per-document path (both keep an output and a log-sum-exp per
+    token and head, neither a mask nor the scores)."""
     global _MODELLED_CUDA
     before, _MODELLED_CUDA = _MODELLED_CUDA, True
     try:
         yield
-    finally:
+    finally:  # (nested: the outer one's setting comes back)
         _MODELLED_CUDA = before
 
 
@@ -208,7 +212,6 @@ def packed_kernel(x: torch.Tensor, config: LlamaConfig) -> str:
     return "documents" if x.is_cuda or _MODELLED_CUDA else "mask"
 
 
-@torch.compiler.disable  # see below
 def document_attention(q, k, v, spans, window: int | None = None):
     """Causal attention within each packed document, one SDPA call per document. q (B, H, T, D);
     k, v (B, Hkv, T, D), each K/V head shared by H / Hkv query heads; spans (documents, 3), the
@@ -220,9 +223,9 @@ def document_attention(q, k, v, spans, window: int | None = None):
     without the mask: each call is causal over one document, so CUDA's SDPA takes a kernel that
     never holds the scores, and no block of the (T, T) grid between two documents is computed.
     One kernel call per document is cheap for the few dozen documents of a packed micro-batch.
-    torch.compile leaves this function out (one graph break per block): traced, the loop would
-    be unrolled and recompiled for every new number of documents; as a tensor, spans are only
-    a size guard, that turns dynamic."""
+    torch.compile leaves this function out (one graph break per block; DecoderLayer.compile):
+    traced, the loop would be unrolled and recompiled for every new number of documents; as a
+    tensor, spans are only a size guard, that turns dynamic."""
     n_rep = q.shape[1] // k.shape[1]
     if n_rep > 1 and not _SDPA_HAS_GQA:
         k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)  # (B, H, T, D)
@@ -303,7 +306,7 @@ class Attention(nn.Module):
         cu, n = documents.cu_seqlens, documents.max_len
         # (left, right) keys beside the query's own: all earlier ones, or window - 1 of them
         window = (-1, 0) if self.sliding_window is None else (self.sliding_window - 1, 0)
-        return varlen_attn(tokens(q), tokens(k), tokens(v), cu, cu, n, n, window_size=window,
+        return varlen_kernel()(tokens(q), tokens(k), tokens(v), cu, cu, n, n, window_size=window,
                            enable_gqa=self.n_kv_heads != self.n_heads)
 
 
@@ -357,6 +360,13 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
+
+    def compile(self, *args, **kwargs):
+        """torch.compile this block, document_attention left out of its graph (see there)."""
+        global document_attention  # wrapped here, not decorated: disable imports torch's compiler stack
+        if not hasattr(document_attention, "__wrapped__"):
+            document_attention = torch.compiler.disable(document_attention)
+        super().compile(*args, **kwargs)
 
     def forward(self, x, cos, sin, mask, kv_cache=None, layer=0):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, layer)

@@ -125,7 +125,7 @@ def varlen_by_documents(q, k, v, cu_q, cu_k, max_q, max_k, window_size, enable_g
 @pytest.mark.parametrize("overrides", [{}, {"arch": "mistral", "sliding_window": 6}, {"num_key_value_heads": 4}])
 def test_packed_rows_through_varlen_attention_equal_the_mask(tmp_path, monkeypatch, overrides):
     """On CUDA in bf16/fp16, packed rows go to FlashAttention's variable-length kernel instead of
-    SDPA with a block-diagonal mask. The kernel is CUDA-only; here torch's varlen_attn is replaced
+    SDPA with a block-diagonal mask. The kernel is CUDA-only; here torch's varlen_attn (llama.varlen_kernel) is replaced
     by its definition, written per document (varlen_by_documents), so that what this test proves
     is the rest: the documents' bounds (packed_documents), the flattening of (B, H, T, D) to
     tokens and back, GQA and the sliding window, in float64, loss and every gradient equal to the
@@ -147,7 +147,7 @@ def test_packed_rows_through_varlen_attention_equal_the_mask(tmp_path, monkeypat
     def loss_and_grads(varlen):
         calls = []
         monkeypatch.setattr(llama, "varlen_runs", lambda x, config: varlen)
-        monkeypatch.setattr(llama, "varlen_attn", lambda *a, **kw: calls.append(1) or varlen_by_documents(*a, **kw))
+        monkeypatch.setattr(llama, "varlen_kernel", lambda: lambda *a, **kw: calls.append(1) or varlen_by_documents(*a, **kw))
         loss, _ = lm_loss_sum(model, batch["input_ids"], batch["labels"], batch["position_ids"],
                               batch["document_ids"], documents=documents if varlen else None)
         assert len(calls) == (model.config.num_hidden_layers if varlen else 0)
