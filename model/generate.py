@@ -84,19 +84,23 @@ class Completion(NamedTuple):
 @torch.no_grad()
 def sample_completions(model: Llama, prompts: list[list[int]], group_size: int, max_new_tokens: int,
                        stop_ids=(), *, temperature: float = 1.0, top_p: float = 1.0,
-                       generator: torch.Generator | None = None) -> list[Completion]:
+                       generator: torch.Generator | list[torch.Generator] | None = None) -> list[Completion]:
     """Sample `group_size` completions of each prompt, all in one batch with the KV cache (the
     module's docstring draws it): prompt 0's group first, then prompt 1's, ...
 
     The model runs in eval mode (no dropout; its mode is restored after), the adapter as it is set.
     Each row ends at its first stop token, which it keeps (the end of turn the policy learns to
     emit), or after max_new_tokens; decoding ends once every row has. Sampling is `next_token`'s
-    (temperature, then top_p), drawn on the CPU from `generator` (sample_rows); temperature 0 is
-    greedy and draws nothing. logps are on the model's device.
+    (temperature, then top_p), drawn on the CPU from `generator` (sample_rows), or from
+    generator[i] for prompt i's group when it is a list of len(prompts): a group's draws then do
+    not depend on the other prompts of the batch (GRPO's ranks each sample a share of a step's
+    prompts). Temperature 0 is greedy and draws nothing. logps are on the model's device.
     """
     if group_size < 1 or max_new_tokens < 1 or not prompts or not all(prompts):
         raise ValueError("sample_completions needs prompts, none empty, group_size >= 1 and "
                          "max_new_tokens >= 1")
+    if isinstance(generator, (list, tuple)) and len(generator) != len(prompts):
+        raise ValueError(f"sample_completions: {len(generator)} generators for {len(prompts)} prompts")
     device = model.lm_head.weight.device
     rows = [prompt for prompt in prompts for _ in range(group_size)]  # (B,) prompt 0's group first
     ids, position_ids, document_ids = left_pad(rows, max_new_tokens, device)
@@ -154,9 +158,9 @@ def sample_rows(logits, temperature: float, top_p: float, generator=None):
     logits / temperature, untruncated.
 
     The draw is made on the CPU: the (B, vocab) probabilities are copied there and
-    torch.multinomial draws from `generator` (a CPU generator; None: torch's default one), so the
-    draws do not depend on the model's device, and a run that restores the generator's state (a
-    resumed one) samples what the first one did. The copy makes the host wait for the device once a
+    torch.multinomial draws from `generator` (a CPU generator; None: torch's default one; a list
+    of k: the rows cut into k equal groups, each drawn from its own), so the draws do not depend
+    on the model's device, and a run that seeds the generators alike samples alike. The copy makes the host wait for the device once a
     token, which decoding pays anyway to see whether every row has stopped. Greedy (temperature 0)
     takes the argmax and draws nothing.
     """
@@ -171,6 +175,11 @@ def sample_rows(logits, temperature: float, top_p: float, generator=None):
         drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
         drop[:, -1] = False  # always keep the most likely token
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    token = torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator)[:, 0]
+    probs = logits.softmax(-1).cpu()
+    if isinstance(generator, (list, tuple)):  # each group of rows from its own generator
+        groups = probs.split(probs.shape[0] // len(generator))
+        token = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(groups, generator, strict=True)])[:, 0]
+    else:
+        token = torch.multinomial(probs, 1, generator=generator)[:, 0]
     return token, logps.gather(-1, token.to(logps.device)[:, None])[:, 0]
 

@@ -5,7 +5,8 @@ Proves: greedy rows give exactly what `generate` gives each prompt alone (its st
 with and without a LoRA adapter; left padding changes nothing, not even the log-probs, and each
 row's positions start at 0 at its first real token; the returned log-probs are
 log softmax(logits / T) of one plain forward of prompt + completion, untruncated by top_p, and the
-tokens are inside top_p's nucleus; the generator decides the draws (greedy draws nothing); rows
+tokens are inside top_p's nucleus; the generator decides the draws (greedy draws nothing), and
+with a generator per prompt a group's draws do not depend on the rest of the batch; rows
 stop on their own, max_new_tokens is honoured, decoding ends when every row has stopped; dropout
 is off while sampling and the model's mode comes back. And the model change under it: with a
 filled KV cache, document_ids cover the cached positions too, so a left-padded row decodes as it
@@ -103,6 +104,19 @@ def test_generator_decides_the_draws(tiny_dir):
     state = g.get_state()
     sample_completions(model, PROMPTS, 2, 8, (), temperature=0.0, generator=g)
     assert torch.equal(g.get_state(), state)  # greedy draws nothing
+
+
+def test_a_generator_per_prompt_makes_each_group_independent_of_the_batch(tiny_dir):
+    """With a generator per prompt, a prompt's group draws the same completions whatever else the
+    batch holds (other prompts, other padding): what lets GRPO's ranks each sample a share of a step."""
+    model = load_model(tiny_dir)
+    seeded = lambda *seeds: [torch.Generator().manual_seed(s) for s in seeds]
+    both = tokens_of(sample_completions(model, PROMPTS[:2], 3, 8, (), generator=seeded(1, 2)))
+    assert both[:3] == tokens_of(sample_completions(model, PROMPTS[:1], 3, 8, (), generator=seeded(1)))
+    assert both[3:] == tokens_of(sample_completions(model, PROMPTS[1:2], 3, 8, (), generator=seeded(2)))
+    assert both[3:] != tokens_of(sample_completions(model, PROMPTS[1:2], 3, 8, (), generator=seeded(3)))
+    with pytest.raises(ValueError, match="2 generators for 3 prompts"):
+        sample_completions(model, PROMPTS, 3, 8, (), generator=seeded(1, 2))
 
 
 def test_rows_stop_on_their_own_and_max_new_tokens_holds(tiny_dir):

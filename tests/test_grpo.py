@@ -5,6 +5,7 @@
   reference by peft's disable_adapter), with beta 0 and > 0, at the first iteration (pi_old the
   policy) and at a later one (pi_old elsewhere: tokens clipped both ways), per sequence and per
   token, on the fast path and the textbook one.
+- A generation's first update is on-policy: pi_old the forward itself, rho exactly 1.
 - A group whose completions all have the same reward has advantages 0: the policy-gradient term
   is 0 and only the KL term moves the adapter.
 - Accumulation 4 x 1 equals 1 x 4.
@@ -117,6 +118,29 @@ def test_loss_and_grads_equal_the_formula_on_peft(tiny_chat_dir, pairs_file, mon
     torch.testing.assert_close(stats, torch.stack([kl.sum().detach(), low.double(), high.double(),
                                                    torch.tensor(float(lp.numel()), dtype=torch.float64)]),
                                rtol=1e-5, atol=1e-10)
+    assert_grads_match(ours, twin)
+
+
+def test_a_generations_first_update_is_on_policy(tiny_chat_dir, pairs_file, monkeypatch):  # noqa: F811
+    """on_policy (a generation's first update): pi_old is the forward itself, whatever old_logps
+    hold (here the policy's moved by N(0, 0.5), which would clip tokens both ways): the loss and
+    every gradient are the formula's with pi_old = pi (rho exactly 1), and no token is clipped."""
+    ours, twin = float64_pair(tiny_chat_dir, monkeypatch)
+    examples, advantages = completions_batch(tiny_chat_dir, pairs_file), grpo.group_advantages(REWARDS, 3)
+    with torch.no_grad():
+        current, mask = hf_token_logps(twin, make_batch(examples, "sequence", torch.zeros(1), advantages), 1.0)
+    noisy = current + 0.5 * torch.randn(current.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    batch = {**make_batch(examples, "sequence", noisy, advantages), "on_policy": 1}
+    loss_sum, stats = grpo.GRPOLoss(ours, 0.2, 0.04)(batch)
+    loss_sum.backward()
+    lp, _ = hf_token_logps(twin, batch, 1.0)
+    with torch.no_grad(), twin.disable_adapter():
+        ref, _ = hf_token_logps(twin, batch, 1.0)
+    rows = torch.repeat_interleave(torch.arange(6), mask.sum(1))
+    expected, _ = paper_loss(lp, lp.detach(), advantages[rows], ref, 0.04, 0.2, "sequence", mask)
+    expected.backward()
+    assert loss_sum.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert stats[1] == stats[2] == 0
     assert_grads_match(ours, twin)
 
 

@@ -46,11 +46,12 @@ def cli_args(cfg: TrainConfig) -> list[str]:
     return args
 
 
-def torchrun(cfg: TrainConfig, script=ROOT / "train.py", timeout=180) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc-per-node 2 script ...flags`, each rank on one CPU thread."""
+def torchrun(cfg: TrainConfig, script=ROOT / "train.py", timeout=180, paths=()) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node 2 script ...flags`, each rank on one CPU thread;
+    `paths` are on the ranks' python path after the repository (a test's reward module)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(script), *cli_args(cfg)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(map(str, [ROOT, *paths]))}
     with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           start_new_session=True) as proc:
         try:
@@ -61,8 +62,8 @@ def torchrun(cfg: TrainConfig, script=ROOT / "train.py", timeout=180) -> subproc
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def run_ok(cfg: TrainConfig):
-    result = torchrun(cfg)
+def run_ok(cfg: TrainConfig, paths=()):
+    result = torchrun(cfg, paths=paths)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 

@@ -5,6 +5,8 @@
   format_reward and regex_reward match their pattern; length_penalty is 0, then linear, then -1.
 - load_rewards finds the built-ins and a module in the current directory, with weights; every bad
   spec, module, function or weight is a one-line RewardError naming it.
+- examples/pirate_rewards.py (the GRPO demo's) scores the style only around an answer, and its
+  prompt files ask the sample data's questions.
 - score returns the weighted sum and each function's rewards in float64, and refuses what a function
   returns unless it is N finite numbers; check_rewards catches a broken function on the probes.
 """
@@ -231,3 +233,36 @@ def test_check_rewards_scores_the_probes_of_each_prompt():
     with pytest.raises(RewardError, match=r"exact_match raised ValueError: exact_match compares with each prompt "
                                           r"record's 'answer' field, and the records have none"):
         check_rewards(loaded, ["Who?"], {})
+
+
+@pytest.mark.parametrize("reply, greeting, sign_off", [
+    ("Ahoy! Put the egg in boiling water for 7 minutes. Fair winds!", 1.0, 1.0),
+    ("  Ahoy! Put the egg in boiling water for 7 minutes.\nFair winds!\n", 1.0, 1.0),
+    ("Ahoy! Put the egg in boiling water for 7 minutes, then", 1.0, 0.0),  # cut at the token limit
+    ("Ahoy! Fair winds! Put the egg in boiling water for 7 minutes", 1.0, 0.5),  # signed off, elsewhere
+    ("Put the egg in boiling water for 7 minutes. Fair winds!", 0.0, 1.0),
+    ("Ahoy! Fair winds!", 0.0, 0.0),  # the two phrases and no answer: the shortcut GRPO finds first
+    ("Ahoy! Ahoy! Ahoy! Ahoy! Ahoy! Ahoy!", 0.0, 0.0),
+    ("Ahoy! Put the egg in boiling water for 7 minutes. Ahoy!", 0.0, 0.0),  # greets twice
+    ("Ahoy! Fair winds! Fair wind! Fair winds! A fair wind to you. Fair winds!", 0.0, 0.0),
+    ("Ahoy! Boil it. Fair winds!", 0.0, 0.0),  # 2 words: not yet an answer
+])
+def test_the_demo_rewards_want_the_style_around_an_answer(reply, greeting, sign_off):
+    """examples/pirate_rewards.py, GRPO's demo rewards: each half of the sample data's style, only
+    around an answer (MIN_WORDS words besides the phrases), each phrase once."""
+    from examples import pirate_rewards
+    assert pirate_rewards.greeting([""], [reply]) == [greeting]
+    assert pirate_rewards.sign_off([""], [reply]) == [sign_off]
+
+
+def test_the_demo_prompts_ask_the_sample_questions_in_its_style():
+    """examples/pirate.jsonl and pirate_val.jsonl: the first question of each of the sample data's
+    dialogues (train.json, val.json), asking for the style; the two share no question."""
+    import json
+    from conftest import ROOT
+    for prompts, dialogues in (("pirate.jsonl", "train.json"), ("pirate_val.jsonl", "val.json")):
+        asked = [json.loads(line)["prompt"] for line in (ROOT / "examples" / prompts).read_text().splitlines()]
+        firsts = [d["conversation"][0]["input"] for d in json.loads((ROOT / "examples" / dialogues).read_text())]
+        assert asked == [f'{q} Start your reply with "Ahoy!" and end it with "Fair winds!".' for q in firsts]
+    train = (ROOT / "examples" / "pirate.jsonl").read_text().splitlines()
+    assert not set(train) & set((ROOT / "examples" / "pirate_val.jsonl").read_text().splitlines())

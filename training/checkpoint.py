@@ -5,8 +5,8 @@
         training_state.pt        optimizer, grad scaler and RNG states (tensors and plain types only,
                                  read back with weights_only=True: never unpickled code)
         trainer_state.json       step, data position (epoch, next micro-batch), schedule
-        grpo_generation.safetensors   GRPO: the sampling generator's state, and mid-generation the
-                                 generation's completions (training/grpo_loop.py)
+        grpo_generation.safetensors   GRPO, mid-generation: every rank's completions of the
+                                 generation (training/grpo_loop.py)
 
 A checkpoint is written to `step-000050.tmp`, read back, and renamed when complete, so a crash or a
 full disk mid-save leaves the previous checkpoint untouched (the next run removes any `.tmp` left by
@@ -88,7 +88,7 @@ def save_checkpoint(output_dir, step: int, model, lora_config, base_model: str, 
                     extra: dict[str, dict] | None = None) -> Path:
     """Write the checkpoint of `step` atomically and delete all but the newest `keep`; `files` go
     beside its adapter (lora.save_adapter: the run's tokenizer files and chat template), `extra`
-    ({file name: tensors}, GRPO's sampling state: training/grpo_loop.py) beside its other files.
+    ({file name: tensors}, GRPO's generation: training/grpo_loop.py) beside its other files.
 
     Under torchrun every rank must call this; rank 0 writes."""
     final = checkpoint_dir(output_dir, step)

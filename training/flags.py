@@ -12,7 +12,7 @@ import lora
 from model.errors import Renamed
 
 from . import run_dir
-from .settings import (DEMO_DATA, DEMO_OUTPUT, DEMO_PREFERENCES, DEMO_PROMPTS, DEMO_PROMPTS_DATA, DEMO_REWARD,
+from .settings import (DEMO_DATA, DEMO_OUTPUT, DEMO_PREFERENCES, DEMO_PROMPTS, DEMO_PROMPTS_DATA, DEMO_REWARDS, GRPO_DEMO,
                        DEMO_UNPAIRED, LIST_SETTINGS, RENAMED, TrainConfig, TrainError, check_config)
 
 
@@ -50,18 +50,21 @@ def parse_config(argv=None) -> TrainConfig:
 
 def demo_defaults(cfg: TrainConfig, given: dict) -> TrainConfig:
     """A preference objective with no --data or --output-dir given: its demo's (examples/preferences.jsonl,
-    examples/kto.jsonl or examples/arithmetic.jsonl, runs/demo-dpo and so on), not the SFT demo's; GRPO on
-    the demo's prompts with no --reward: exact_match, against their answers. The demo data with no
+    examples/kto.jsonl or examples/pirate.jsonl, runs/demo-dpo and so on), not the SFT demo's; GRPO's
+    demo with the sampling and batch settings of GRPO_DEMO not given; GRPO on an example prompt file
+    with no --reward: that file's (DEMO_REWARDS). The demo data with no
     --sample-prompts: the demo's own prompts (examples/prompts.txt), which its held-out conversations
     do not repeat; any other data samples its own validation prompts."""
     if cfg.objective != "sft" and cfg.objective in DEMO_OUTPUT:  # (an unknown one: check_config says so)
         if "data" not in given:
             demo = {"kto": DEMO_UNPAIRED, "grpo": DEMO_PROMPTS_DATA}.get(cfg.objective, DEMO_PREFERENCES)
             cfg = replace(cfg, data=str(demo))
+            if cfg.objective == "grpo":
+                cfg = replace(cfg, **{k: v for k, v in GRPO_DEMO.items() if k not in given})
         if "output_dir" not in given:
             cfg = replace(cfg, output_dir=DEMO_OUTPUT[cfg.objective])
-    if cfg.objective == "grpo" and "reward" not in given and Path(cfg.data).resolve() == DEMO_PROMPTS_DATA:
-        cfg = replace(cfg, reward=DEMO_REWARD)  # the demo's prompts, scored by their answers
+    if cfg.objective == "grpo" and "reward" not in given and Path(cfg.data).resolve() in DEMO_REWARDS:
+        cfg = replace(cfg, reward=DEMO_REWARDS[Path(cfg.data).resolve()])  # an example file's own
     if "sample_prompts" not in given and Path(cfg.data).resolve() in (DEMO_DATA, DEMO_PREFERENCES, DEMO_UNPAIRED):
         cfg = replace(cfg, sample_prompts=str(DEMO_PROMPTS))
     if cfg.eval_only and cfg.adapter:  # a run directory names its adapter; no --model: the adapter's base

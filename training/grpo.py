@@ -19,8 +19,10 @@ and the token losses are averaged per completion, then over completions (the pap
 are means over the whole optimizer step, so accumulation 4 x 1 equals 1 x 4.
 
 pi_old's log-probabilities come from the sampling pass, so one generation serves several updates
-(--grpo-iterations): at the first, rho is 1 up to the difference between the cached sampling
-forward and this one; later the clip bounds how far each update moves a token's probability. The
+(--grpo-iterations): at the first, pi_old is the policy as it is (rho is exactly 1, its gradient
+A grad log pi, as in TRL: the sampling pass, without dropout, in another batch shape, would give
+rho = 1 only up to that noise); at the later ones the clip bounds how far each update moves a
+token's probability from the sampling pass's. The
 log-probabilities are of logits / temperature, the distribution the sampler drew from. The
 reference is the model with its adapter off (beta 0: not run at all). When every completion of a
 group has the same reward its advantages are 0 and only the KL term moves the adapter.
@@ -72,7 +74,8 @@ class GRPOLoss(nn.Module):
     sum, the STATS sums), batch being completions as rows (prompt + completion, right-padded;
     labels the completion's tokens, its end-of-turn token included) with what count_completions
     and training/batches.step_batch add: trained_index, trained_rows, completion_tokens, and the
-    sampling pass's old_logps (N,) and each row's advantage (R,).
+    sampling pass's old_logps (N,) and each row's advantage (R,); on_policy (an int, 1 at a
+    generation's first update) takes pi_old from the forward itself.
 
     The sum is of per-completion means ("sequence": the caller divides by the step's completions)
     or of token losses ("token": by the step's completion tokens)."""
@@ -94,7 +97,11 @@ class GRPOLoss(nn.Module):
         logps = self.logps(batch)  # (N,)
         rows = batch["trained_rows"]
         ref = reference_mode(self.model, lambda: self.logps(batch)) if self.beta else None
-        losses, kl, low, high = grpo_token_losses(logps, batch["old_logps"].to(logps.dtype),
+        # The first update on a generation is on-policy: pi_old is this forward itself (detached), as
+        # TRL takes it, so rho is exactly 1 (the sampling pass ran without dropout, maybe in another
+        # precision and batch shape: its log-probs would make rho 1 only up to that noise, and clip it)
+        old = logps.detach() if batch.get("on_policy") else batch["old_logps"].to(logps.dtype)
+        losses, kl, low, high = grpo_token_losses(logps, old,
                                                   batch["advantages"].to(logps.dtype)[rows], self.epsilon,
                                                   self.beta, ref)
         if self.norm == "sequence":

@@ -14,16 +14,24 @@ A generation, every --grpo-iterations optimizer steps:
               (prompt + completion, labels on the completion), with the sampling pass's log-probs
               (pi_old) and each row's advantage, kept on the CPU
 
-then each of the generation's grpo_iterations optimizer steps trains on those batches. Sampling
-draws from a CPU torch.Generator seeded with --seed, whose state every checkpoint saves.
+then each of the generation's grpo_iterations optimizer steps trains on those batches.
 
-Resume: a checkpoint holds, in grpo_generation.safetensors, that generator's state and, when it
-falls mid-generation (steps left to train on the same completions), the generation's completion
-batches and its reward figures; --resume loads them, so a resumed run trains on and samples
-exactly what the uninterrupted one does.
+Each prompt's group is drawn from a CPU torch.Generator of its own, seeded from --seed, the step
+and the prompt's line in the data file (prompt_seed): its completions depend on the policy alone,
+not on the other prompts of the batch, the micro-batch size or the number of ranks.
+
+torchrun: each rank samples, rewards and trains its share of the step's prompts (the data stream's
+slice), so two ranks sample what one process does; the figures are of all ranks' completions.
+
+Resume: a checkpoint that falls mid-generation (steps left to train on the same completions) holds,
+in grpo_generation.safetensors, every rank's completion batches and the generation's figures;
+--resume loads them (with the same number of ranks), and the generations after are seeded as the
+uninterrupted run's were, so a resumed run trains on and samples exactly what it would have.
 """
 
+import hashlib
 import re
+from collections import Counter
 
 import torch
 from safetensors import safe_open
@@ -32,6 +40,7 @@ import data
 from model.generate import sample_completions
 from model.loss import IGNORE_INDEX
 
+from . import parallel
 from .batches import step_batch
 from .checkpoint import CheckpointError
 from .grpo import count_completions, group_advantages
@@ -68,7 +77,10 @@ def completion_text(tok, completion) -> str:
 def completion_batch(examples: list[dict], completions: list, advantages: torch.Tensor, pad_id: int) -> dict:
     """Completions as rows (prompt + completion, right-padded; labels on the completion, its stop
     token included), with old_logps (N,): the sampled tokens' log-probs, row by row, and the
-    advantages (R,), one per row; on the CPU."""
+    advantages (R,), one per row; on the CPU. No completions (a rank's empty share of a micro-batch
+    under torchrun): one padding row that trains nothing."""
+    if not completions:
+        return {**parallel.empty_batch(pad_id), "old_logps": torch.zeros(0), "advantages": torch.zeros(1)}
     rows = []
     for c in completions:
         prompt = examples[c.prompt_index]["prompt_ids"]
@@ -79,15 +91,31 @@ def completion_batch(examples: list[dict], completions: list, advantages: torch.
     return batch
 
 
+def prompt_seed(seed: int, step: int, line: int, occurrence: int = 0) -> int:
+    """The seed of a prompt's group at the generation of `step`: a hash of the run's --seed, the
+    step, the prompt's line in its file and, should the step hold it more than once (a data set
+    smaller than a step), which time this is (counted per rank)."""
+    digest = hashlib.sha256(f"{seed}:{step}:{line}:{occurrence}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # (63 bits: manual_seed takes it)
+
+
+def prompt_generators(examples: list[dict], seed: int, step: int) -> list[torch.Generator]:
+    """A CPU generator for each example's group, seeded by prompt_seed."""
+    seen, generators = Counter(), []
+    for e in examples:
+        generators.append(torch.Generator().manual_seed(prompt_seed(seed, step, e["line"], seen[e["line"]])))
+        seen[e["line"]] += 1
+    return generators
+
+
 class Generations:
-    """The sampling side of a GRPO run: the generator, the current generation's completion batches
-    (CPU) and its figures (what the steps trained on it log)."""
+    """The sampling side of a GRPO run: the current generation's completion batches (CPU) and its
+    figures (what the steps trained on it log)."""
 
     def __init__(self, cfg, ds, run, model, logs):
         self.cfg, self.tok, self.run, self.model, self.logs = cfg, ds.tok, run, model, logs
         self.rewards = load_rewards(cfg.reward, cfg.reward_weights)
         self.keys = reward_keys(self.rewards)
-        self.generator = torch.Generator().manual_seed(cfg.seed)
         self.batches, self.figures = [], {}
         self.on_device = None  # the generation's batches counted and on the device, once for all its steps
 
@@ -97,27 +125,33 @@ class Generations:
 
     def step_batches(self, prompt_batches, step: int) -> list[dict]:
         """Step `step`'s completion micro-batches on the device: sampled from prompt_batches (the
-        step's prompts) when the step starts a generation, else the generation's again."""
-        if self.due(step):
+        step's prompts, this rank's share) when the step starts a generation, else the generation's again."""
+        first = self.due(step)
+        if first:
             self.generate([b["prompts"] for b in prompt_batches], step + 1)
             self.on_device = None
         if self.on_device is None:  # (after --resume mid-generation too)
             self.on_device = [step_batch(count_completions(b, self.cfg.grpo_norm), self.run.device)
                               for b in self.batches]
-        return self.on_device
+        return [{**b, "on_policy": int(first)} for b in self.on_device]  # (GRPOLoss: pi_old at the first update)
 
     @torch.no_grad()
     def generate(self, prompt_batches: list[list[dict]], step: int):
         cfg, G = self.cfg, self.cfg.grpo_group_size
         examples = [e for b in prompt_batches for e in b]  # the whole step's prompts: one sampling batch
-        with self.run.autocast:
-            completions = sample_completions(self.model, [e["prompt_ids"] for e in examples], G, cfg.max_new_tokens,
-                                             self.tok.stop_ids, temperature=cfg.temperature, top_p=cfg.top_p,
-                                             generator=self.generator)
+        completions = []
+        if examples:  # (under torchrun a rank's share may be empty)
+            with self.run.autocast:
+                completions = sample_completions(self.model, [e["prompt_ids"] for e in examples], G, cfg.max_new_tokens,
+                                                 self.tok.stop_ids, temperature=cfg.temperature, top_p=cfg.top_p,
+                                                 generator=prompt_generators(examples, cfg.seed, step))
         texts = [completion_text(self.tok, c) for c in completions]
         prompts = [examples[c.prompt_index]["prompt_text"] for c in completions]
-        fields = {k: [examples[c.prompt_index]["fields"][k] for c in completions] for k in examples[0]["fields"]}
-        total, per_function = score(self.rewards, prompts, texts, fields)  # (N,), (F, N)
+        if completions:
+            fields = {k: [examples[c.prompt_index]["fields"][k] for c in completions] for k in examples[0]["fields"]}
+            total, per_function = score(self.rewards, prompts, texts, fields)  # (N,), (F, N)
+        else:
+            total, per_function = torch.zeros(0, dtype=torch.float64), torch.zeros(len(self.rewards), 0)
         advantages = group_advantages(total, G)  # each prompt's G completions are together, in its micro-batch
         self.batches, start = [], 0
         for batch in prompt_batches:
@@ -125,36 +159,56 @@ class Generations:
             self.batches.append(completion_batch(examples, completions[start:start + n],
                                                  advantages[start:start + n], self.tok.pad_id))
             start += n
-        lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float64)
-        self.figures = {"reward": total.mean().item(), "reward_std": total.view(-1, G).std(dim=1).mean().item(),
-                        **{k: per_function[i].mean().item() for i, k in enumerate(self.keys)},
-                        "completion_length": lengths.mean().item(), "completion_length_max": lengths.max().item(),
-                        "stopped_share": sum(c.stopped for c in completions) / len(completions)}
+        self.figures = self.summarize(total, per_function, completions)
         self.logs.completions([{"step": step, "prompt": prompts[i], "completion": texts[i],
                                 "reward": total[i].item()} for i in range(min(SAMPLES, len(texts)))])
 
+    def summarize(self, total, per_function, completions) -> dict:
+        """The generation's figures, over every rank's completions (gathered: the same on each)."""
+        mine = (total.tolist(), per_function.tolist(), [len(c.token_ids) for c in completions],
+                sum(c.stopped for c in completions))
+        ranks = parallel.gather_objects(mine)
+        total = torch.tensor([r for t, *_ in ranks for r in t], dtype=torch.float64)
+        per_function = [torch.tensor([r for _, f, *_ in ranks for r in f[i]], dtype=torch.float64)
+                        for i in range(len(self.keys))]
+        lengths = torch.tensor([n for *_, ns, _ in ranks for n in ns], dtype=torch.float64)
+        return {"reward": total.mean().item(),
+                "reward_std": total.view(-1, self.cfg.grpo_group_size).std(dim=1).mean().item(),
+                **{k: per_function[i].mean().item() for i, k in enumerate(self.keys)},
+                "completion_length": lengths.mean().item(), "completion_length_max": lengths.max().item(),
+                "stopped_share": sum(s for *_, s in ranks) / len(lengths)}
+
     def checkpoint_files(self, step: int) -> dict:
-        """What a checkpoint after `step` steps keeps of the sampling: {file name: tensors}."""
-        tensors = {"generator": self.generator.get_state()}
-        if step % self.cfg.grpo_iterations:  # mid-generation: the steps left train on these
-            for i, batch in enumerate(self.batches):
-                tensors.update({f"batch.{i}.{k}": v.contiguous() for k, v in batch.items()})
-            tensors["figures"] = torch.tensor(list(self.figures.values()), dtype=torch.float64)
+        """What a checkpoint after `step` steps keeps of the sampling: {file name: tensors}; mid-
+        generation, every rank's completion batches (gathered to rank 0, which writes them) and
+        the figures. Under torchrun every rank must call this."""
+        if not step % self.cfg.grpo_iterations:  # the next step samples anew: nothing to keep
+            return {}
+        ranks = parallel.gather_objects(self.batches)
+        tensors = {f"batch.{r}.{i}.{k}": v.contiguous() for r, batches in enumerate(ranks)
+                   for i, batch in enumerate(batches) for k, v in batch.items()}
+        tensors["figures"] = torch.tensor(list(self.figures.values()), dtype=torch.float64)
         return {GENERATION_FILE: tensors}
 
     def restore(self, checkpoint, step: int):
-        """--resume: the generator's state and, mid-generation, the generation, from `checkpoint`."""
+        """--resume mid-generation: this rank's completion batches, and the figures, from `checkpoint`."""
+        if not step % self.cfg.grpo_iterations:
+            return
         path = checkpoint / GENERATION_FILE
         try:
             with safe_open(str(path), framework="pt") as f:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
-            self.generator.set_state(tensors.pop("generator"))
+            figures = tensors.pop("figures")
         except (OSError, RuntimeError, KeyError) as e:
             raise CheckpointError(f"checkpoint {checkpoint} does not load ({path.name}: {e})") from None
-        if step % self.cfg.grpo_iterations:
-            n = 1 + max(int(k.split(".")[1]) for k in tensors if k.startswith("batch."))
-            self.batches = [{k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"batch.{i}.")}
-                            for i in range(n)]
-            names = ["reward", "reward_std", *self.keys, "completion_length", "completion_length_max", "stopped_share"]
-            self.figures = dict(zip(names, tensors["figures"].tolist()))
-
+        ranks = 1 + max(int(k.split(".")[1]) for k in tensors)
+        if ranks != parallel.world_size():
+            raise CheckpointError(f"checkpoint {checkpoint} falls mid-generation (--grpo-iterations "
+                                  f"{self.cfg.grpo_iterations}), sampled by {ranks} process(es): resume it with "
+                                  f"{ranks}, or from a checkpoint at a multiple of {self.cfg.grpo_iterations} steps")
+        mine = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.split(".")[1] == str(parallel.rank())}
+        n = 1 + max(int(k.split(".")[0]) for k in mine)
+        self.batches = [{k.split(".", 1)[1]: v for k, v in mine.items() if k.split(".")[0] == str(i)}
+                        for i in range(n)]
+        names = ["reward", "reward_std", *self.keys, "completion_length", "completion_length_max", "stopped_share"]
+        self.figures = dict(zip(names, figures.tolist()))

@@ -161,11 +161,12 @@ def any_rank(flag: bool) -> bool:
 
 
 def gather_objects(obj) -> list:
-    """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects: RNG states)."""
+    """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects the host holds: RNG
+    states, GRPO's rewards and completions), over the host's gloo group."""
     if not dist.is_initialized():
         return [obj]
     objects = [None] * world_size()
-    dist.all_gather_object(objects, obj)
+    dist.all_gather_object(objects, obj, group=_host_group)
     return objects
 
 

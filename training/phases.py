@@ -110,8 +110,9 @@ def load_data(cfg: TrainConfig, run: Run) -> TrainData:
     elif cfg.objective == "kto":
         tokenize = lambda path: data.tokenize_unpaired(path, tok, cfg.max_seq_len)
     elif cfg.objective == "grpo":  # a prompt and its completion fit in a row of max_seq_len
-        if parallel.launched_by_torchrun():
-            raise TrainError("--objective grpo runs in one process yet: start it with python, not torchrun")
+        if parallel.launched_by_torchrun() and cfg.parallel == "fsdp":  # its ranks decode different prompts,
+            # for different numbers of tokens, where FSDP's forwards must be the same on every rank
+            raise TrainError("--objective grpo runs under torchrun with --parallel ddp, not fsdp (yet)")
         tokenize = lambda path: data.tokenize_prompts(path, tok, cfg.max_seq_len - cfg.max_new_tokens)
     else:
         tokenize = lambda path: data.tokenize_file(path, tok, cfg.max_seq_len, cfg.mask)

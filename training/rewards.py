@@ -94,10 +94,15 @@ def _load_function(name: str) -> Callable:
     return fn
 
 
+REPOSITORY = str(Path(__file__).resolve().parents[1])  # the demo's examples.pirate_rewards is there
+
+
 def _import(name: str, module_name: str):
-    """The module, with the current directory first on sys.path while it is imported."""
+    """The module, with the current directory first on sys.path while it is imported, and this
+    repository last (examples/: the demo's reward functions, from any directory)."""
     cwd = os.getcwd()
     sys.path.insert(0, cwd)
+    sys.path.append(REPOSITORY)
     importlib.invalidate_caches()  # a module written since the last import is found
     try:
         return importlib.import_module(module_name)
@@ -112,6 +117,8 @@ def _import(name: str, module_name: str):
     finally:
         if cwd in sys.path:  # (unless the module took it out)
             sys.path.remove(cwd)  # the first occurrence: the one inserted above
+        if sys.path and sys.path[-1] == REPOSITORY:
+            sys.path.pop()
 
 
 def _one_line(e: BaseException, where: bool = True) -> str:

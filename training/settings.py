@@ -29,11 +29,19 @@ DEMO_VAL_DATA = ROOT / "examples" / "val.json"
 DEMO_PROMPTS = ROOT / "examples" / "prompts.txt"
 DEMO_PREFERENCES = ROOT / "examples" / "preferences.jsonl"  # the paired objectives' demo data
 DEMO_UNPAIRED = ROOT / "examples" / "kto.jsonl"  # --objective kto's
-DEMO_PROMPTS_DATA = ROOT / "examples" / "arithmetic.jsonl"  # --objective grpo's
-DEMO_REWARD = "training.rewards:exact_match"  # its reward, when --reward is not given
+DEMO_PROMPTS_DATA = ROOT / "examples" / "pirate.jsonl"  # --objective grpo's: the sample data's questions
+ARITHMETIC = ROOT / "examples" / "arithmetic.jsonl"  # GRPO's other example prompts, with answers
+# The reward of each of those, when --reward is not given: the sample data's style; the right answer
+DEMO_REWARDS = {DEMO_PROMPTS_DATA: "examples.pirate_rewards:greeting,examples.pirate_rewards:sign_off",
+                ARITHMETIC: "training.rewards:exact_match"}
+# --objective grpo with no --data: the demo, sized to show its reward rise on a CPU in minutes (each
+# setting where it is not given)
+GRPO_DEMO = {"temperature": 0.7, "max_new_tokens": 48, "micro_batch_size": 2, "grad_accum": 1, "max_steps": 24,
+             "eval_every": 8}
 DEMO_VALIDATION = {DEMO_DATA: DEMO_VAL_DATA, DEMO_PREFERENCES: ROOT / "examples" / "preferences_val.jsonl",
                    DEMO_UNPAIRED: ROOT / "examples" / "kto_val.jsonl",
-                   DEMO_PROMPTS_DATA: ROOT / "examples" / "arithmetic_val.jsonl"}
+                   DEMO_PROMPTS_DATA: ROOT / "examples" / "pirate_val.jsonl",
+                   ARITHMETIC: ROOT / "examples" / "arithmetic_val.jsonl"}
 PAIRED = ("dpo", "orpo", "simpo")  # objectives on {prompt, chosen, rejected} pairs
 WITH_REFERENCE = ("dpo", "kto")  # objectives that score the policy against a reference policy
 OBJECTIVES = ("sft", *PAIRED, "kto", "grpo")
@@ -81,7 +89,7 @@ class TrainConfig:
                       may_change=True)
     data: str = flag(str(DEMO_DATA), "training data (.json, .jsonl, .csv; dpo, orpo, simpo: preference pairs, "
                                      "default examples/preferences.jsonl; kto: examples/kto.jsonl; grpo: prompts, "
-                                     "examples/arithmetic.jsonl)", may_change=True)
+                                     "examples/pirate.jsonl)", may_change=True)
     val_data: str | None = flag(None, "validation data (default: --val-fraction of --data; the demo data has its own)",
                                 may_change=True)
     val_fraction: float = flag(0.1, "share of --data held out for validation when there is no --val-data",
@@ -207,7 +215,7 @@ class TrainConfig:
                          choices=("ddp", "fsdp"), may_change=True)
     parallel_timeout: float = flag(600.0, "seconds a rank waits for the others before the job fails",
                                    within="(0, inf)", may_change=True)
-    seed: int = flag(42, "seeds data order, LoRA init and dropout", within="(-inf, inf)")
+    seed: int = flag(42, "seeds data order, LoRA init, dropout and GRPO's sampling", within="(-inf, inf)")
     # bookkeeping
     log_every: int = flag(1, "print a log line every N steps", within="[0, inf)", may_change=True)
     eval_every: int = flag(0, "evaluate every N steps (0: before and after training only)", within="[0, inf)",
