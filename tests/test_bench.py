@@ -120,8 +120,9 @@ def test_gpu_check_dry_run(tmp_path):
     difference within the bound the format and shape give, the packed paths agree, the rows with
     nothing to compare here (varlen, NF4 CPU vs CPU, CUDA memory) say SKIP and why; $OUT gets
     exactly the three files. (The torchrun rows are test_parallel's ground; the speed rows'
-    code is test_bench's above.)"""
-    rows, report, _, rc, output = gpu_check(tmp_path, "--skip", "torchrun", "speed")
+    code is test_bench's above; the 8B memory estimates count what the 1B row's code counts, at
+    other shapes and flags, which test_memory_estimate covers.)"""
+    rows, report, _, rc, output = gpu_check(tmp_path, "--skip", "torchrun", "speed", "memory estimate llama-3.1-8b")
     assert rc == 0, output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check.json", "gpu_check.md", "logs.tar.gz"]
     assert report["complete"] and report["environment"]["device"] == "CPU (dry run)"
@@ -130,8 +131,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert status == {**{name: "PASS" for name in status},
                       "packed varlen vs mask bf16": "SKIP", "nf4 device vs cpu": "SKIP",
                       "memory load bf16": "SKIP", "memory load nf4": "SKIP",
-                      "memory estimate llama-3.2-1b": "SKIP", "memory estimate llama-3.1-8b nf4": "SKIP",
-                      "memory estimate llama-3.1-8b nf4 offloaded tiled": "SKIP"}, status
+                      "memory estimate llama-3.2-1b": "SKIP"}, status
     assert "CUDA" in rows["packed varlen vs mask bf16"]["what"]
     assert all("counted" in rows[name]["what"] for name in status if name.startswith("memory estimate"))
     bf16, fp16 = rows["precision bf16"], rows["precision fp16"]

@@ -12,7 +12,7 @@
   generation itself restored; the next one seeded as the uninterrupted run's).
 - torchrun (DDP, gloo, 2 ranks) trains and samples what one process does, a rank with no prompts
   included, and resumes mid-generation; a mid-generation checkpoint of 2 ranks is refused by one.
-- bf16 and fp16 autocast, an NF4 base and gradient checkpointing run (checkpointing: the same run).
+- bf16 and fp16 autocast, an NF4 base and gradient checkpointing run.
 - The demo's defaults, and the settings GRPO does not take, refused with one line.
 - A bad reward function (not importable, raising, NaN, the wrong length) ends train.py with one
   line naming it and exit 2, before the model loads, no output directory made.
@@ -170,21 +170,17 @@ def test_two_ranks_equal_one_process_and_resume(tiny_chat_dir, prompts, tmp_path
         train(grpo_config(tiny_chat_dir, five, tmp_path / "alone", micro_batch_size=4, resume=True, **kw))
 
 
-@pytest.mark.parametrize("flags", [dict(precision="bf16"), dict(precision="fp16"), dict(quantize="nf4"),
-                                   dict(grad_checkpointing=True)], ids=["bf16", "fp16", "nf4", "checkpointing"])
+@pytest.mark.parametrize("flags", [dict(precision="bf16"), dict(precision="fp16"),
+                                   dict(quantize="nf4", grad_checkpointing=True)], ids=["bf16", "fp16", "nf4"])
 def test_mixed_precision_qlora_and_checkpointing(tiny_chat_dir, prompts, tmp_path, flags):
-    """GRPO's sampling and steps under autocast (bf16; fp16 with its GradScaler), on an NF4 base and
-    with gradient checkpointing: finite figures and adapter. Checkpointing recomputes what the
-    plain step keeps, so it samples and trains the same: the same rewards, losses to float32 rounding."""
+    """GRPO's sampling and steps under autocast (bf16; fp16 with its GradScaler), and on an NF4 base
+    with gradient checkpointing: finite figures and adapter. (That a checkpointed block recomputes
+    what it computed is test_lora's and test_offload's, whatever the loss.)"""
     out = tmp_path / "run"
     train(grpo_config(tiny_chat_dir, prompts, out, max_steps=2, **flags))
     rows = steps(out)
     assert len(rows) == 2 and all(math.isfinite(r[k]) for r in rows for k in ("loss", "reward", "kl", "grad_norm"))
     assert all(torch.isfinite(t).all() for t in adapter(out).values())
-    if flags.get("grad_checkpointing"):
-        train(grpo_config(tiny_chat_dir, prompts, tmp_path / "plain", max_steps=2))
-        for a, b in zip(rows, steps(tmp_path / "plain")):
-            assert a["reward"] == b["reward"] and a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
 
 
 @pytest.mark.parametrize("reward, says", [
