@@ -16,8 +16,8 @@ naming it. A completion's reward is the weighted sum of its functions' rewards, 
 normalises within each prompt's group into advantages.
 
 `--reward module:function[,module:function]` names them; the module is imported from the current
-directory (first, as `python -m` would look) or the python path, so a file `my_rewards.py` beside
-the data is `--reward my_rewards:my_reward`. The shipped ones, `training.rewards:NAME`:
+directory (first, as `python -m` would look), the python path or this repository (the demo's
+examples.pirate_rewards), so a file `my_rewards.py` beside the data is `--reward my_rewards:my_reward`. The shipped ones, `training.rewards:NAME`:
 
     exact_match     1 if the completion's final answer equals the record's `answer`, else 0
     format_reward   1 if the completion is <think>...</think><answer>...</answer>, else 0
