@@ -350,10 +350,22 @@ def test_accumulation_equals_big_batch(tiny_chat_dir, pair_data, tmp_path):
     assert any(x.abs().max() > 1e-3 for x in a.values())
 
 
+def split_and_whole(loss_fn, split: list, whole: list):
+    """train_step (lr 0, no clip) over the micro-batches `split`, then over `whole`, the same
+    examples in one: [(Step, the LoRA gradients flattened)] for each."""
+    from training.step import train_step
+    params = [p for p in loss_fn.model.parameters() if p.requires_grad]
+    optimizer, scaler = torch.optim.SGD(params, lr=0.0), torch.amp.GradScaler("cpu", enabled=False)
+    results = []
+    for batches in (split, whole):
+        step = train_step(loss_fn, batches, optimizer, scaler, params, 0.0, contextlib.nullcontext(), loss_fn)
+        results.append((step, torch.cat([p.grad.flatten() for p in params])))
+    return results
+
+
 def test_uneven_micro_batches_weigh_each_pair_once(tiny_chat_dir, pair_data):
     """A step of micro-batches of 1 and 3 pairs computes the loss and gradients of one micro-batch
     of the 4 (a mean of the micro-batches' means would weigh the lone pair 3 times as much)."""
-    from training.step import train_step
     tok = tokenizer(tiny_chat_dir)
     examples = data.tokenize_pairs(pair_data, tok, 512).examples
     batch = lambda idx: step_batch(dpo.count_pairs(data.make_pair_batch(examples, idx, tok.pad_id)), "cpu")
@@ -361,14 +373,8 @@ def test_uneven_micro_batches_weigh_each_pair_once(tiny_chat_dir, pair_data):
     lora.inject_lora(model, lora.LoRAConfig(r=4, alpha=8, dropout=0.0, targets=TARGETS))
     randomize_lora(model, std=0.2)
     loss_fn = dpo.PreferenceLoss(model, beta=0.5)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=0.0)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    results = []
-    for batches in ([batch([0]), batch([5, 9, 13])], [batch([0, 5, 9, 13])]):
-        step = train_step(loss_fn, batches, optimizer, scaler, params, 0.0, contextlib.nullcontext(), loss_fn)
-        results.append((step, torch.cat([p.grad.flatten() for p in params])))
-    (split, g_split), (whole, g_whole) = results
+    (split, g_split), (whole, g_whole) = split_and_whole(loss_fn, [batch([0]), batch([5, 9, 13])],
+                                                         [batch([0, 5, 9, 13])])
     assert split.loss == pytest.approx(whole.loss, rel=1e-6)
     assert split.stats == pytest.approx(whole.stats, rel=1e-5, abs=1e-7)
     assert (g_split - g_whole).norm() <= 1e-5 * g_whole.norm()

@@ -11,8 +11,6 @@
 - Accumulation 4 x 1 equals 1 x 4.
 """
 
-import contextlib
-
 import pytest
 import torch
 
@@ -21,7 +19,7 @@ import lora
 from model import load_model
 from model.fused import textbook_path
 from model.loss import IGNORE_INDEX
-from test_dpo import assert_grads_match, pairs_file, tokenizer  # noqa: F401 (a fixture)
+from test_dpo import assert_grads_match, pairs_file, split_and_whole, tokenizer  # noqa: F401 (a fixture)
 from test_preference_objectives import float64_pair
 from test_lora import randomize_lora
 from training import grpo
@@ -180,7 +178,6 @@ def test_equal_rewards_leave_only_the_kl_term(tiny_chat_dir, pairs_file, monkeyp
 def test_accumulation_equals_one_batch(tiny_chat_dir, pairs_file, norm):  # noqa: F811
     """One step over micro-batches of 1, 1, 1 and 3 completions equals one over all 6: the loss
     is a mean over the step's completions (or tokens), and so are the statistics."""
-    from training.step import train_step
     torch.manual_seed(0)
     model = load_model(tiny_chat_dir)
     lora.inject_lora(model, lora.LoRAConfig(r=4, alpha=8, dropout=0.0, targets=TARGETS))
@@ -193,14 +190,8 @@ def test_accumulation_equals_one_batch(tiny_chat_dir, pairs_file, norm):  # noqa
     lengths = [sum(y != IGNORE_INDEX for y in e["labels"][1:]) for e in examples]
     starts = [sum(lengths[:i]) for i in range(7)]
     part = lambda i, j: make_batch(examples[i:j], norm, old[starts[i]:starts[j]], advantages[i:j])
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=0.0)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    results = []
-    for batches in ([part(0, 1), part(1, 2), part(2, 3), part(3, 6)], [part(0, 6)]):
-        step = train_step(loss_fn, batches, optimizer, scaler, params, 0.0, contextlib.nullcontext(), loss_fn)
-        results.append((step, torch.cat([p.grad.flatten() for p in params])))
-    (split, g_split), (whole, g_whole) = results
+    (split, g_split), (whole, g_whole) = split_and_whole(loss_fn, [part(0, 1), part(1, 2), part(2, 3), part(3, 6)],
+                                                         [part(0, 6)])
     assert split.loss == pytest.approx(whole.loss, rel=1e-5)
     assert split.stats == pytest.approx(whole.stats, rel=1e-5, abs=1e-8)
     assert (g_split - g_whole).norm() <= 1e-5 * g_whole.norm()

@@ -9,7 +9,6 @@
   counted; a batch holds the completion rows, the KL rows beside them and the labels, in order.
 """
 
-import json
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ import torch
 import data
 from data.unpaired import to_unpaired
 from model.loss import IGNORE_INDEX
+from test_dpo import write_jsonl
 
 RECORDS = [
     {"prompt": "What is 2 plus 2?", "completion": "Ahoy! 2 plus 2 is 4. Fair winds!", "label": True},
@@ -29,11 +29,6 @@ RECORDS = [
     {"prompt": [{"role": "user", "content": "Say hello in French."}],
      "completion": [{"role": "assistant", "content": "Ahoy! Bonjour. Fair winds!"}], "label": True},
 ]
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="module")

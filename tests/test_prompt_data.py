@@ -8,13 +8,14 @@
 - The shipped examples/arithmetic*.jsonl hold right answers and share no question.
 """
 
-import json
 import re
 
 import pytest
 
 import data
 from conftest import ROOT
+from test_dpo import write_jsonl
+from test_kto_data import hf, tok  # noqa: F401 (fixtures)
 
 RECORDS = [
     {"prompt": "What is 17 + 25? Answer with the number only.", "answer": "42", "level": 1},
@@ -25,22 +26,6 @@ RECORDS = [
      "answer": "green", "tags": ["colour"]},
     {"prompt": [{"role": "system", "content": "  "}, {"role": "user", "content": "Say hello in French."}]},
 ]
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_chat_dir):
-    return data.load_tokenizer(tiny_chat_dir, None)
-
-
-@pytest.fixture(scope="module")
-def hf(tiny_chat_dir):
-    import transformers
-    return transformers.AutoTokenizer.from_pretrained(tiny_chat_dir)
 
 
 def test_prompts_tokenize_as_apply_chat_template_with_the_generation_prompt(tmp_path, tok, hf):
